@@ -90,7 +90,7 @@ def extensions():
             "minalign._C",
             sources,
             include_dirs=nvidia_pip_includes(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             define_macros=[("MINALIGN_WITH_CUDA", None)],
         )
     else:

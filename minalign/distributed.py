@@ -1,0 +1,59 @@
+"""Data-parallel training: the same script runs alone or under torchrun.
+
+Under `torchrun --nproc_per_node=N`, each process holds a full model replica, reads a
+distinct slice of every global batch, and DistributedDataParallel averages gradients.
+Rank 0 alone prints, writes metrics and saves checkpoints.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick the device.
+
+    `device` "auto" means CUDA when available, else CPU. Backend: nccl on CUDA, gloo on CPU.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return DistInfo(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of `x` over all ranks (`x` itself when running alone)."""
+    if info.enabled:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x

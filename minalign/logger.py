@@ -1,0 +1,61 @@
+"""Progress lines on stdout and metrics appended to `out_dir/metrics.jsonl`."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Appends one JSON object per call to `out_dir/metrics.jsonl`; silent when disabled
+    (the non-zero ranks of a distributed run)."""
+
+    def __init__(self, out_dir, enabled: bool = True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+class Progress:
+    """A one-line status: step, the given metrics, throughput and time left."""
+
+    def __init__(self, total_steps: int, enabled: bool = True):
+        self.total = total_steps
+        self.enabled = enabled
+        self.start = time.time()
+
+    def line(self, step: int, **metrics) -> str:
+        elapsed = time.time() - self.start
+        done = max(step, 1)
+        eta = elapsed / done * (self.total - step)
+        parts = [f"step {step:>5}/{self.total}"]
+        for k, v in metrics.items():
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        parts.append(f"elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}")
+        return " | ".join(parts)
+
+    def print(self, step: int, **metrics) -> None:
+        if self.enabled:
+            print(self.line(step, **metrics), flush=True)
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

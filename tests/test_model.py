@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from minalign.model import GPT, GPTConfig, sample_token
+
+V = 61  # not a multiple of 64: the padded vocabulary has 3 extra rows
+
+
+def tiny_model(seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=48)).eval()
+    if scale != 1.0:  # larger weights: sharper, more varied distributions than at init
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(scale)
+    return model
+
+
+def left_pad(rows, pad_id=V - 1):
+    """Left-pad lists of token ids into (ids [B, P], mask [B, P])."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id)
+    mask = torch.zeros(len(rows), P, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):] = torch.tensor(r)
+        mask[i, P - len(r):] = True
+    return ids, mask
+
+
+def test_shapes_and_padded_vocab():
+    model = tiny_model()
+    x = torch.randint(0, V, (3, 10))
+    logits, hidden = model(x)
+    assert logits.shape == (3, 10, 64)
+    assert hidden.shape == (3, 10, 32)
+    assert torch.isinf(logits[..., V:]).all() and (logits[..., V:] < 0).all()
+    assert torch.isfinite(logits[..., :V]).all()
+    probs = logits.softmax(-1)
+    assert probs[..., V:].sum() == 0
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 10))
+
+
+def test_padding_rows_get_no_gradient_and_loss_is_finite():
+    model = tiny_model().train()
+    x = torch.randint(0, V, (2, 8))
+    logits, _ = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, 64), x.view(-1))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(model.wte.weight.grad).all()
+    assert model.wte.weight.grad[V:].abs().sum() == 0  # padding rows never learn
+
+
+def test_causality():
+    model = tiny_model(scale=3.0)
+    x = torch.randint(0, V, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, V, (2, 5))
+    lx, _ = model(x)
+    ly, _ = model(y)
+    torch.testing.assert_close(lx[:, :7, :V], ly[:, :7, :V])
+    assert not torch.allclose(lx[:, 7:, :V], ly[:, 7:, :V])
+
+
+def test_left_padding_invariance_of_logits():
+    model = tiny_model(scale=3.0)
+    rows = [[5, 9, 2, 40, 11, 3, 7], [8, 1], [33, 21, 17, 4]]
+    ids, mask = left_pad(rows)
+    padded_logits, _ = model(ids, mask)
+    for i, r in enumerate(rows):
+        alone, _ = model(torch.tensor([r]))
+        torch.testing.assert_close(padded_logits[i, -len(r):, :V], alone[0, :, :V], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_kv_cache_greedy_equals_full_recompute(scale):
+    model = tiny_model(seed=1, scale=scale)
+    ids, mask = left_pad([[5, 9, 2, 40], [8, 1], [33, 21, 17, 4, 2, 9]])
+    cached, cmask = model.generate(ids, mask, max_new_tokens=25, temperature=0, use_cache=True)
+    full, fmask = model.generate(ids, mask, max_new_tokens=25, temperature=0, use_cache=False)
+    assert torch.equal(cached, full) and torch.equal(cmask, fmask)
+
+
+def test_kv_cache_logits_match_recompute():
+    model = tiny_model(seed=2, scale=3.0)
+    from minalign.model import KVCache
+
+    ids, mask = left_pad([[5, 9, 2, 40, 12], [8, 1, 3]])
+    cont = torch.randint(0, V, (2, 6))
+    cache = KVCache(2, 2, 2, 11, 16, torch.float32, "cpu")
+    h = [model.hidden_states(ids, mask, cache)[:, -1]]
+    for t in range(6):
+        h.append(model.hidden_states(cont[:, t:t + 1], torch.ones(2, 1, dtype=torch.bool), cache)[:, -1])
+    full = model.hidden_states(torch.cat([ids, cont], 1), torch.cat([mask, torch.ones(2, 6, dtype=torch.bool)], 1))
+    torch.testing.assert_close(torch.stack(h, 1), full[:, -7:], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_invariance_of_greedy_generation():
+    model = tiny_model(seed=3, scale=4.0)
+    rows = [[5, 9, 2, 40], [8, 1], [33, 21, 17, 4, 2, 9]]
+    ids, mask = left_pad(rows)
+    batch, _ = model.generate(ids, mask, max_new_tokens=20, temperature=0)
+    for i, r in enumerate(rows):
+        alone, _ = model.generate(torch.tensor([r]), max_new_tokens=20, temperature=0)
+        assert torch.equal(batch[i], alone[0])
+
+
+def test_eos_stops_rows_and_masks_after_eos():
+    model = tiny_model(seed=4, scale=4.0)
+    ids, mask = left_pad([[5, 9], [8, 1, 3]])
+    greedy, _ = model.generate(ids, mask, max_new_tokens=20, temperature=0)
+    eos = int(greedy[0, 3])  # make row 0's 4th greedy token the EOS
+    tokens, rmask = model.generate(ids, mask, max_new_tokens=20, temperature=0, eos_token_id=eos, pad_token_id=V - 1)
+    first_eos = (tokens[0] == eos).nonzero()[0].item()
+    assert first_eos <= 3
+    assert rmask[0, : first_eos + 1].all() and not rmask[0, first_eos + 1:].any()
+    assert (tokens[0, first_eos + 1:] == V - 1).all()
+
+
+def test_generation_stops_when_all_rows_end():
+    model = tiny_model(seed=5, scale=4.0)
+    ids = torch.tensor([[5, 9, 2]])
+    greedy, _ = model.generate(ids, max_new_tokens=10, temperature=0)
+    tokens, rmask = model.generate(ids, max_new_tokens=10, temperature=0, eos_token_id=int(greedy[0, 2]))
+    assert tokens.shape[1] <= 3 and rmask.all()
+
+
+def test_sampling_never_picks_padded_vocab_and_respects_top_k():
+    model = tiny_model(seed=6)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (64, 3))
+    tokens, _ = model.generate(ids, max_new_tokens=8, generator=gen)
+    assert tokens.max() < V
+    logits = torch.randn(500, V, generator=gen)
+    top3 = torch.topk(logits, 3).indices
+    picks = sample_token(logits, top_k=3, generator=gen)
+    assert (top3 == picks[:, None]).any(1).all()
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(2000, 4))
+    picks = sample_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0, 1}  # 0.5 < 0.7 needs the second token; never the third
+    greedy = sample_token(logits, temperature=0)
+    assert (greedy == 0).all()
+
+
+def test_too_long_raises():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=20)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))

@@ -1,0 +1,225 @@
+"""Supervised fine-tuning: train a GPT to continue text, giving the starting policy.
+
+With no arguments it trains a small GPT on the built-in task (short movie reviews) in
+a few CPU minutes; `--data file.jsonl` trains on your own text or prompt/completion
+pairs. Runs alone or under `torchrun --nproc_per_node=N train_sft.py`.
+
+    python train_sft.py                       # built-in task -> out/sft/ckpt.pt
+    python train_sft.py --data my.jsonl --tokenizer gpt2 --block-size 256
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minalign import data, distributed, task
+from minalign.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minalign.cli import parse_args
+from minalign.logger import MetricsLogger, Progress
+from minalign.model import GPT, GPTConfig
+from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.tokenizer import get_tokenizer
+
+
+@dataclass
+class Args:
+    """Supervised fine-tuning of a GPT (the built-in review task by default)."""
+
+    data: str | None = None
+    """Training data: .txt (documents separated by blank lines) or .jsonl with {"text"} or
+    {"prompt","completion"} per line, optionally .gz. None: the built-in review task."""
+    tokenizer: str = "builtin"
+    """Tokenizer: "builtin" (the review task's own BPE) or "gpt2"."""
+    out_dir: str = "out/sft"
+    """Where checkpoints (ckpt.pt) and metrics.jsonl go."""
+    resume: bool = False
+    """Continue from out_dir/ckpt.pt (model, optimizer, step and RNG state)."""
+    val_fraction: float = 0.05
+    """Share of --data held out for the validation loss (the built-in task has its own split)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads."""
+    n_embd: int = 128
+    """Model width."""
+    block_size: int = 64
+    """Longest training sequence in tokens; longer examples are truncated (and counted)."""
+    dropout: float = 0.0
+    """Dropout probability."""
+    batch_size: int = 32
+    """Sequences per optimizer step, summed over all processes."""
+    max_steps: int = 800
+    """Optimizer steps (the learning-rate schedule spans these)."""
+    stop_at: int | None = None
+    """Stop this invocation after this step, with a checkpoint (continue later with --resume)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak (cosine decay)."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    eval_interval: int = 200
+    """Steps between validation losses, samples and checkpoints."""
+    eval_examples: int = 512
+    """Validation examples per evaluation."""
+    log_interval: int = 20
+    """Steps between progress lines."""
+    num_samples: int = 3
+    """Samples printed at each evaluation."""
+    seed: int = 1337
+    """Random seed (data order, init, dropout, sampling)."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+    dtype: str = "auto"
+    """Autocast dtype: "auto" (bfloat16 on a GPU that supports it, else float32), "float32", "bfloat16"."""
+    compile: bool = False
+    """torch.compile the model."""
+
+
+def autocast_context(device: str, dtype: str):
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def sft_loss_sum(model, batch):
+    """Sum of -log p(target) over the trained tokens of a batch, and their count."""
+    logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
+    labels = batch["labels"]  # (B, T), -100 where no loss
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+@torch.no_grad()
+def evaluate(model, examples, tokenizer, batch_size, device, ctx):
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = data.collate(examples[start : start + batch_size], tokenizer.pad_id, device)
+        with ctx:
+            loss, n = sft_loss_sum(model, batch)
+        total, count = total + loss.item(), count + n.item()
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample(model, prompts, tokenizer, max_new_tokens, device, seed):
+    """Decoded continuations of `prompts` (full distribution, temperature 1)."""
+    model.eval()
+    batch = data.collate_prompts([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens, mask = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, generator=gen)
+    model.train()
+    return [p + tokenizer.decode(t[m & (t != tokenizer.eos_id)].tolist()) for p, t, m in zip(prompts, tokens, mask)]
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    torch.manual_seed(args.seed)
+    ctx = autocast_context(dist.device, args.dtype)
+    tokenizer = get_tokenizer(args.tokenizer)
+
+    # ---- data: tokenised examples (input_ids + labels), truncation counted ----
+    if args.data is None:
+        train_raw = [{"text": r} for r in task.reviews("train")]
+        val_raw = [{"text": r} for r in task.reviews("val")]
+        prompts = task.prompts("val", tokenizer, n=args.num_samples, seed=args.seed)
+    else:
+        raw = data.load_sft(args.data)
+        n_val = max(1, int(len(raw) * args.val_fraction))
+        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
+        prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
+        prompts = prompts[: args.num_samples]
+    train, stats = data.tokenize_sft(train_raw, tokenizer, args.block_size)
+    val, _ = data.tokenize_sft(val_raw, tokenizer, args.block_size)
+    val = val[: args.eval_examples]
+    if dist.is_main:
+        print(f"data: {len(train)} train / {len(val)} val examples; {stats}")
+
+    # ---- model and optimizer ----
+    config = GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    model = GPT(config).to(dist.device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
+    step = 0
+    ckpt_path = f"{args.out_dir}/ckpt.pt"
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} at step {step}")
+    if dist.is_main:
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")
+    train_model = torch.compile(model) if args.compile else model
+    if dist.enabled:
+        train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
+    progress = Progress(args.max_steps, enabled=dist.is_main)
+    batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "model_config": asdict(config), "args": asdict(args), "step": step,
+                                    "rng": rng_state(), "tokenizer": tokenizer.name})
+
+    # ---- training loop ----
+    tokens_seen, t0 = 0, time.time()
+    last_step = min(args.max_steps, args.stop_at or args.max_steps)
+    while step < last_step:
+        lr = cosine_lr(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+        set_lr(optimizer, lr)
+        batch = data.collate([train[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
+        with ctx:
+            loss_sum, n_tokens = sft_loss_sum(train_model, batch)
+        # Mean over the global batch's tokens: DDP averages gradients over processes, so
+        # scale by world_size / global token count to get exactly the single-process loss.
+        global_tokens = distributed.all_reduce_sum(n_tokens, dist).clamp(min=1)
+        loss = loss_sum * dist.world_size / global_tokens
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        optimizer.step()
+        step += 1
+        tokens_seen += int(global_tokens)
+
+        if step % args.log_interval == 0 or step == last_step:
+            train_loss = distributed.all_reduce_sum(loss_sum.detach(), dist).item() / global_tokens.item()
+            tok_per_s = tokens_seen / (time.time() - t0)
+            logger.log(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_per_s)
+            progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})
+        if step % args.eval_interval == 0 or step == last_step:
+            if dist.is_main:
+                val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx)
+                logger.log(step, val_loss=val_loss)
+                print(f"step {step}: val loss {val_loss:.4f}")
+                max_new = args.block_size - max(len(tokenizer.encode(p)) for p in prompts)
+                for text in sample(model, prompts, tokenizer, max_new, dist.device, args.seed):
+                    print(f"  sample: {text!r}")
+                checkpoint()
+    if dist.is_main:
+        print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
+    distributed.cleanup(dist)
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

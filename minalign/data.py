@@ -66,20 +66,7 @@ class DataStats:
     n_skipped_identical_pairs: int = 0  # pairs with chosen == rejected (after truncation)
     n_implicit_prompt_mismatch: int = 0  # implicit-prompt pairs that differ before their
     # last "\n\nAssistant:": split at the last one they share, so a response spans turns
-    n_empty_responses: int = 0  # implicit-prompt responses with no text: kept, just EOS
-
-
-@dataclass
-class SFTExample:
-    prompt: str  # "" for a document
-    response: str
-
-
-@dataclass
-class Pair:
-    prompt: str
-    chosen: str  # responses only: the prompt is not repeated in them
-    rejected: str
+    n_empty_responses: int = 0  # implicit-prompt responses with no text: kept (EOS)
 
 
 @dataclass
@@ -96,11 +83,15 @@ def _lines(path: Path):
     """Yield (line number, text) for each line of a plain or gzipped UTF-8 file."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+        except (gzip.BadGzipFile, EOFError) as e:  # EOFError: a truncated .gz
+            raise DataError(f"{path}:{lineno + 1}: bad gzip data ({e})") from None
 
 
 def _format(path: Path) -> str:
@@ -121,7 +112,7 @@ def _records(path: Path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield where, record
@@ -139,8 +130,9 @@ def _text(record: dict, key: str, where: str) -> str:
     return value
 
 
-def read_sft(path: str | Path) -> list[SFTExample]:
-    """SFT examples from a .txt or .jsonl file (plain or .gz); see the module docstring."""
+def load_sft(path: str | Path) -> list[dict]:
+    """SFT examples from a .txt or .jsonl file (plain or .gz): a list of {"text"} and
+    {"prompt", "completion"} dicts, as in the JSONL format (a .txt document is a "text")."""
     path = Path(path)
     examples = []
     if _format(path) == "txt":
@@ -149,26 +141,20 @@ def read_sft(path: str | Path) -> list[SFTExample]:
             if line.strip():
                 lines.append(line.rstrip("\r\n"))
             elif lines:
-                examples.append(SFTExample("", "\n".join(lines)))
+                examples.append({"text": "\n".join(lines)})
                 lines = []
         if lines:
-            examples.append(SFTExample("", "\n".join(lines)))
+            examples.append({"text": "\n".join(lines)})
     else:
         for where, record in _records(path):
             if "text" in record:
-                examples.append(SFTExample("", _text(record, "text", where)))
+                examples.append({"text": _text(record, "text", where)})
             else:
-                examples.append(SFTExample(_text(record, "prompt", where), _text(record, "completion", where)))
+                prompt, completion = _text(record, "prompt", where), _text(record, "completion", where)
+                examples.append({"prompt": prompt, "completion": completion})
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
-
-
-def builtin_sft(split: str = "train") -> list[SFTExample]:
-    """The built-in task's SFT corpus: its reviews, as documents."""
-    from minalign import task
-
-    return [SFTExample("", review) for review in task.reviews(split)]
 
 
 def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, bool] | None:
@@ -185,31 +171,33 @@ def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, bool] | None
     return shared[: start + len(ASSISTANT)], is_last_turn
 
 
-def read_pairs(path: str | Path, stats: DataStats | None = None) -> list[Pair]:
-    """Preference pairs from a .jsonl file (plain or .gz), explicit or implicit prompt."""
+def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
+    """Preference pairs from a .jsonl file (plain or .gz), explicit or implicit prompt,
+    as {"prompt", "chosen", "rejected"} dicts whose chosen and rejected are responses
+    (the prompt is not repeated in them); and the stats of the implicit prompts."""
     path = Path(path)
-    stats = stats if stats is not None else DataStats()
     if _format(path) != "jsonl":
         raise DataError(f"{path}: preference pairs must be .jsonl (optionally .gz)")
-    pairs = []
+    pairs, stats = [], DataStats()
     for where, record in _records(path):
         chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
         if "prompt" in record:
-            pairs.append(Pair(_text(record, "prompt", where), chosen, rejected))
+            prompt = _text(record, "prompt", where)
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             continue
         split = split_implicit_prompt(chosen, rejected)
         if split is None:
-            raise DataError(f"{where}: no 'prompt' key, and chosen and rejected share no {ASSISTANT!r}")
+            raise DataError(f"{where}: no 'prompt', and chosen and rejected share no {ASSISTANT!r}")
         prompt, is_last_turn = split
         stats.n_implicit_prompt_mismatch += not is_last_turn
-        pair = Pair(prompt, chosen[len(prompt):], rejected[len(prompt):])
+        pair = {"prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}
         # An assistant that said nothing ("\n\nAssistant: " at the end) is a real answer
-        # (4 chosen ones in harmless-base test): kept, its tokens are " " + EOS.
-        stats.n_empty_responses += (not pair.chosen.strip()) + (not pair.rejected.strip())
+        # (4 chosen ones in harmless-base test): kept; its tokens are " " and EOS.
+        stats.n_empty_responses += (not pair["chosen"].strip()) + (not pair["rejected"].strip())
         pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}: no pairs")
-    return pairs
+    return pairs, stats
 
 
 # ---------------------------------------------------------------------------------
@@ -229,53 +217,58 @@ def _fit(prompt: list[int], responses: list[list[int]], max_length: int, stats: 
     return prompt, [r[:room] for r in responses]
 
 
-def tokenize_sft(examples: list[SFTExample], tokenizer, max_length: int,
-                 stats: DataStats | None = None) -> list[Example]:
-    """Token examples: prompt + response + EOS, truncated or split to max_length."""
+def tokenize_sft(examples: list[dict], tokenizer, max_length: int
+                 ) -> tuple[list[Example], DataStats]:
+    """Token examples (prompt + completion + EOS, or a document + EOS), truncated or
+    split to max_length, and the stats of what was done."""
     assert max_length >= 2, "max_length must leave room for a token and its successor"
-    stats = stats if stats is not None else DataStats()
-    out = []
+    out, stats = [], DataStats()
     for ex in examples:
-        response = tokenizer.encode(ex.response) + [tokenizer.eos_id]
-        if ex.prompt:
-            prompt, [response] = _fit(tokenizer.encode(ex.prompt), [response], max_length, stats)
+        if "text" not in ex:
+            response = tokenizer.encode(ex["completion"]) + [tokenizer.eos_id]
+            prompt, [response] = _fit(tokenizer.encode(ex["prompt"]), [response], max_length, stats)
             out.append(Example(prompt + response, len(prompt)))
             continue
         # A document: windows of max_length that overlap by one token, so the first
         # token of a window (not trained in it) was the last target of the one before.
-        starts = range(0, len(response) - 1, max_length - 1)
+        ids = tokenizer.encode(ex["text"]) + [tokenizer.eos_id]
+        starts = range(0, len(ids) - 1, max_length - 1)
         stats.n_documents_split += len(starts) > 1
-        out.extend(Example(response[s:s + max_length], 0) for s in starts)
-    stats.n_examples += len(out)
-    return out
+        out.extend(Example(ids[s:s + max_length], 0) for s in starts)
+    stats.n_examples = len(out)
+    return out, stats
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
-                   stats: DataStats | None = None) -> list[tuple[Example, Example]]:
-    """(chosen, rejected) token examples sharing one prompt, truncated alike.
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, stats: DataStats | None = None
+                   ) -> tuple[list[tuple[Example, Example]], DataStats]:
+    """(chosen, rejected) token examples sharing one prompt, truncated alike; `stats`
+    (from load_pairs) goes on counting.
 
     A pair whose chosen and rejected tokens are the same (after truncation) teaches
     nothing and is skipped, and counted."""
     stats = stats if stats is not None else DataStats()
     out = []
     for pair in pairs:
-        chosen = tokenizer.encode(pair.chosen) + [tokenizer.eos_id]
-        rejected = tokenizer.encode(pair.rejected) + [tokenizer.eos_id]
-        prompt, [chosen, rejected] = _fit(tokenizer.encode(pair.prompt), [chosen, rejected], max_length, stats)
+        chosen = tokenizer.encode(pair["chosen"]) + [tokenizer.eos_id]
+        rejected = tokenizer.encode(pair["rejected"]) + [tokenizer.eos_id]
+        prompt = tokenizer.encode(pair["prompt"])
+        prompt, [chosen, rejected] = _fit(prompt, [chosen, rejected], max_length, stats)
         if chosen == rejected:
             stats.n_skipped_identical_pairs += 1
             continue
         out.append((Example(prompt + chosen, len(prompt)), Example(prompt + rejected, len(prompt))))
-    stats.n_examples += len(out)
-    return out
+    stats.n_examples = len(out)
+    return out, stats
 
 
 # ---------------------------------------------------------------------------------
 # Collating
 
 
-def collate(examples: list[Example], pad_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, each [B, T] (T = length or longest)."""
+def collate(examples: list[Example], pad_id: int, device=None,
+            length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch on `device`: input_ids, attention_mask, labels, each [B, T]
+    with T = `length`, or the longest example."""
     B = len(examples)
     T = length or max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -285,54 +278,75 @@ def collate(examples: list[Example], pad_id: int, length: int | None = None) -> 
         n = len(ex.input_ids)
         input_ids[b, :n] = torch.tensor(ex.input_ids)
         attention_mask[b, :n] = True
-        # position t predicts token t + 1: train where that token is past the prompt
-        first = max(ex.n_prompt - 1, 0)  # the last prompt position predicts the response's first token
+        # position t predicts token t + 1; the last prompt position predicts the
+        # response's first token, and the response's last token (EOS) predicts nothing
+        first = max(ex.n_prompt - 1, 0)
         labels[b, first:n - 1] = input_ids[b, first + 1:n]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-def collate_pairs(pairs: list[tuple[Example, Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(pairs: list[tuple[Example, Example]], pad_id: int,
+                  device=None) -> dict[str, torch.Tensor]:
     """chosen_input_ids, chosen_attention_mask, chosen_labels and the same for rejected_,
-    all [B, T] with one T, so torch.cat([chosen, rejected]) makes one [2B, T] batch."""
+    all [B, T] with one T, so torch.cat of chosen and rejected makes one [2B, T] batch."""
     T = max(len(ex.input_ids) for pair in pairs for ex in pair)
-    chosen = collate([c for c, _ in pairs], pad_id, T)
-    rejected = collate([r for _, r in pairs], pad_id, T)
-    return {**{f"chosen_{k}": v for k, v in chosen.items()}, **{f"rejected_{k}": v for k, v in rejected.items()}}
+    chosen = collate([c for c, _ in pairs], pad_id, device, length=T)
+    rejected = collate([r for _, r in pairs], pad_id, device, length=T)
+    return {**{f"chosen_{k}": v for k, v in chosen.items()},
+            **{f"rejected_{k}": v for k, v in rejected.items()}}
 
 
-def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for generation: input_ids and attention_mask, [B, P].
+def collate_prompts(prompts: list[list[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-padded prompt token ids for generation: input_ids and attention_mask, [B, P].
 
     Every row ends at position P - 1, so sampled tokens are appended to all rows at
-    once. A model should take positions from attention_mask.cumsum(-1) - 1, so that a
-    row's first real token is at position 0 whatever its padding."""
+    once; the model counts positions over real tokens only, so padding shifts nothing."""
     B, P = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P), dtype=torch.bool)
     for b, ids in enumerate(prompts):
         input_ids[b, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, P - len(ids):] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 # ---------------------------------------------------------------------------------
 # Batching
 
 
-def batches(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            rank: int = 0, world_size: int = 1, drop_last: bool = True) -> list[list[int]]:
-    """This rank's example indices for one epoch, one list per step.
+class Batches:
+    """Which examples each training step takes, for every process of a DDP run.
 
-    The order is a shuffle of range(n) by (seed, epoch), the same on every rank. It
-    is cut into global batches of batch_size, and rank r takes batch[r::world_size]
-    of each: the ranks see distinct slices of one global batch. With drop_last a
-    final short global batch is dropped, so every rank takes the same number of
-    steps (which DDP needs); keep it (drop_last=False) to evaluate on every example.
+    Each epoch is a shuffle of range(n) by (seed, epoch), the same on every rank, cut
+    into global batches of batch_size (a short last one is dropped, so every rank
+    takes the same steps). Rank r takes batch[r::world_size] of each, so the ranks
+    see distinct slices of one global batch. Batches are looked up by step, so a
+    resumed run goes on exactly where it stopped.
     """
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
-    order = list(range(n))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)  # a str seed: stable across runs
-    stop = n - n % batch_size if drop_last else n
-    return [order[i:i + batch_size][rank::world_size] for i in range(0, stop, batch_size)]
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
+        if n < batch_size:
+            raise ValueError(f"{n} examples cannot fill one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> list[int]:
+        """All example indices in the order of one epoch."""
+        if epoch != self._epoch:  # one shuffle per epoch, not per step
+            self._order = list(range(self.n))
+            # a str seed: the same shuffle in every process and every run
+            random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's example indices for a step (steps count from 0, across epochs)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        global_batch = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return global_batch[self.rank::self.world_size]

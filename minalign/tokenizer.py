@@ -68,7 +68,8 @@ class Tokenizer:
         return self.encoding.decode([i for i in ids if i != self.pad_id])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -81,8 +82,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 def write_ranks(ranks: dict[bytes, int], path: Path) -> None:
-    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
-    path.write_text("".join(lines))
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank))
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +114,7 @@ def train_bpe(texts: list[str], vocab_size: int | None = None) -> dict[bytes, in
     until `vocab_size` tokens, or (None) until every pre-token is a single token.
     Returns tiktoken's mergeable ranks: token bytes -> rank, in the order learnt."""
     word_counts = Counter(w for text in texts for w in regex.findall(GPT2_PATTERN, text))
-    words = {w.encode(): [bytes([b]) for b in w.encode()] for w in word_counts}  # word -> its tokens
+    words = {w.encode(): [bytes([b]) for b in w.encode()] for w in word_counts}  # -> its tokens
     counts = {w.encode(): n for w, n in word_counts.items()}
     ranks = {bytes([b]): b for b in range(256)}
     while vocab_size is None or len(ranks) < vocab_size:
@@ -141,20 +142,21 @@ def train_bpe(texts: list[str], vocab_size: int | None = None) -> dict[bytes, in
 
 def main():
     parser = argparse.ArgumentParser(description="Train the builtin tokenizer on the task's train reviews.")
-    parser.add_argument("--vocab-size", type=int, default=None, help="default: merge until every word is one token")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokens to learn (default: merge until every word is one token)")
     parser.add_argument("--out", type=Path, default=BUILTIN_FILE)
     parser.add_argument("--report", action="store_true", help="print tokens per review for a few sizes")
     args = parser.parse_args()
 
     from minalign import task
 
-    train = task.reviews("train")
+    train, val = task.reviews("train"), task.reviews("val")
     if args.report:
         for size in (256, 512, 768, None):
             ranks = train_bpe(train, size)
-            enc = tiktoken.Encoding(f"bpe{size}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
-            val = task.reviews("val")
-            print(f"{len(ranks)} tokens: {sum(len(enc.encode_ordinary(r)) for r in val) / len(val):.1f} tokens per val review")
+            enc = tiktoken.Encoding("report", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+            n_tokens = sum(len(enc.encode_ordinary(review)) for review in val)
+            print(f"{len(ranks)} tokens: {n_tokens / len(val):.1f} tokens per val review")
     ranks = train_bpe(train, args.vocab_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_ranks(ranks, args.out)

@@ -6,7 +6,8 @@ import pytest
 from minalign import task
 from minalign.tokenizer import get_tokenizer
 
-SENTIMENT_SLOTS = {"pos", "pos_film", "neg", "neg_film", "pos_adverb", "neg_adverb", "pos_verb", "neg_verb"}
+SENTIMENT_SLOTS = {"pos", "pos_film", "neg", "neg_film", "pos_adverb", "neg_adverb",
+                   "pos_verb", "neg_verb"}
 
 
 def test_splits_sizes_disjoint_and_deterministic():

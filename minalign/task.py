@@ -67,6 +67,7 @@ OBJECTS = ["it", "this one", "every minute of it", "the whole thing", "this {fil
 DEGREES = ["", "", "", "very ", "really ", "quite ", "extremely ", "incredibly ",
            "somewhat ", "rather ", "fairly "]
 RECOMMEND_DEGREES = ["", "", "highly ", "really "]
+# Descriptions that VADER does not score: no word here is in its lexicon.
 NEUTRAL = ["long", "short", "quiet", "simple", "familiar", "conventional", "dark",
            "old-fashioned", "straightforward", "understated", "plain",
            "unusual", "loud"]
@@ -162,10 +163,10 @@ SPLITS = {"train": 20_000, "val": 1_000, "test": 1_000}
 SEED = 20230529  # the corpus seed; the splits are consecutive slices of one stream
 
 
-def fill(template: str, rng: random.Random, used: dict[str, str], seen: set[str]) -> str:
+def fill(template: str, rng: random.Random, pinned: dict[str, str], seen: set[str]) -> str:
     """Fill every {slot} of a sentence template with a word drawn from its list.
 
-    `used` pins a slot to one word for the whole review (the review is about one
+    `pinned` holds a slot to one word for the whole review (the review is about one
     "film"); `seen` holds the words drawn so far, which are not drawn again when the
     list has others (no "The ending was good. The ending was ..." within a review).
     """
@@ -173,13 +174,13 @@ def fill(template: str, rng: random.Random, used: dict[str, str], seen: set[str]
     while "{" in out:
         start, end = out.index("{"), out.index("}")
         slot = out[start + 1:end]
-        if slot not in used:
+        if slot not in pinned:
             words = [w for w in SLOTS[slot] if w not in seen] or SLOTS[slot]
             word = rng.choice(words)
             if word:
                 seen.add(word)
         else:
-            word = used[slot]
+            word = pinned[slot]
         out = out[:start] + word + out[end + 1:]  # a word may hold a slot: "this {film}"
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", out)  # "a amazing" -> "an amazing"
 
@@ -190,13 +191,13 @@ def write_review(rng: random.Random) -> str:
     tone = rng.choices(tones, weights=[TONES[t][0] for t in tones])[0]
     pools, weights = zip(*TONES[tone][1])
     n_sentences = rng.choice([1, 2, 2, 3, 3])
-    used, seen = {"film": rng.choice(FILMS)}, set()
+    pinned, seen = {"film": rng.choice(FILMS)}, set()
     templates, sentences = [], []
     while len(sentences) < n_sentences or len(" ".join(sentences).split()) < MIN_WORDS:
         template = rng.choice(rng.choices(pools, weights=weights)[0])
         if template not in templates:
             templates.append(template)
-            sentences.append(fill(template, rng, used, seen))
+            sentences.append(fill(template, rng, pinned, seen))
     if len(sentences) > 1 and rng.random() < 0.25:  # "Overall, the plot was good."
         last = sentences[-1]
         if not last.startswith("I "):

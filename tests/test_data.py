@@ -89,6 +89,13 @@ def test_non_utf8_names_file_and_line(tmp_path):
         load_sft(gz)
 
 
+def test_truncated_gzip(tmp_path):
+    path = tmp_path / "sft.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "ok"}\n' * 100)[:-12])  # the end cut off
+    with pytest.raises(DataError, match="sft.jsonl.gz:.*bad gzip data"):
+        load_sft(path)
+
+
 def test_bad_sft_records(tmp_path):
     path = write_jsonl(tmp_path / "sft.jsonl", [{"text": "ok"}, {"prompt": "p"}])
     with pytest.raises(DataError, match="sft.jsonl:2: missing key 'completion'"):

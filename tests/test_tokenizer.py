@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minalign import task
 from minalign.tokenizer import BUILTIN_FILE, EOS, PAD, get_tokenizer, read_ranks, train_bpe
@@ -21,6 +23,14 @@ def tok(request):
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip_any_text(text):
+    for name in ("builtin", "gpt2"):
+        tok = get_tokenizer(name)
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_special_token_text_in_data_stays_text(tok):

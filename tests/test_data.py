@@ -1,0 +1,235 @@
+import gzip
+import json
+
+import pytest
+import torch
+
+from minalign.data import (
+    ASSISTANT, IGNORE_INDEX, Batches, DataError, Example, collate, collate_pairs,
+    collate_prompts, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
+)
+from minalign.tokenizer import get_tokenizer
+
+tok = get_tokenizer("builtin")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---- reading ----------------------------------------------------------------------
+
+
+def test_load_sft_formats(tmp_path):
+    txt = tmp_path / "docs.txt"
+    txt.write_text("first doc\nstill first\n\n\n  \nsecond doc\n")
+    assert load_sft(txt) == [{"text": "first doc\nstill first"}, {"text": "second doc"}]
+
+    records = [{"text": "a doc"}, {"prompt": "Q:", "completion": " A"}]
+    jsonl = write_jsonl(tmp_path / "sft.jsonl", records)
+    assert load_sft(jsonl) == records
+
+    gz = tmp_path / "sft.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    assert load_sft(gz) == records
+
+
+def test_load_pairs_explicit_and_implicit(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: Bye!",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: Whatever."},
+    ])
+    pairs, stats = load_pairs(path)
+    assert pairs[0] == {"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."}
+    assert pairs[1] == {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:",
+                        "chosen": " Bye!", "rejected": " Whatever."}
+    assert stats.n_implicit_prompt_mismatch == 0
+
+
+def test_implicit_prompt_mismatch_is_split_at_last_shared_turn(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nAssistant: b",
+         "rejected": "\n\nHuman: q\n\nAssistant: c"},
+    ])
+    [pair], stats = load_pairs(path)
+    assert pair == {"prompt": "\n\nHuman: q\n\nAssistant:",
+                    "chosen": " a\n\nAssistant: b", "rejected": " c"}
+    assert stats.n_implicit_prompt_mismatch == 1
+
+
+BAD_LINES = [
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', "malformed JSON"),
+    ('{"prompt": "p", "chosen": "c"}', "missing key 'rejected'"),
+    ('{"prompt": "p", "chosen": "c", "rejected": 3}', "'rejected' must be a string, got int"),
+    ('{"prompt": "", "chosen": "c", "rejected": "r"}', "'prompt' is empty"),
+    ('["p", "c", "r"]', "expected a JSON object"),
+    ('{"chosen": "Human: a", "rejected": "Human: b"}', "share no"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_LINES)
+def test_bad_pair_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    good = '{"prompt": "p", "chosen": "c", "rejected": "r"}'
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n")
+    with pytest.raises(DataError, match=f"pairs.jsonl:4: .*{message}"):
+        load_pairs(path)
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "docs.txt"
+    path.write_bytes(b"fine\n\nalso fine\nbroken \xff byte\n")
+    with pytest.raises(DataError, match=r"docs.txt:4: not UTF-8 \(byte 0xff\)"):
+        load_sft(path)
+    gz = tmp_path / "sft.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": "\xc3"}\n'))
+    with pytest.raises(DataError, match="sft.jsonl.gz:2: not UTF-8"):
+        load_sft(gz)
+
+
+def test_truncated_gzip(tmp_path):
+    path = tmp_path / "sft.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "ok"}\n' * 100)[:-12])  # the end cut off
+    with pytest.raises(DataError, match="sft.jsonl.gz:.*bad gzip data"):
+        load_sft(path)
+
+
+def test_bad_sft_records(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"text": "ok"}, {"prompt": "p"}])
+    with pytest.raises(DataError, match="sft.jsonl:2: missing key 'completion'"):
+        load_sft(path)
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"text": "  "}])
+    with pytest.raises(DataError, match="sft.jsonl:1: 'text' is empty"):
+        load_sft(path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no examples"):
+        load_sft(empty)
+    with pytest.raises(DataError, match="unknown format"):
+        load_sft(tmp_path / "data.csv")
+
+
+# ---- tokenizing and collating -------------------------------------------------------
+
+
+def test_collate_masks_and_shift():
+    examples = [Example([10, 11, 12, 13, tok.eos_id], n_prompt=2),
+                Example([20, 21, tok.eos_id], n_prompt=1)]
+    batch = collate(examples, tok.pad_id)
+    P, E, X = tok.pad_id, tok.eos_id, IGNORE_INDEX
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, E], [20, 21, E, P, P]]
+    assert batch["attention_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+    # prompt [10, 11]: position 1 predicts the first response token 12; EOS is a target
+    assert batch["labels"].tolist() == [[X, 12, 13, E, X], [21, E, X, X, X]]
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    assert batch["attention_mask"].dtype == torch.bool
+    on_device = collate(examples, tok.pad_id, device="cpu")
+    assert all(torch.equal(on_device[k], batch[k]) for k in batch)
+
+
+def test_tokenize_sft_prompt_completion():
+    [ex], _ = tokenize_sft([{"prompt": "The plot", "completion": " was good."}], tok, max_length=64)
+    prompt, response = tok.encode("The plot"), tok.encode(" was good.")
+    assert ex == Example(prompt + response + [tok.eos_id], len(prompt))
+    labels = collate([ex], tok.pad_id)["labels"][0]
+    trained = labels[labels != IGNORE_INDEX].tolist()
+    assert trained == response + [tok.eos_id]
+
+
+def test_long_document_is_split_into_windows():
+    text = " good" * 25
+    ids = tok.encode(text) + [tok.eos_id]
+    assert len(ids) == 26
+    windows, stats = tokenize_sft([{"text": text}], tok, max_length=10)
+    assert [len(w.input_ids) for w in windows] == [10, 10, 8]
+    assert all(w.n_prompt == 0 for w in windows)
+    # every token but the first is a target exactly once
+    labels = collate(windows, tok.pad_id)["labels"]
+    targets = [t for row in labels.tolist() for t in row if t != IGNORE_INDEX]
+    assert targets == ids[1:]
+    assert stats.n_documents_split == 1 and stats.n_examples == 3
+
+
+def test_truncation_rule_and_counts():
+    prompt, response = " bad" * 30, " good" * 5  # 30 and 5 (+EOS) tokens
+    [ex], stats = tokenize_sft([{"prompt": prompt, "completion": response}], tok, max_length=20)
+    # the prompt loses its start, the whole response and its EOS stay
+    assert len(ex.input_ids) == 20 and ex.n_prompt == 14 and ex.input_ids[-1] == tok.eos_id
+    assert ex.input_ids[:14] == tok.encode(prompt)[-14:]
+    assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 0)
+
+    long_response = " good" * 40
+    [ex], stats = tokenize_sft([{"prompt": prompt, "completion": long_response}], tok, max_length=20)
+    # the prompt keeps half, the response is cut and has no EOS
+    assert ex.n_prompt == 10 and len(ex.input_ids) == 20 and tok.eos_id not in ex.input_ids
+    assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 1)
+
+
+def test_pairs_tokenize_collate_and_skip_identical():
+    pairs = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad and slow."},
+             {"prompt": "I", "chosen": " liked it.", "rejected": " liked it."}]
+    tokenized, stats = tokenize_pairs(pairs, tok, max_length=64)
+    assert len(tokenized) == 1 and stats.n_skipped_identical_pairs == 1 and stats.n_examples == 1
+    batch = collate_pairs(tokenized, tok.pad_id)
+    assert set(batch) == {f"{side}_{key}" for side in ("chosen", "rejected")
+                          for key in ("input_ids", "attention_mask", "labels")}
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    n_prompt = len(tok.encode("The plot"))
+    assert (batch["chosen_labels"][:, :n_prompt - 1] == IGNORE_INDEX).all()
+    assert tok.decode(batch["chosen_input_ids"][0]) == "The plot was good.<|endoftext|>"
+    assert tok.decode(batch["rejected_input_ids"][0]) == "The plot was bad and slow.<|endoftext|>"
+
+
+def test_collate_prompts_left_pads():
+    batch = collate_prompts([[1, 2, 3], [4]], pad_id=tok.pad_id)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [tok.pad_id, tok.pad_id, 4]]
+    assert batch["attention_mask"].tolist() == [[True, True, True], [False, False, True]]
+
+
+# ---- batching ---------------------------------------------------------------------
+
+
+def test_batches_shuffle_by_seed_and_epoch():
+    batches = Batches(10, 4, seed=1)
+    assert batches.steps_per_epoch == 2  # the last 2 examples of each epoch are dropped
+    epoch0 = [batches.indices(step) for step in range(2)]
+    assert all(len(b) == 4 for b in epoch0) and len(set(sum(epoch0, []))) == 8
+    assert epoch0 == [Batches(10, 4, seed=1).indices(step) for step in range(2)]  # resumable
+    assert epoch0 != [Batches(10, 4, seed=2).indices(step) for step in range(2)]
+    assert epoch0 != [batches.indices(step) for step in range(2, 4)]  # a new shuffle per epoch
+    assert batches.indices(5) == Batches(10, 4, seed=1).indices(5)
+
+
+def test_batches_shard_one_global_batch_across_ranks():
+    world = [Batches(103, 8, seed=3, rank=r, world_size=4) for r in range(4)]
+    single = Batches(103, 8, seed=3)
+    for step in range(30):
+        parts = [b.indices(step) for b in world]
+        assert all(len(p) == 2 for p in parts)
+        assert sorted(sum(parts, [])) == sorted(single.indices(step))  # distinct, and all of it
+    with pytest.raises(ValueError, match="multiple"):
+        Batches(10, 6, world_size=4)
+    with pytest.raises(ValueError, match="one batch"):
+        Batches(3, 4)
+
+
+# ---- real data ---------------------------------------------------------------------
+
+
+def test_hh_rlhf_harmless_base(shared_data):
+    pairs, stats = load_pairs(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    assert len(pairs) == 2312
+    assert all(p["prompt"].endswith(ASSISTANT) and p["prompt"].startswith("\n\nHuman:") for p in pairs)
+    # 5 pairs go on for more turns on one side (4 of them where the rejected text does
+    # not even start with the chosen text up to its last turn): split at the shared turn
+    assert stats.n_implicit_prompt_mismatch == 5
+    assert stats.n_empty_responses == 4 == sum(p["chosen"] == " " for p in pairs)
+    odd = [p for p in pairs if ASSISTANT in p["chosen"] or ASSISTANT in p["rejected"]]
+    assert len(odd) == 5 and sum(ASSISTANT in p["chosen"] for p in odd) == 4
+    tokenized, stats = tokenize_pairs(pairs[:200], get_tokenizer("gpt2"), max_length=128, stats=stats)
+    assert len(tokenized) + stats.n_skipped_identical_pairs == 200
+    assert all(len(c.input_ids) <= 128 and len(r.input_ids) <= 128 for c, r in tokenized)
+    assert stats.n_prompt_truncated > 0
+    assert stats.n_implicit_prompt_mismatch == 5 and stats.n_examples == len(tokenized)

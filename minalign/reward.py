@@ -1,0 +1,83 @@
+"""Reward model: a GPT trunk with a scalar head, trained on preference pairs.
+
+The score of a sequence is a linear function of the trunk's final hidden state at its
+last real token (the EOS), so it sees the whole prompt and response and does not
+depend on padding. Training uses the Bradley-Terry model of preferences,
+
+    P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)),
+
+and minimises its negative log-likelihood (Christiano et al. 2017; Ouyang et al. 2022).
+After training the scores are normalised to mean 0 and standard deviation 1 over
+samples of the SFT policy (Ziegler et al. 2019), so that the KL penalty's beta in PPO
+means the same thing whatever the reward model's scale.
+
+The same class serves as PPO's critic: `values` reads the head at every position.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minalign.model import GPT, GPTConfig
+
+
+class RewardModel(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.trunk = GPT(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        # init N(0, 1/sqrt(d + 1)), bias 0: scores start O(1) (Stiennon et al. 2020)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+        # score normalisation, fitted after training: score = gain * raw + offset
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("offset", torch.tensor(0.0))
+
+    @classmethod
+    def from_policy(cls, policy: GPT) -> "RewardModel":
+        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT model)."""
+        model = cls(policy.config)
+        model.trunk.load_state_dict(policy.state_dict())
+        return model
+
+    def values(self, input_ids, attention_mask=None):
+        """Normalised head output at every position [B, T] (the critic's per-token values)."""
+        hidden = self.trunk.hidden_states(input_ids, attention_mask)  # (B, T, C)
+        raw = self.head(hidden).squeeze(-1).float()  # (B, T)
+        return self.gain * raw + self.offset
+
+    def forward(self, input_ids, attention_mask):
+        """Score [B] of each sequence, read at its last real token.
+
+        attention_mask [B, T] marks real tokens; padding may be on either side.
+        """
+        values = self.values(input_ids, attention_mask)  # (B, T)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(attention_mask.bool(), positions, -1).max(1).values  # (B,)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def fit_normalisation(self, raw_scores: torch.Tensor) -> None:
+        """Set gain and offset so that `raw_scores` (unnormalised) get mean 0 and std 1."""
+        mean, std = raw_scores.float().mean(), raw_scores.float().std().clamp(min=1e-6)
+        self.gain.fill_(1.0 / std.item())
+        self.offset.fill_(-mean.item() / std.item())
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):
+    """Per-pair loss -log sigmoid(r_c - r_r - margin) [B], plus an optional centring term.
+
+    `margin` [B] (optional) demands a larger gap for pairs rated more clearly
+    (Llama 2, Touvron et al. 2023). `center_coef` > 0 adds coef * (r_c + r_r)^2, which
+    keeps scores centred on zero (Eisenstein et al. 2023).
+    """
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_coef:
+        loss = loss + center_coef * (chosen_scores + rejected_scores) ** 2
+    return loss

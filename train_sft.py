@@ -10,6 +10,7 @@ pairs. Runs alone or under `torchrun --nproc_per_node=N train_sft.py`.
 
 import math
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,7 @@ from minalign.cli import parse_args
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
 
 
@@ -114,20 +116,8 @@ def evaluate(model, examples, tokenizer, batch_size, device, ctx):
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def sample(model, prompts, tokenizer, max_new_tokens, device, seed):
-    """Decoded continuations of `prompts` (full distribution, temperature 1)."""
-    model.eval()
-    batch = data.collate_prompts([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    tokens, mask = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, generator=gen)
-    model.train()
-    return [p + tokenizer.decode(t[m & (t != tokenizer.eos_id)].tolist()) for p, t, m in zip(prompts, tokens, mask)]
-
-
-def main(args: Args):
-    dist = distributed.setup(args.device)
+def train(args: Args, dist: distributed.DistInfo) -> str:
+    """Train; returns the checkpoint's path."""
     if args.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
@@ -213,11 +203,34 @@ def main(args: Args):
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
                 max_new = args.block_size - max(len(tokenizer.encode(p)) for p in prompts)
-                for text in sample(model, prompts, tokenizer, max_new, dist.device, args.seed):
-                    print(f"  sample: {text!r}")
+                for prompt, text in zip(prompts, sample_texts(model, tokenizer, prompts, max_new, seed=args.seed)):
+                    print(f"  sample: {prompt + text!r}")
                 checkpoint()
     if dist.is_main:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
+    return ckpt_path
+
+
+def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
+    """The SFT checkpoint in out_dir: reused when complete, resumed when a run was cut
+    short, trained (with Args defaults plus `overrides`) when absent. For the later
+    stages, which start from it."""
+    path = Path(out_dir) / "ckpt.pt"
+    if path.exists():
+        ckpt = load_checkpoint(path)
+        if ckpt["step"] >= ckpt["args"]["max_steps"]:
+            return str(path)
+        args = Args(**{**ckpt["args"], "resume": True, "stop_at": None})
+    else:
+        args = Args(out_dir=out_dir, **overrides)
+    if dist.is_main:
+        print(f"== SFT: {'resuming' if path.exists() else 'training'} the starting policy in {out_dir}")
+    return train(args, dist)
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    train(args, dist)
     distributed.cleanup(dist)
 
 

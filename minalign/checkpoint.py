@@ -35,6 +35,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_model(path, device="cpu"):
+    """(model, checkpoint) from a checkpoint holding "model" and "model_config": a GPT,
+    or a RewardModel when the checkpoint says kind "reward"."""
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel
+
+    ckpt = load_checkpoint(path)
+    cls = RewardModel if ckpt.get("kind") == "reward" else GPT
+    model = cls(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
 def rng_state() -> dict:
     """Torch RNG state (CPU, and CUDA when present): all the randomness a run draws."""
     state = {"cpu": torch.get_rng_state()}

@@ -42,13 +42,20 @@ def setup(device: str = "auto") -> DistInfo:
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return DistInfo(rank, world_size, local_rank, device)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled:
         dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
+    if info.enabled:
+        dist.barrier()
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Preference pairs for the built-in task, labelled by the gold judge.
+
+As in the DPO paper's IMDb experiment (Rafailov et al. 2023, section 6.1): for each
+prompt, sample 4 completions from the SFT policy (full distribution, temperature 1),
+score each with the gold judge, and form all 6 pairs, the higher score chosen. Pairs
+with equal scores carry no preference: they are dropped and counted.
+
+With `label_temperature` t the labels are noisy instead, like human annotators: a
+pair (a, b) is labelled "a preferred" with the Bradley-Terry probability
+
+    p = sigmoid((gold(a) - gold(b)) / t),
+
+drawn at random. No model can then beat the Bayes-optimal accuracy, the mean over
+pairs of max(p, 1 - p); reward-model accuracy is judged against it.
+
+Pairs are cached as JSONL in the standard {"prompt", "chosen", "rejected"} format
+(plus the gold scores and p), so the scripts and users read the same files.
+"""
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+from minalign import task
+from minalign.rollout import sample_texts
+
+SAMPLES_PER_PROMPT = 4  # the DPO paper's IMDb setting: 4 completions, all 6 pairs
+
+
+def label_pairs(prompt: str, completions: list[str], scores: list[float], rng: random.Random,
+                label_temperature: float | None = None) -> tuple[list[dict], int]:
+    """All pairs of one prompt's completions, labelled; returns (pairs, ties dropped)."""
+    pairs, ties = [], 0
+    for i, j in itertools.combinations(range(len(completions)), 2):
+        if scores[i] == scores[j] or completions[i] == completions[j]:
+            ties += 1
+            continue
+        if label_temperature is None:  # ranked: the better one is chosen
+            p_i = 1.0 if scores[i] > scores[j] else 0.0
+            i_chosen = p_i == 1.0
+        else:  # Bradley-Terry noise
+            p_i = 1.0 / (1.0 + math.exp(-(scores[i] - scores[j]) / label_temperature))
+            i_chosen = rng.random() < p_i
+        c, r = (i, j) if i_chosen else (j, i)
+        pairs.append({
+            "prompt": prompt, "chosen": completions[c], "rejected": completions[r],
+            "chosen_gold": scores[c], "rejected_gold": scores[r],
+            "p_chosen": p_i if i_chosen else 1.0 - p_i,  # probability of this label
+        })
+    return pairs, ties
+
+
+def make_pairs(policy, tokenizer, prompts: list[str], n_samples: int = SAMPLES_PER_PROMPT, max_new_tokens: int = 48,
+               label_temperature: float | None = None, seed: int = 0, batch_size: int = 64,
+               progress=None) -> tuple[list[dict], dict]:
+    """Sample `n_samples` completions per prompt, judge them, label all pairs.
+
+    Returns (pairs, stats) with stats counting prompts, pairs and dropped ties."""
+    repeated = [p for p in prompts for _ in range(n_samples)]  # prompt-major: samples of one prompt together
+    completions = []
+    for start in range(0, len(repeated), batch_size * 8):
+        chunk = repeated[start : start + batch_size * 8]
+        completions += sample_texts(policy, tokenizer, chunk, max_new_tokens, batch_size, seed=seed + start)
+        if progress:
+            progress(len(completions), len(repeated))
+    scores = task.gold_reward([p + c for p, c in zip(repeated, completions)])
+    rng = random.Random(seed)
+    pairs, ties = [], 0
+    for k, prompt in enumerate(prompts):
+        block = slice(k * n_samples, (k + 1) * n_samples)
+        new, dropped = label_pairs(prompt, completions[block], scores[block], rng, label_temperature)
+        pairs += new
+        ties += dropped
+    stats = {"prompts": len(prompts), "samples": len(repeated), "pairs": len(pairs), "ties_dropped": ties}
+    return pairs, stats
+
+
+def bayes_optimal_accuracy(pairs: list[dict]) -> float:
+    """Mean of max(p, 1 - p): the best accuracy any model can reach on these labels."""
+    return sum(max(p["p_chosen"], 1 - p["p_chosen"]) for p in pairs) / max(len(pairs), 1)
+
+
+def write_jsonl(path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)  # atomic: a half-written cache is never read
+
+
+def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_prompts: int,
+                  label_temperature: float | None, max_new_tokens: int, seed: int, is_main: bool = True,
+                  barrier=lambda: None) -> tuple[list[dict], list[dict]]:
+    """(train, test) pairs of the built-in task, read from `pairs_dir` or made there.
+
+    Train pairs come from the task's train-split prompts, test pairs from its test
+    split, so evaluation prompts are never trained on. In a distributed run rank 0
+    makes the files while the others wait at `barrier`, then all read them.
+    """
+    pairs_dir = Path(pairs_dir)
+    settings = {"n_train_prompts": n_train_prompts, "n_test_prompts": n_test_prompts,
+                "label_temperature": label_temperature, "max_new_tokens": max_new_tokens, "seed": seed,
+                "tokenizer": tokenizer.name}
+    meta_path = pairs_dir / "meta.json"
+    cached = meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == settings
+    if is_main and not cached:
+        print(f"== pairs: sampling {SAMPLES_PER_PROMPT} SFT completions per prompt, judging them -> {pairs_dir}")
+        meta = {"settings": settings}
+        for split, n, offset in (("train", n_train_prompts, 0), ("test", n_test_prompts, 1)):
+            prompts = task.prompts(split, tokenizer, n=n, seed=seed + offset)
+            pairs, stats = make_pairs(policy, tokenizer, prompts, SAMPLES_PER_PROMPT, max_new_tokens,
+                                      label_temperature, seed + 1000 * offset,
+                                      progress=lambda done, total: print(f"  {split}: {done}/{total} samples", flush=True))
+            write_jsonl(pairs_dir / f"{split}.jsonl", pairs)
+            meta[split] = stats
+            print(f"  {split}: {stats}")
+        meta_path.write_text(json.dumps(meta, indent=1))
+    barrier()
+    return [[json.loads(line) for line in open(pairs_dir / f"{split}.jsonl")] for split in ("train", "test")]

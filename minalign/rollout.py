@@ -1,0 +1,86 @@
+"""Sampling responses to prompts, and scoring them with a language model's log-probs.
+
+A rollout is a batch of prompts (left-padded) and the responses a policy sampled for
+them (right-padded after each row's EOS). PPO, DPO's evaluation and the built-in
+task's preference data all start from one.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from minalign import ops
+from minalign.data import IGNORE_INDEX, collate_prompts
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) True on real prompt tokens
+    response_ids: torch.Tensor  # (B, N) sampled tokens, PAD after EOS
+    response_mask: torch.Tensor  # (B, N) True on response tokens, EOS included
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)  # (B, P + N)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], 1)  # (B, P + N)
+
+    def response_texts(self, tokenizer) -> list[str]:
+        """Decoded responses, EOS left out."""
+        keep = self.response_mask & (self.response_ids != tokenizer.eos_id)
+        return [tokenizer.decode(ids[m].tolist()) for ids, m in zip(self.response_ids, keep)]
+
+    def ended(self, eos_id: int) -> torch.Tensor:
+        """(B,) True where the response ended with EOS (it did not run out of room)."""
+        return ((self.response_ids == eos_id) & self.response_mask).any(1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, generator=None, **sampling) -> Rollout:
+    """Sample one response per prompt (one batch). `sampling`: temperature, top_k, top_p.
+
+    The defaults sample from the full distribution (temperature 1): what KL estimates
+    and preference data assume.
+    """
+    device = model.wte.weight.device
+    batch = collate_prompts([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
+    was_training = model.training
+    model.eval()
+    ids, mask = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                               generator=generator, **sampling)
+    model.train(was_training)
+    return Rollout(batch["input_ids"], batch["attention_mask"], ids, mask)
+
+
+def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                 seed: int = 0, **sampling) -> list[str]:
+    """Response texts for many prompts, sampled in batches with a seeded generator."""
+    device = model.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        rollout = sample(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, generator, **sampling)
+        texts.extend(rollout.response_texts(tokenizer))
+    return texts
+
+
+def response_logprobs(model, rollout: Rollout, return_entropy: bool = False) -> ops.SequenceLogprobs:
+    """log pi(response token | everything before it), [B, N] (0 off the response mask).
+
+    One forward pass over prompt + response; position P-1+j predicts response token j.
+    Labels are laid out along the full sequence so the logits stay contiguous.
+    """
+    B, P = rollout.prompt_ids.shape
+    N = rollout.response_ids.shape[1]
+    logits, _ = model(rollout.sequences, rollout.attention_mask)  # (B, P+N, Vp)
+    labels = torch.full((B, P + N), IGNORE_INDEX, dtype=torch.long, device=logits.device)
+    labels[:, P - 1 : P + N - 1] = rollout.response_ids
+    mask = torch.zeros(B, P + N, dtype=torch.bool, device=logits.device)
+    mask[:, P - 1 : P + N - 1] = rollout.response_mask
+    out = ops.sequence_logprobs(logits, labels, mask, return_entropy)
+    entropy = None if out.entropy is None else out.entropy[:, P - 1 : P + N - 1]
+    return ops.SequenceLogprobs(out.token_logps[:, P - 1 : P + N - 1], out.sum_logps, out.mean_logps, entropy)

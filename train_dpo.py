@@ -1,0 +1,194 @@
+"""Direct Preference Optimisation: align the SFT policy to preference pairs, no reward model.
+
+With no arguments it works on the built-in task end to end: it trains the SFT policy
+if out/sft holds none, samples and judges preference pairs if out/pairs holds none,
+runs DPO (the reference log-probs are computed once, before training), then evaluates
+the policy against SFT on held-out prompts with the gold judge: mean gold reward, win
+rate, sequence KL to the reference and response length, printed as a table and
+written to out/dpo/eval.json.
+
+    python train_dpo.py
+    python train_dpo.py --beta 0.5 --loss-type ipo
+    python train_dpo.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2 --max-length 256
+"""
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minalign import data, distributed, ops, task
+from minalign.checkpoint import save_checkpoint
+from minalign.cli import parse_args
+from minalign.dpo import pair_logps, reference_logps
+from minalign.evaluate import evaluate_policy, format_table, write_eval
+from minalign.logger import MetricsLogger, Progress
+from minalign.optim import cosine_lr, make_optimizer, set_lr
+from train_rm import prepare_pairs
+
+
+@dataclass
+class Args:
+    """Train a policy with DPO on preference pairs (the built-in task by default)."""
+
+    data: str | None = None
+    """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
+    {"chosen","rejected"}. None: the built-in task's pairs, made by the SFT policy."""
+    tokenizer: str = "builtin"
+    """Tokenizer: "builtin" or "gpt2"."""
+    out_dir: str | None = None
+    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/dpo, or out/dpo-<data name>)."""
+    sft_dir: str | None = None
+    """SFT checkpoint folder: the initial policy and the reference (trained there if absent)."""
+    pairs_dir: str = "out/pairs"
+    """Built-in task: where the generated pairs are cached."""
+    label_temperature: float | None = None
+    """Built-in task: None ranks pairs by gold score; t > 0 draws Bradley-Terry labels."""
+    n_train_prompts: int = 1000
+    """Built-in task: training prompts (4 samples each, up to 6 pairs)."""
+    n_test_prompts: int = 200
+    """Built-in task: held-out prompts for evaluation."""
+    test_fraction: float = 0.1
+    """--data: share of pairs held out for evaluation."""
+    max_length: int = 64
+    """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint: small beta lets the policy move further."""
+    loss_type: str = "sigmoid"
+    """"sigmoid" (DPO), "ipo" (on length-normalised log-probs), "hinge" (SLiC) or "robust"."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped labels, for "sigmoid" (conservative DPO) and "robust"."""
+    batch_size: int = 32
+    """Pairs per optimizer step, summed over processes."""
+    epochs: float = 1.0
+    """Passes over the training pairs."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    log_interval: int = 10
+    """Steps between progress lines."""
+    eval_max_new_tokens: int = 48
+    """Built-in task: longest sampled response in the evaluation."""
+    seed: int = 1337
+    """Random seed."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+
+def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
+    """TRL's DPO metric names, from a dpo_loss result and the pairs' log-probs."""
+    return {
+        f"{prefix}loss": out.losses.mean().item(),
+        f"{prefix}rewards/chosen": out.chosen_rewards.mean().item(),
+        f"{prefix}rewards/rejected": out.rejected_rewards.mean().item(),
+        f"{prefix}rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        f"{prefix}rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        f"{prefix}logps/chosen": chosen.sum_logps.mean().item(),
+        f"{prefix}logps/rejected": rejected.sum_logps.mean().item(),
+    }
+
+
+def pair_loss(model, batch, ref, args):
+    """DPO-family loss of a pair batch given the reference log-probs `ref` [B, 4]."""
+    chosen, rejected = pair_logps(model, batch)
+    if args.loss_type == "ipo":  # IPO works on length-normalised log-probs
+        policy, reference = (chosen.mean_logps, rejected.mean_logps), (ref[:, 2], ref[:, 3])
+    else:
+        policy, reference = (chosen.sum_logps, rejected.sum_logps), (ref[:, 0], ref[:, 1])
+    out = ops.dpo_loss(*policy, *reference, args.beta, args.loss_type, args.label_smoothing)
+    return out, chosen, rejected
+
+
+@torch.no_grad()
+def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> dict:
+    model.eval()
+    rows = []
+    for start in range(0, len(pairs), batch_size):
+        batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
+        out, chosen, rejected = pair_loss(model, batch, ref[start : start + batch_size].to(device), args)
+        rows.append((len(batch["chosen_input_ids"]), dpo_metrics(out, chosen, rejected, "eval/")))
+    model.train()
+    n = sum(k for k, _ in rows)
+    return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    torch.manual_seed(args.seed)
+    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "dpo")
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
+    test_pairs, _ = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    if dist.is_main:
+        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test; {stats}")
+
+    # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
+    # from it, so compute them once and keep only the policy in memory while training.
+    t_ref = time.time()
+    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id)  # (n, 4)
+    ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id)
+    reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
+    if dist.is_main:
+        print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t_ref:.1f}s")
+
+    optimizer = make_optimizer(policy, args.lr, weight_decay=0.0, device=dist.device)
+    train_model = DDP(policy) if dist.enabled else policy
+    batches = data.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
+                           world_size=dist.world_size)
+    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
+    progress = Progress(total_steps, enabled=dist.is_main)
+    if dist.is_main:
+        print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs")
+
+    t0 = time.time()
+    for step in range(1, total_steps + 1):
+        lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
+        set_lr(optimizer, lr)
+        idx = batches.indices(step - 1)
+        batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
+        out, chosen, rejected = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args)
+        loss = out.losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        if step % args.log_interval == 0 or step == total_steps:
+            lengths = (batch["chosen_labels"] != -100).sum(1).float().mean().item()
+            metrics = {**dpo_metrics(out, chosen, rejected), "response_length": lengths,
+                       "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0)}
+            logger.log(step, **metrics)
+            progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
+                           margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
+    train_seconds = time.time() - t0
+
+    if dist.is_main:
+        results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
+        results["train_seconds"] = train_seconds
+        print("held-out pairs: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items() if k.startswith("eval/")))
+        if args.data is None:  # the gold judge: better reviews than SFT, at what KL?
+            prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
+            gold = evaluate_policy(policy, reference.to(dist.device), tokenizer, prompts, args.eval_max_new_tokens,
+                                   seed=args.seed)
+            results.update({k: v for k, v in gold.items()})
+            print(format_table("DPO", gold))
+            for s in gold["samples"][:3]:
+                print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
+                      f"\n    DPO ({s['gold']:+.2f}): {s['response']!r}")
+        logger.log(total_steps, **{k: v for k, v in results.items() if k != "samples"})
+        print(f"wrote {write_eval(args.out_dir, results)}")
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+            "step": total_steps, "tokenizer": tokenizer.name})
+    distributed.cleanup(dist)
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

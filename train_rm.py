@@ -1,0 +1,243 @@
+"""Reward modelling: learn a scalar score from preference pairs (the first stage of RLHF).
+
+With no arguments it works on the built-in task end to end: it trains the SFT policy
+if out/sft holds none, samples and judges preference pairs if out/pairs holds none,
+then trains the reward model (a copy of the SFT trunk plus a scalar head) with the
+Bradley-Terry loss, normalises its scores, and reports held-out accuracy and the
+correlation of its scores with the gold judge.
+
+    python train_rm.py
+    python train_rm.py --label-temperature 0.2     # noisy, annotator-like labels
+    python train_rm.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train_sft
+from minalign import data, distributed, task
+from minalign.checkpoint import load_model, save_checkpoint
+from minalign.cli import parse_args
+from minalign.logger import MetricsLogger, Progress
+from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, write_jsonl
+from minalign.reward import RewardModel, bradley_terry_loss
+from minalign.rollout import sample_texts
+from minalign.tokenizer import get_tokenizer
+
+
+@dataclass
+class Args:
+    """Train a reward model on preference pairs (the built-in task by default)."""
+
+    data: str | None = None
+    """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
+    {"chosen","rejected"}. None: the built-in task's pairs, made by the SFT policy."""
+    tokenizer: str = "builtin"
+    """Tokenizer: "builtin" or "gpt2"."""
+    out_dir: str | None = None
+    """Where ckpt.pt and metrics.jsonl go (default out/rm, or out/rm-<data name>)."""
+    sft_dir: str | None = None
+    """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
+    SFT on the chosen responses of the training pairs)."""
+    pairs_dir: str = "out/pairs"
+    """Built-in task: where the generated pairs are cached (a subfolder per labelling)."""
+    label_temperature: float | None = None
+    """Built-in task: None ranks pairs by gold score; t > 0 draws Bradley-Terry labels
+    with p = sigmoid(delta gold / t) (noisy, like annotators)."""
+    n_train_prompts: int = 1000
+    """Built-in task: training prompts (4 samples each, up to 6 pairs)."""
+    n_test_prompts: int = 200
+    """Built-in task: held-out prompts for evaluation."""
+    test_fraction: float = 0.1
+    """--data: share of pairs held out for evaluation."""
+    max_length: int = 64
+    """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
+    batch_size: int = 32
+    """Pairs per optimizer step, summed over processes."""
+    epochs: float = 2.0
+    """Passes over the training pairs."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    margin: float = 0.0
+    """Built-in task: demand a score gap of margin * (gold gap) (Llama 2's margin loss); 0 is plain Bradley-Terry."""
+    center_coef: float = 0.0
+    """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
+    log_interval: int = 10
+    """Steps between progress lines."""
+    seed: int = 1337
+    """Random seed."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+
+def pair_scores(model, batch):
+    """Scores of the chosen and rejected sequences of a pair batch, in one forward pass."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
+    scores = model(input_ids, mask)  # (2B,)
+    return scores.chunk(2)
+
+
+@torch.no_grad()
+def accuracy(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
+    """Share of pairs scored the right way round, and the mean score margin."""
+    model.eval()
+    right, margin = 0.0, 0.0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
+        right += (chosen > rejected).float().sum().item()
+        margin += (chosen - rejected).sum().item()
+    model.train()
+    return right / len(pairs), margin / len(pairs)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> torch.Tensor:
+    """Reward-model scores of whole texts (EOS appended, truncated to max_length from the left)."""
+    model.eval()
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        ids = [(tokenizer.encode(t) + [tokenizer.eos_id])[-max_length:] for t in texts[start : start + batch_size]]
+        batch = data.collate([data.Example(x, len(x)) for x in ids], tokenizer.pad_id, device)
+        scores.append(model(batch["input_ids"], batch["attention_mask"]))
+    model.train()
+    return torch.cat(scores).cpu()
+
+
+def prepare_pairs(args, dist, name: str):
+    """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
+
+    Shared by train_rm.py and train_dpo.py (`name`: "rm" or "dpo", for default folders)."""
+    tokenizer = get_tokenizer(args.tokenizer)
+    builtin = args.data is None
+    stem = "" if builtin else "-" + Path(args.data).name.split(".")[0]
+    args.out_dir = args.out_dir or f"out/{name}{stem}"
+    args.sft_dir = args.sft_dir or f"out/sft{stem}"
+    if builtin:
+        sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+        policy, ckpt = load_model(sft_path, dist.device)
+        check_tokenizer(ckpt, tokenizer, sft_path)
+        labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
+        train_pairs, test_pairs = builtin_pairs(
+            Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
+            args.label_temperature, args.max_length - 8, args.seed, dist.is_main, lambda: distributed.barrier(dist))
+        return policy, tokenizer, train_pairs, test_pairs
+    pairs, stats = data.load_pairs(args.data)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_test = max(1, int(len(pairs) * args.test_fraction))
+    test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
+    if dist.is_main:
+        print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
+    sft_file = Path(args.sft_dir) / "sft_data.jsonl"
+    if dist.is_main and not (Path(args.sft_dir) / "ckpt.pt").exists():  # SFT on the preferred responses
+        write_jsonl(sft_file, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs])
+    distributed.barrier(dist)
+    sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
+                                block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
+                                device=args.device)
+    policy, ckpt = load_model(sft_path, dist.device)
+    check_tokenizer(ckpt, tokenizer, sft_path)
+    return policy, tokenizer, train_pairs, test_pairs
+
+
+def check_tokenizer(ckpt, tokenizer, path):
+    if ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
+        raise ValueError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
+                         f"pass --tokenizer {ckpt['tokenizer']} or another --sft-dir")
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    torch.manual_seed(args.seed)
+    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "rm")
+    if args.batch_size % dist.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
+    test_pairs, _ = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    # gold-score gaps, for the optional margin (built-in task only)
+    gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in train_raw])
+    if dist.is_main:
+        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test; {stats}")
+
+    model = RewardModel.from_policy(policy).to(dist.device)
+    del policy
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
+    train_model = DDP(model) if dist.enabled else model
+    batches = data.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
+                           world_size=dist.world_size)
+    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
+    progress = Progress(total_steps, enabled=dist.is_main)
+    if dist.is_main:
+        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs")
+
+    t0 = time.time()
+    for step in range(1, total_steps + 1):
+        lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
+        set_lr(optimizer, lr)
+        idx = batches.indices(step - 1)
+        batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
+        chosen, rejected = pair_scores(train_model, batch)
+        margin = args.margin * gold_gap[idx].to(dist.device) if args.margin else None
+        loss = bradley_terry_loss(chosen, rejected, margin, args.center_coef).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        optimizer.step()
+        if step % args.log_interval == 0 or step == total_steps:
+            scores = torch.cat([chosen, rejected]).detach()
+            metrics = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
+                       "margin": (chosen - rejected).mean().item(), "mean_reward": scores.mean().item(),
+                       "min_reward": scores.min().item(), "max_reward": scores.max().item(), "lr": lr}
+            logger.log(step, **metrics)
+            progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
+
+    if dist.is_main:
+        results = finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist)
+        results["train_seconds"] = time.time() - t0
+        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+            "kind": "reward", "model": model.state_dict(), "model_config": asdict(model.config),
+            "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
+        print(f"saved {args.out_dir}/ckpt.pt")
+    distributed.cleanup(dist)
+
+
+def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dict:
+    """Held-out accuracy; score normalisation; on the built-in task, agreement with the gold judge."""
+    results = {}
+    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, dist.device)
+    if args.data is None and args.label_temperature is not None:
+        results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
+        results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
+    # Normalise over SFT samples: the pairs' responses are exactly that on the built-in task
+    # (and the human-written responses on real data).
+    texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
+    raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
+    model.fit_normalisation(raw)
+    if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
+        policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
+        prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
+        responses = sample_texts(policy, tokenizer, prompts, args.max_length - 8, seed=args.seed + 7)
+        texts = [p + r for p, r in zip(prompts, responses)]
+        rm = score_texts(model, tokenizer, texts, args.max_length, dist.device)
+        gold = torch.tensor(task.gold_reward(texts))
+        results["gold_correlation"] = torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
+    for k, v in results.items():
+        print(f"{k}: {v:.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

@@ -81,7 +81,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
     if not sources:
         return [], {}
     if cuda:
@@ -90,7 +90,7 @@ def extensions():
             "minalign._C",
             sources,
             include_dirs=nvidia_pip_includes(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             define_macros=[("MINALIGN_WITH_CUDA", None)],
         )
     else:

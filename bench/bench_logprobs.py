@@ -1,0 +1,164 @@
+"""Time and memory of log p(label) per row, forward + backward: minalign vs what users write instead.
+
+    python bench/bench_logprobs.py                         # CPU, float32, N=2048, V=50257
+    python bench/bench_logprobs.py --device cuda           # bfloat16, N=16384, V=50257 and 128256
+
+Each implementation maps logits [N, V] (a leaf that requires grad) and labels [N] to
+log-probs [N], then backpropagates a fixed upstream gradient. Reported: the median of
+--reps timed runs after a warm-up, the forward alone (no grad), and the peak memory
+above the inputs during forward + backward (the [N, V] gradient included, which every
+implementation must produce). CPU memory is the peak resident set size (VmHWM, reset
+through /proc/self/clear_refs) minus the size before; CUDA memory is
+torch.cuda.max_memory_allocated. The roofline is one read and one write of the logits
+at the copy bandwidth measured in the same run.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minalign import ops
+
+
+def log_softmax_gather(logits, labels):
+    return logits.float().log_softmax(-1).gather(-1, labels[:, None])[:, 0]
+
+
+def cross_entropy(logits, labels):
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
+@torch.compile
+def compiled_gather_minus_logsumexp(logits, labels):
+    logits = logits.float()
+    return logits.gather(-1, labels[:, None])[:, 0] - torch.logsumexp(logits, -1)
+
+
+IMPLEMENTATIONS = {
+    "minalign.ops.token_logprobs": ops.token_logprobs,
+    "log_softmax + gather": log_softmax_gather,
+    "F.cross_entropy(reduction='none')": cross_entropy,
+    "torch.compile(gather - logsumexp)": compiled_gather_minus_logsumexp,
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak bytes allocated above the level at entry (None where it cannot be measured)."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+                self.start = rss_bytes("VmRSS")
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        elif self.start is not None:
+            self.peak = rss_bytes("VmHWM") - self.start
+
+
+def forward_backward(fn, logits, labels, grad):
+    logits.grad = None
+    fn(logits, labels).backward(grad)
+
+
+def median_ms(fn, device, reps):
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def copy_bandwidth(x, reps):
+    """Bytes per second of x.copy_ (one read and one write of x)."""
+    y = torch.empty_like(x)
+    y.copy_(x)  # touch the pages first
+    ms = median_ms(lambda: y.copy_(x), x.device, reps)
+    return 2 * x.numel() * x.element_size() / (ms / 1e3)
+
+
+def run(device, dtype, N, V, reps):
+    torch.manual_seed(0)
+    logits = torch.randn(N, V, device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, V, (N,), device=device)
+    grad = torch.randn(N, device=device)
+    nbytes = N * V * logits.element_size()
+    bandwidth = copy_bandwidth(logits.detach(), reps)
+    roofline_ms = 1e3 * 2 * nbytes / bandwidth
+    print(f"\n{device.type} {str(dtype).replace('torch.', '')} N={N:,} V={V:,}: logits {nbytes / 2**20:,.0f} MiB, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, roofline (read + write the logits) {roofline_ms:.2f} ms, "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    for name, fn in IMPLEMENTATIONS.items():
+        try:
+            forward_backward(fn, logits, labels, grad)  # warm-up (and compilation)
+            with torch.no_grad():
+                fwd_ms = median_ms(lambda: fn(logits, labels), device, reps)
+            ms = median_ms(lambda: forward_backward(fn, logits, labels, grad), device, reps)
+            logits.grad = None
+            with PeakMemory(device) as mem:
+                forward_backward(fn, logits, labels, grad)
+            rows.append((name, fwd_ms, ms, mem.peak))
+        except Exception as error:  # e.g. out of memory: report it and go on
+            rows.append((name, float("nan"), float("nan"), None))
+            print(f"  {name} failed: {type(error).__name__}: {str(error)[:120]}")
+        logits.grad = None
+    ours = rows[0][2]
+    print(f"| implementation | forward ms | fwd+bwd ms | fwd+bwd vs minalign | roofline fraction | peak extra MiB |")
+    print(f"| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, fwd_ms, ms, peak in rows:
+        mem = "n/a" if peak is None else f"{peak / 2**20:,.0f}"
+        print(f"| {name} | {fwd_ms:.1f} | {ms:.1f} | {ms / ours:.2f}x | {roofline_ms / ms:.2f} | {mem} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--N", type=int, default=None, help="rows; default 2048 on cpu, 16384 on cuda")
+    parser.add_argument("--V", type=int, nargs="+", default=None, help="default 50257 on cpu, 50257 128256 on cuda")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs; default 5 on cpu, 20 on cuda")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    torch.set_num_threads(args.threads)
+    print(f"minalign extension: {ops.HAS_EXTENSION} (CUDA kernels: {ops.HAS_CUDA_KERNELS}), torch {torch.__version__}")
+    for V in args.V or ([50257, 128256] if cuda else [50257]):
+        run(device, dtype, args.N or (16384 if cuda else 2048), V, args.reps or (20 if cuda else 5))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+// token_logprobs on the CPU: log p(label) of each row of logits, the row's
+// log-sum-exp, optionally its entropy, and the gradient of those w.r.t. the logits.
+//
+// For one row x of V logits and its label y:
+//   lse    = log sum_j e^{x_j}
+//   logp_y = x_y - lse
+//   H      = -sum_j p_j log p_j,   p_j = e^{x_j - lse}   (0 log 0 = 0: -inf logits add 0)
+// Backward, with upstream gradients g (of logp_y) and gh (of H):
+//   d logp_y / dx_j = [j = y] - p_j
+//   d H / dx_j      = -p_j (log p_j + H)
+//   grad_j          = g [j = y] - p_j (g + gh (x_j - lse + H))
+// Rows whose label is ignore_index get logp 0, entropy 0 and a zero gradient.
+//
+// Never materialised: the [N, V] softmax or log-softmax. The forward reads each row
+// once, in blocks of kBlock floats that stay in L1 between two sweeps (the block's
+// max, then the sum of e^{x - M}); the backward reads each row once more, recomputes
+// p_j from the saved lse and writes the gradient. Extra memory: O(N).
+//
+// Online log-sum-exp: keep M (the max so far), s = sum e^{x_j - M} and, for the
+// entropy, t = sum e^{x_j - M} (x_j - M). When the max rises to M', the terms so far
+// are rescaled by c = e^{M - M'}: s' = c s and t' = c (t + s (M - M')). At the end
+//   lse = M + log s,   H = log s - t / s.
+// Accumulation is in float32; bfloat16 and float16 logits are widened block by block.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "cpu_simd.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace minalign {
+namespace {
+
+constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, stays in L1 between sweeps
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Running state of one row's online log-sum-exp: M, s and t above.
+struct RowState {
+  float max = kNegInf;
+  float sum = 0.f;
+  float xsum = 0.f;
+};
+
+// Folds n logits (one block of a row) into the row's state.
+MINALIGN_SIMD_CLONES
+void fold_block(const float* x, int64_t n, bool with_entropy, RowState& st) {
+  f32x16 block_max = splat(kNegInf);
+  for (int64_t i = 0; i < n; i += 16)
+    block_max = vmax(block_max, i + 16 <= n ? load16(x + i) : load16_partial(x + i, n - i, kNegInf));
+  const float new_max = hmax(block_max);  // ignores NaN, which surfaces in the sums below
+
+  if (new_max > st.max) {
+    if (st.sum != 0.f) {  // rescale the terms so far (also taken when sum is NaN)
+      const float c = std::exp(st.max - new_max);
+      st.xsum = c * (st.xsum + st.sum * (st.max - new_max));
+      st.sum *= c;
+    }
+    st.max = new_max;
+  }
+  const float m = st.max == kNegInf ? 0.f : st.max;  // only -inf so far: e^{-inf - 0} = 0
+
+  f32x16 s = splat(0.f), t = splat(0.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    f32x16 v = i + 16 <= n ? load16(x + i) : load16_partial(x + i, n - i, kNegInf);
+    f32x16 d = v - m;  // <= 0
+    f32x16 e = exp16(d);
+    s += e;
+    if (with_entropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
+  }
+  st.sum += hsum(s);
+  st.xsum += hsum(t);
+}
+
+// Writes the gradient of n logits (one block of a row), without the [j = y] term.
+MINALIGN_SIMD_CLONES
+void grad_block(const float* x, int64_t n, float lse, float g, float gh, float entropy,
+                float* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    f32x16 v = i + 16 <= n ? load16(x + i) : load16_partial(x + i, n - i, kNegInf);
+    f32x16 d = v - lse;  // log p
+    f32x16 p = exp16(d);
+    f32x16 grad = gh == 0.f ? -g * p : select(p == 0.f, splat(0.f), -p * (g + gh * (d + entropy)));
+    if (i + 16 <= n) store16(out + i, grad);
+    else store16_partial(out + i, n - i, grad);
+  }
+}
+
+// A block of logits as floats: the data itself for float32, else widened into buf.
+const float* as_float(const float* src, int64_t, float*) { return src; }
+template <typename T>
+const float* as_float(const T* src, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+
+// The gradient is N * V floats of fresh memory. With 4 KiB pages, writing it takes
+// a page fault per 4 KiB (100,000 of them for N = 2,048, V = 50,257), which costs
+// more than the arithmetic; ask Linux for 2 MiB pages instead. A hint, ignored where
+// transparent huge pages are off; PyTorch does the same for all its allocations
+// when THP_MEM_ALLOC_ENABLE=1 is set.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin + 4 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
+int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / V); }
+
+template <typename T>
+void forward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
+                  bool with_entropy, float* logprobs, float* lse, float* entropy) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const T* x = logits.const_data_ptr<T>();
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    float buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * V;  // int64 offset: N * V may exceed 2^31
+      RowState st;
+      for (int64_t j = 0; j < V; j += kBlock) {
+        const int64_t n = std::min(kBlock, V - j);
+        fold_block(as_float(row + j, n, buf), n, with_entropy, st);
+      }
+      const float log_sum = std::log(st.sum);
+      lse[r] = st.max + log_sum;
+      const bool ignored = labels[r] == ignore_index;
+      logprobs[r] = ignored ? 0.f : static_cast<float>(row[labels[r]]) - lse[r];
+      if (with_entropy) entropy[r] = ignored ? 0.f : log_sum - st.xsum / st.sum;
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
+                   const float* grad_logprobs, const float* grad_entropy, const float* lse,
+                   const float* entropy, at::Tensor& grad_logits) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const T* x = logits.const_data_ptr<T>();
+  T* out = grad_logits.mutable_data_ptr<T>();
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    float buf[kBlock], grad_buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      const T* row = x + r * V;
+      T* out_row = out + r * V;
+      const int64_t y = labels[r];
+      if (y == ignore_index) {
+        std::fill(out_row, out_row + V, T(0));
+        continue;
+      }
+      const float g = grad_logprobs[r];
+      const float gh = grad_entropy ? grad_entropy[r] : 0.f;
+      const float h = grad_entropy ? entropy[r] : 0.f;
+      for (int64_t j = 0; j < V; j += kBlock) {
+        const int64_t n = std::min(kBlock, V - j);
+        float* o = std::is_same_v<T, float> ? reinterpret_cast<float*>(out_row + j) : grad_buf;
+        grad_block(as_float(row + j, n, buf), n, lse[r], g, gh, h, o);
+        if (j <= y && y < j + n) o[y - j] += g;
+        if constexpr (!std::is_same_v<T, float>)
+          for (int64_t i = 0; i < n; ++i) out_row[j + i] = static_cast<T>(o[i]);
+      }
+    }
+  });
+}
+
+// Calls f(T{}) with T the C++ type of the logits' dtype.
+template <typename F>
+void dispatch_logits(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, "minalign.token_logprobs: logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "minalign.token_logprobs: logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
+              "minalign.token_logprobs: labels must be 1-D [N] with N = logits.size(0) = ", logits.size(0),
+              ", got shape ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "minalign.token_logprobs: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(),
+              "minalign.token_logprobs: logits and labels must be on the same device, got ", logits.device(),
+              " and ", labels.device());
+  TORCH_CHECK(logits.size(0) > 0, "minalign.token_logprobs: empty batch (logits has 0 rows)");
+  TORCH_CHECK(logits.size(1) > 0, "minalign.token_logprobs: empty vocabulary (logits has 0 columns)");
+  TORCH_CHECK(logits.is_contiguous(), "minalign.token_logprobs: logits must be contiguous (call .contiguous())");
+  TORCH_CHECK(labels.is_contiguous(), "minalign.token_logprobs: labels must be contiguous (call .contiguous())");
+  const int64_t V = logits.size(1);
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < labels.size(0); ++r)
+    TORCH_CHECK(y[r] == ignore_index || (0 <= y[r] && y[r] < V), "minalign.token_logprobs: labels[", r, "] = ", y[r],
+                " is out of range: labels must be in [0, ", V, ") or equal ignore_index = ", ignore_index);
+}
+
+void check_row_vector(const at::Tensor& t, const char* name, int64_t N) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "minalign.token_logprobs_backward: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "minalign.token_logprobs_backward: ", name, " must have shape [", N, "], got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "minalign.token_logprobs_backward: ", name, " must be on the CPU like the logits, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "minalign.token_logprobs_backward: ", name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                                  int64_t ignore_index, bool with_entropy) {
+  check_inputs(logits, labels, ignore_index);
+  const int64_t N = logits.size(0);
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({N}, opts), lse = at::empty({N}, opts);
+  at::Tensor entropy = at::empty({with_entropy ? N : 0}, opts);
+  dispatch_logits(logits.scalar_type(), [&](auto t) {
+    forward_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index, with_entropy,
+                              logprobs.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
+                              with_entropy ? entropy.mutable_data_ptr<float>() : nullptr);
+  });
+  return {logprobs, lse, entropy};
+}
+
+at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                       const std::optional<at::Tensor>& entropy, int64_t ignore_index) {
+  check_inputs(logits, labels, ignore_index);
+  const int64_t N = logits.size(0);
+  check_row_vector(grad_logprobs, "grad_logprobs", N);
+  check_row_vector(lse, "lse", N);
+  const bool with_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  if (with_entropy) {
+    TORCH_CHECK(entropy.has_value() && entropy->defined(),
+                "minalign.token_logprobs_backward: grad_entropy was given without the saved entropy");
+    check_row_vector(*grad_entropy, "grad_entropy", N);
+    check_row_vector(*entropy, "entropy", N);
+  }
+  at::Tensor grad_logits = at::empty_like(logits);
+  advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
+  dispatch_logits(logits.scalar_type(), [&](auto t) {
+    backward_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index,
+                               grad_logprobs.const_data_ptr<float>(),
+                               with_entropy ? grad_entropy->const_data_ptr<float>() : nullptr,
+                               lse.const_data_ptr<float>(), with_entropy ? entropy->const_data_ptr<float>() : nullptr,
+                               grad_logits);
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minalign, CPU, m) {
+  m.impl("token_logprobs", &token_logprobs_cpu);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+}
+
+}  // namespace minalign

@@ -1,0 +1,298 @@
+"""minalign's fused operators: the one public entry point.
+
+    token_logprobs     log p(label) per row of [..., V] logits (and the entropy), never
+                       forming the [..., V] softmax
+    sequence_logprobs  per-token, summed and mean log-probs of [B, T] labels
+    dpo_loss           DPO, IPO, SLiC-hinge and robust-DPO losses per pair
+    ppo_policy_loss    PPO's clipped surrogate, clip fraction and approximate KL
+    ppo_value_loss     PPO's clipped value loss and its clip fraction
+    gae                generalised advantage estimation over right-padded [B, T]
+
+Each op runs the C++ (CPU) or CUDA kernel of `minalign._C` when the extension is
+built, and otherwise the plain PyTorch version in `minalign.reference`, which is the
+specification (with one warning). Importing `minalign._C` registers the kernels as
+torch.ops.minalign.*; this file adds their fake (shape-only) versions and their
+autograd, so they also work under torch.compile.
+"""
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from minalign import reference
+from minalign.reference import GAE, DPOLoss, PolicyLoss, SequenceLogprobs, ValueLoss
+
+try:
+    from minalign import _C
+except ImportError as error:  # not built, or built against another torch
+    _C, _IMPORT_ERROR = None, error
+
+HAS_EXTENSION = _C is not None
+HAS_CUDA_KERNELS = HAS_EXTENSION and bool(_C.WITH_CUDA)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # their index is the kernels' loss_type
+IGNORE_INDEX = -100
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned = False
+
+
+def _use_kernel(t: Tensor) -> bool:
+    """True when a compiled kernel handles t's device; otherwise warn (once) and use the reference."""
+    global _warned
+    if t.device.type == "cpu" and HAS_EXTENSION or t.device.type == "cuda" and HAS_CUDA_KERNELS:
+        return True
+    if not _warned:
+        _warned = True
+        why = f"the extension minalign._C is not built ({_IMPORT_ERROR})" if not HAS_EXTENSION else (
+            f"minalign._C has no kernels for {t.device.type} tensors")
+        warnings.warn(f"minalign.ops: {why}; using the slower PyTorch reference", stacklevel=3)
+    return False
+
+
+def _check_floats(op: str, shape: tuple | None = None, **tensors: Tensor) -> None:
+    """One shape and one device for all, of rank len(shape) when given, non-empty; floats but the mask."""
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if name != "mask" and not t.is_floating_point():  # a mask may be bool, int or float
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+    if shape is not None and first.dim() != len(shape):
+        raise ValueError(f"{op}: expected {first_name} of shape {list(shape)}, got {tuple(first.shape)}")
+    if first.numel() == 0:
+        raise ValueError(f"{op}: empty batch ({first_name} has shape {tuple(first.shape)})")
+
+
+# ---------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, return_entropy: bool = False):
+    """log p(label) for every row of logits, float32 [...]; with return_entropy, (logp, entropy).
+
+        logp = x_y - log sum_j exp(x_j)   (0 where labels == ignore_index)
+        H    = -sum_j p_j log p_j         (0 where ignored)
+
+    logits [..., V] contiguous float32, bfloat16 or float16 (-inf allowed: probability 0);
+    labels [...] int64 in [0, V) or == ignore_index. Differentiable w.r.t. logits; the
+    kernels keep O(N) extra memory where log_softmax + gather keeps [N, V].
+    """
+    if not isinstance(logits, Tensor) or logits.dtype not in _LOGITS_DTYPES:
+        raise TypeError(f"token_logprobs: logits must be a float32, bfloat16 or float16 tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        raise TypeError(f"token_logprobs: labels must be an int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if logits.dim() == 0 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"token_logprobs: labels must have shape logits.shape[:-1]; got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"token_logprobs: labels are on {labels.device} but logits on {logits.device}")
+    if labels.numel() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"token_logprobs: empty batch (logits has shape {tuple(logits.shape)})")
+    if not logits.is_contiguous():
+        raise ValueError("token_logprobs: logits must be contiguous (a silent copy would double their memory); call .contiguous()")
+    if not _use_kernel(logits):
+        return reference.token_logprobs(logits, labels, ignore_index, return_entropy)
+    V = logits.shape[-1]
+    logprobs, _, entropy = torch.ops.minalign.token_logprobs(logits.view(-1, V), labels.reshape(-1), ignore_index, return_entropy)
+    shape = logits.shape[:-1]
+    return (logprobs.view(shape), entropy.view(shape)) if return_entropy else logprobs.view(shape)
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False) -> SequenceLogprobs:
+    """Per-token [B, T], summed [B] and length-normalised [B] log-probs of labels (and entropy [B, T]).
+
+    logits [B, T, V]; labels [B, T] aligned with them (labels[b, t] is the token that
+    logits[b, t] predicts); mask [B, T], 1 for the tokens that count (labels under a 0
+    may hold anything). See reference.sequence_logprobs for the formulas.
+    """
+    if not (isinstance(logits, Tensor) and logits.dim() == 3):
+        raise ValueError(f"sequence_logprobs: logits must be [B, T, V], got shape {tuple(getattr(logits, 'shape', ()))}")
+    if not isinstance(mask, Tensor) or mask.shape != logits.shape[:2]:
+        raise ValueError(f"sequence_logprobs: mask must have shape {tuple(logits.shape[:2])}, got {tuple(getattr(mask, 'shape', ()))}")
+    mask = mask.to(device=logits.device, dtype=torch.float32)
+    labels = labels.masked_fill(mask == 0, IGNORE_INDEX)  # [B, T]
+    out = token_logprobs(logits, labels, IGNORE_INDEX, return_entropy)
+    token_logps, entropy = out if return_entropy else (out, None)
+    sum_logps = token_logps.sum(-1)  # [B]
+    return SequenceLogprobs(token_logps, sum_logps, sum_logps / mask.sum(-1).clamp(min=1), entropy)
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOLoss:
+    """Per-pair losses [B] and detached rewards [B]: sigmoid (DPO), ipo, hinge (SLiC) or robust.
+
+    See reference.dpo_loss for the formulas and papers. For "ipo" pass length-normalised
+    (mean) log-probs; label_smoothing (in [0, 0.5)) applies to "sigmoid" and "robust".
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type in ("ipo", "hinge"):
+        raise ValueError(f"dpo_loss: label_smoothing applies to 'sigmoid' and 'robust' only, not {loss_type!r}")
+    logps = dict(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _check_floats("dpo_loss", ("B",), **logps)
+    if not _use_kernel(policy_chosen_logps):
+        return reference.dpo_loss(*logps.values(), beta, loss_type, label_smoothing)
+    pc, pr, rc, rr = (t.float().contiguous() for t in logps.values())
+    losses, chosen, rejected = torch.ops.minalign.dpo_loss(
+        pc, pr, rc.detach(), rr.detach(), float(beta), DPO_LOSS_TYPES.index(loss_type), float(label_smoothing))
+    return DPOLoss(losses, chosen.detach(), rejected.detach())
+
+
+def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    clip_eps: float = 0.2) -> PolicyLoss:
+    """PPO clipped-surrogate loss (0-dim), clip fraction and approx KL over [B, T]; gradient w.r.t. logprobs.
+
+    See reference.ppo_policy_loss for the formulas.
+    """
+    _check_floats("ppo_policy_loss", ("B", "T"), logprobs=logprobs, old_logprobs=old_logprobs,
+                  advantages=advantages, mask=mask)
+    if not clip_eps >= 0:
+        raise ValueError(f"ppo_policy_loss: clip_eps must be >= 0, got {clip_eps}")
+    if not _use_kernel(logprobs):
+        return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    loss, clipfrac, approx_kl = torch.ops.minalign.ppo_policy_loss(
+        logprobs.float().contiguous(), old_logprobs.detach().float().contiguous(),
+        advantages.detach().float().contiguous(), mask.float().contiguous(), float(clip_eps))
+    return PolicyLoss(loss, clipfrac.detach(), approx_kl.detach())
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2) -> ValueLoss:
+    """PPO clipped value loss (0-dim) and value clip fraction over [B, T]; gradient w.r.t. values.
+
+    See reference.ppo_value_loss for the formulas.
+    """
+    _check_floats("ppo_value_loss", ("B", "T"), values=values, old_values=old_values, returns=returns, mask=mask)
+    if not clip >= 0:
+        raise ValueError(f"ppo_value_loss: clip must be >= 0, got {clip}")
+    if not _use_kernel(values):
+        return reference.ppo_value_loss(values, old_values, returns, mask, clip)
+    loss, clipfrac = torch.ops.minalign.ppo_value_loss(
+        values.float().contiguous(), old_values.detach().float().contiguous(),
+        returns.detach().float().contiguous(), mask.float().contiguous(), float(clip))
+    return ValueLoss(loss, clipfrac.detach())
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> GAE:
+    """Advantages and returns [B, T] for right-padded rollouts; no gradient.
+
+    See reference.gae for the recursion; positions where mask is 0 get 0.
+    """
+    _check_floats("gae", ("B", "T"), rewards=rewards, values=values, mask=mask)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gae: gamma and lam must be in [0, 1], got {gamma} and {lam}")
+    if not _use_kernel(rewards):
+        return reference.gae(rewards, values, mask, gamma, lam)
+    advantages, returns = torch.ops.minalign.gae(
+        rewards.detach().float().contiguous(), values.detach().float().contiguous(),
+        mask.detach().float().contiguous(), float(gamma), float(lam))
+    return GAE(advantages, returns)
+
+
+# ---------------------------------------------------------------------- fake kernels and autograd
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("minalign::token_logprobs")
+    def _(logits, labels, ignore_index, with_entropy):
+        n = logits.shape[0]
+        return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+                logits.new_empty(n if with_entropy else 0, dtype=torch.float32))
+
+    @torch.library.register_fake("minalign::token_logprobs_backward")
+    def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index):
+        return torch.empty_like(logits)
+
+    def _token_logprobs_setup(ctx, inputs, output):
+        logits, labels, ctx.ignore_index, ctx.with_entropy = inputs
+        _, lse, entropy = output
+        ctx.save_for_backward(logits, labels, lse, entropy)
+
+    def _token_logprobs_backward(ctx, grad_logprobs, grad_lse, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors  # lse is internal: its gradient is never used
+        if not ctx.with_entropy:
+            grad_entropy = entropy = None
+        grad = torch.ops.minalign.token_logprobs_backward(
+            grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+            logits, labels, lse, entropy, ctx.ignore_index)
+        return grad, None, None, None
+
+    torch.library.register_autograd(
+        "minalign::token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup)
+
+    @torch.library.register_fake("minalign::dpo_loss")
+    def _(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+          label_smoothing):
+        return tuple(torch.empty_like(policy_chosen_logps) for _ in range(3))
+
+    @torch.library.register_fake("minalign::dpo_loss_backward")
+    def _(grad_losses, policy_chosen_logps, *args):
+        return torch.empty_like(policy_chosen_logps), torch.empty_like(policy_chosen_logps)
+
+    def _dpo_setup(ctx, inputs, output):
+        *logps, ctx.beta, ctx.loss_type, ctx.label_smoothing = inputs
+        ctx.save_for_backward(*logps)
+
+    def _dpo_backward(ctx, grad_losses, grad_chosen_rewards, grad_rejected_rewards):
+        grad_chosen, grad_rejected = torch.ops.minalign.dpo_loss_backward(
+            grad_losses.contiguous(), *ctx.saved_tensors, ctx.beta, ctx.loss_type, ctx.label_smoothing)
+        return grad_chosen, grad_rejected, None, None, None, None, None
+
+    torch.library.register_autograd("minalign::dpo_loss", _dpo_backward, setup_context=_dpo_setup)
+
+    @torch.library.register_fake("minalign::ppo_policy_loss")
+    def _(logprobs, old_logprobs, advantages, mask, clip_eps):
+        return tuple(logprobs.new_empty(()) for _ in range(3))
+
+    @torch.library.register_fake("minalign::ppo_policy_loss_backward")
+    def _(grad_loss, logprobs, old_logprobs, advantages, mask, clip_eps):
+        return torch.empty_like(logprobs)
+
+    def _ppo_policy_setup(ctx, inputs, output):
+        *tensors, ctx.clip_eps = inputs
+        ctx.save_for_backward(*tensors)
+
+    def _ppo_policy_backward(ctx, grad_loss, grad_clipfrac, grad_approx_kl):
+        grad = torch.ops.minalign.ppo_policy_loss_backward(grad_loss, *ctx.saved_tensors, ctx.clip_eps)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd(
+        "minalign::ppo_policy_loss", _ppo_policy_backward, setup_context=_ppo_policy_setup)
+
+    @torch.library.register_fake("minalign::ppo_value_loss")
+    def _(values, old_values, returns, mask, clip):
+        return values.new_empty(()), values.new_empty(())
+
+    @torch.library.register_fake("minalign::ppo_value_loss_backward")
+    def _(grad_loss, values, old_values, returns, mask, clip):
+        return torch.empty_like(values)
+
+    def _ppo_value_setup(ctx, inputs, output):
+        *tensors, ctx.clip = inputs
+        ctx.save_for_backward(*tensors)
+
+    def _ppo_value_backward(ctx, grad_loss, grad_clipfrac):
+        grad = torch.ops.minalign.ppo_value_loss_backward(grad_loss, *ctx.saved_tensors, ctx.clip)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd("minalign::ppo_value_loss", _ppo_value_backward, setup_context=_ppo_value_setup)
+
+    @torch.library.register_fake("minalign::gae")
+    def _(rewards, values, mask, gamma, lam):
+        return torch.empty_like(rewards), torch.empty_like(rewards)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU: build the CUDA extension, run the
+# CUDA tests, run them again under compute-sanitizer memcheck (0 errors expected),
+# and run the benchmarks on the GPU. Each step has a time limit so the whole check
+# stays within about 8 minutes; every step runs even if an earlier one failed, and
+# the script exits non-zero if any failed. Everything goes to the log.
+#
+#   scripts/gpu_check.sh                 # log in ${OUT:-out}/gpu_check.log
+#   PYTHON=/path/to/python scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+LOG_DIR=${OUT:-out}
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/gpu_check.log"
+: > "$LOG"
+FAILED=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo -e "\n=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+  [ "$rc" -eq 0 ] || FAILED+=("$name")
+}
+
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+CUDA_TESTS=(tests/test_ops_logprobs.py tests/test_ops_losses.py tests/test_ops_gae.py)
+
+step "gpu" 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step "build" 240 env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+  "$PYTHON" setup.py build_ext --inplace
+step "cuda tests" 120 "$PYTHON" -m pytest -q -k cuda "${CUDA_TESTS[@]}"
+# No caching allocator under memcheck, so that an overrun past a tensor is caught
+# instead of landing in a cached neighbour.
+step "memcheck" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+  "$PYTHON" -m pytest -q -x -k "cuda and not opcheck" "${CUDA_TESTS[@]}"
+step "bench logprobs" 150 "$PYTHON" bench/bench_logprobs.py --device cuda
+step "bench gae" 45 "$PYTHON" bench/bench_gae.py --device cuda
+
+echo -e "\nlog: $LOG" | tee -a "$LOG"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED: ${FAILED[*]}" | tee -a "$LOG"
+  exit 1
+fi
+echo "all steps passed" | tee -a "$LOG"

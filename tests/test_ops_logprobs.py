@@ -1,0 +1,206 @@
+"""token_logprobs and sequence_logprobs: the kernels against minalign.reference."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minalign import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS), reason="no CUDA device or no CUDA kernels"))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (values, gradients): both sides read the same rounded logits and accumulate in float32;
+# gradients in 16-bit types differ by the last bit of their rounding
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-4, 8e-3), torch.float16: (1e-4, 1e-3)}
+
+
+def make_inputs(shape, V, dtype, device, pad_cols=0, seed=0):
+    """Logits [*shape, V] (the last pad_cols columns -inf, like a padded vocabulary) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, V, generator=g)).to(dtype)
+    if pad_cols:
+        logits[..., V - pad_cols:] = float("-inf")
+    labels = torch.randint(0, V - pad_cols, shape, generator=g)
+    labels.view(-1)[::3] = -100  # some ignored rows
+    labels.view(-1)[-1] = V - pad_cols - 1  # the last real column
+    return logits.to(device), labels.to(device)
+
+
+def values_and_grads(fn, logits, labels, return_entropy, seed=1):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, labels, -100, return_entropy)
+    logprobs, entropy = out if return_entropy else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (torch.randn(logprobs.shape, generator=g).to(x.device) * logprobs).sum()
+    if return_entropy:
+        loss = loss + (torch.randn(entropy.shape, generator=g).to(x.device) * entropy).sum()
+    loss.backward()
+    return logprobs, entropy, x.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,V", [((5,), 1), ((4, 3), 3), ((7,), 127), ((2, 3), 1000), ((3,), 50257)])
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_token_logprobs_matches_reference(device, dtype, shape, V, return_entropy):
+    logits, labels = make_inputs(shape, V, dtype, device, pad_cols=V // 4)
+    ours = values_and_grads(ops.token_logprobs, logits, labels, return_entropy)
+    ref = values_and_grads(reference.token_logprobs, logits, labels, return_entropy)
+    atol, grad_atol = TOL[dtype]
+    assert ours[0].dtype == torch.float32 and ours[0].shape == shape
+    torch.testing.assert_close(ours[0], ref[0], atol=atol, rtol=1e-5)
+    if return_entropy:
+        torch.testing.assert_close(ours[1], ref[1], atol=atol, rtol=1e-5)
+    assert ours[2].dtype == dtype
+    torch.testing.assert_close(ours[2].float(), ref[2].float(), atol=grad_atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_vocabulary_columns_are_invisible(device):
+    # a model pads V = 50,257 to 50,304 with -inf columns: same log-probs and entropy as
+    # the unpadded logits, and a zero gradient on the padding
+    logits, labels = make_inputs((6,), 50304, torch.float32, device, pad_cols=47)
+    x = logits.clone().requires_grad_()
+    logprobs, entropy = ops.token_logprobs(x, labels, return_entropy=True)
+    (logprobs.sum() + entropy.sum()).backward()
+    exp_logprobs, exp_entropy = reference.token_logprobs(logits[:, :50257], labels, return_entropy=True)
+    torch.testing.assert_close(logprobs, exp_logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, exp_entropy, atol=2e-5, rtol=1e-5)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[:, 50257:] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate_like_the_reference(device):
+    logits, labels = make_inputs((4,), 300, torch.float32, device)
+    labels[:] = 5
+    logits[1, 17] = float("nan")
+    logits[2, 40] = float("inf")
+    logits[3] = float("-inf")  # nothing is possible in this row
+    ours = ops.token_logprobs(logits, labels, return_entropy=True)
+    ref = reference.token_logprobs(logits, labels, return_entropy=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, equal_nan=True)
+        assert torch.isfinite(a[0]) and a[1:].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_logits_are_stable(device):
+    logits, labels = make_inputs((8,), 1000, torch.float32, device)
+    logits = logits * 1e4  # exp would overflow without the max shift
+    ours = values_and_grads(ops.token_logprobs, logits, labels, True)
+    ref = values_and_grads(reference.token_logprobs, logits, labels, True)
+    for a, b in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
+
+
+def test_gradcheck():
+    # The kernels compute in float32, so gradcheck runs in float32 with a step and
+    # tolerances sized for it; the comparisons with the reference are the tight check.
+    logits, labels = make_inputs((4,), 7, torch.float32, "cpu", pad_cols=1)
+    labels[0] = -100
+
+    def f(x):
+        logprobs, entropy = ops.token_logprobs(x, labels, return_entropy=True)
+        return logprobs, entropy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not double precision"
+        assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(),), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(device, dtype):
+    logits, labels = make_inputs((5,), 33, dtype, device, pad_cols=2)
+    logits.requires_grad_()
+    for with_entropy in (False, True):
+        torch.library.opcheck(torch.ops.minalign.token_logprobs.default, (logits, labels, -100, with_entropy))
+    _, lse, entropy = torch.ops.minalign.token_logprobs(logits.detach(), labels, -100, True)
+    grad = torch.randn(5, device=device)
+    torch.library.opcheck(torch.ops.minalign.token_logprobs_backward.default,
+                          (grad, grad.clone(), logits.detach(), labels, lse, entropy, -100))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), V=st.integers(1, 3000), pad=st.integers(0, 50), seed=st.integers(0, 2**31 - 1),
+       ignore_index=st.sampled_from([-100, -1, 0]))
+def test_token_logprobs_property(n, V, pad, seed, ignore_index):
+    pad = min(pad, V - 1)
+    logits, labels = make_inputs((n,), V, torch.float32, "cpu", pad_cols=pad, seed=seed)
+    labels[labels == -100] = ignore_index
+    ours = ops.token_logprobs(logits, labels, ignore_index, return_entropy=True)
+    ref = reference.token_logprobs(logits, labels, ignore_index, return_entropy=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sequence_logprobs_matches_reference(device):
+    B, T, V = 3, 7, 300
+    logits, labels = make_inputs((B, T), V, torch.float32, device, pad_cols=20)
+    mask = torch.ones(B, T, device=device)
+    mask[0, 5:] = 0
+    mask[1, :2] = 0
+    mask[2] = 0  # an empty sequence: sum 0, mean 0
+    labels[mask == 0] = -100
+    x, xr = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = ops.sequence_logprobs(x, labels, mask, return_entropy=True)
+    ref = reference.sequence_logprobs(xr, labels, mask, return_entropy=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    assert (ours.token_logps[mask == 0] == 0).all() and ours.sum_logps[2] == 0 and ours.mean_logps[2] == 0
+    torch.testing.assert_close(ours.mean_logps[0], ours.token_logps[0, :5].mean())
+    (ours.sum_logps.sum() + ours.mean_logps.sum() + ours.entropy.sum()).backward()
+    (ref.sum_logps.sum() + ref.mean_logps.sum() + ref.entropy.sum()).backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=1e-4)
+    assert (x.grad[2] == 0).all()
+
+
+# ------------------------------------------------------------------ bad inputs
+
+def test_bad_inputs_raise_clear_errors():
+    logits, labels = make_inputs((4,), 10, torch.float32, "cpu")
+    cases = [
+        (TypeError, "float32, bfloat16 or float16", lambda: ops.token_logprobs(logits.double(), labels)),
+        (TypeError, "int64", lambda: ops.token_logprobs(logits, labels.int())),
+        (ValueError, "shape", lambda: ops.token_logprobs(logits, labels[:3])),
+        (ValueError, "shape", lambda: ops.token_logprobs(logits[0], labels)),
+        (ValueError, "contiguous", lambda: ops.token_logprobs(logits.t().contiguous().t(), labels)),
+        (ValueError, "empty batch", lambda: ops.token_logprobs(logits[:0], labels[:0])),
+        (ValueError, "meta", lambda: ops.token_logprobs(logits, labels.to("meta"))),
+        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, torch.tensor([0, 1, 10, 2]))),
+        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, torch.tensor([0, -1, 3, 2]))),
+        (ValueError, "mask must have shape", lambda: ops.sequence_logprobs(logits[None], labels[None], labels)),
+    ]
+    for error, words, call in cases:
+        with pytest.raises(error, match=words):
+            call()
+
+
+def test_kernel_checks_its_inputs():
+    # the operator itself, called without the Python wrapper, refuses bad inputs too
+    op = torch.ops.minalign.token_logprobs
+    logits, labels = make_inputs((4,), 10, torch.float32, "cpu")
+    cases = [
+        ("2-D", lambda: op(logits[0], labels, -100, False)),
+        ("float32, bfloat16 or float16", lambda: op(logits.double(), labels, -100, False)),
+        ("int64", lambda: op(logits, labels.int(), -100, False)),
+        ("1-D", lambda: op(logits, labels[:2], -100, False)),
+        ("contiguous", lambda: op(logits.t().contiguous().t(), labels, -100, False)),
+        ("empty batch", lambda: op(logits[:0], labels[:0], -100, False)),
+        (r"labels\[2\] = 12 is out of range", lambda: op(logits, torch.tensor([0, 1, 12, 2]), -100, False)),
+    ]
+    for words, call in cases:
+        with pytest.raises(RuntimeError, match=words):
+            call()
+    _, lse, _ = op(logits, labels, -100, False)
+    with pytest.raises(RuntimeError, match="grad_logprobs must have shape"):
+        torch.ops.minalign.token_logprobs_backward(torch.ones(3), None, logits, labels, lse, None, -100)
+    with pytest.raises(RuntimeError, match="without the saved entropy"):
+        torch.ops.minalign.token_logprobs_backward(torch.ones(4), torch.ones(4), logits, labels, lse, None, -100)

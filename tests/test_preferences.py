@@ -1,0 +1,41 @@
+import random
+
+import pytest
+import torch
+
+from minalign.model import GPT, GPTConfig
+from minalign.preferences import bayes_optimal_accuracy, label_pairs, make_pairs
+from minalign.tokenizer import get_tokenizer
+
+
+def test_ranked_labels_take_all_pairs_and_drop_ties():
+    pairs, ties = label_pairs("p", ["a", "b", "c", "d"], [0.5, -0.2, 0.5, 0.9], random.Random(0))
+    assert ties == 1 and len(pairs) == 5
+    for p in pairs:
+        assert p["chosen_gold"] > p["rejected_gold"] and p["p_chosen"] == 1.0
+    assert bayes_optimal_accuracy(pairs) == 1.0
+
+
+def test_noisy_labels_follow_bradley_terry():
+    rng = random.Random(0)
+    n_right, n = 0, 4000
+    for _ in range(n):
+        (pair,), _ = label_pairs("p", ["good", "bad"], [0.6, 0.4], rng, label_temperature=0.2)
+        n_right += pair["chosen"] == "good"
+    p = 1 / (1 + torch.exp(torch.tensor(-1.0))).item()  # sigmoid(0.2 / 0.2)
+    assert n_right / n == pytest.approx(p, abs=0.025)
+    pairs = [label_pairs("p", ["good", "bad"], [0.6, 0.4], rng, 0.2)[0][0] for _ in range(50)]
+    assert bayes_optimal_accuracy(pairs) == pytest.approx(p)
+
+
+def test_pair_generation_is_deterministic_by_seed():
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    prompts = ["The acting was", "I saw it on a", "This film"]
+    a, stats = make_pairs(policy, tok, prompts, max_new_tokens=12, seed=5)
+    b, _ = make_pairs(policy, tok, prompts, max_new_tokens=12, seed=5)
+    c, _ = make_pairs(policy, tok, prompts, max_new_tokens=12, seed=6)
+    assert a == b and a != c
+    assert stats["pairs"] + stats["ties_dropped"] == 3 * 6
+    assert all(p["prompt"] in prompts for p in a)

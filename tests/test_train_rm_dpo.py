@@ -1,0 +1,95 @@
+"""DPO's log-prob plumbing, and tiny end-to-end runs of train_rm.py and train_dpo.py."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minalign import data
+from minalign.dpo import pair_logps, reference_logps
+from minalign.model import GPT, GPTConfig
+from minalign.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def metrics(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_pair_logps_match_one_sequence_at_a_time():
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)).eval()
+    raw = [{"prompt": "The plot was", "chosen": " great.", "rejected": " dull and far too long."},
+           {"prompt": "I saw it", "chosen": " twice and loved it.", "rejected": " once."}]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    chosen, rejected = pair_logps(model, data.collate_pairs(pairs, tok.pad_id))
+    for i, (c, r) in enumerate(pairs):
+        for ex, got in ((c, chosen), (r, rejected)):
+            ids = torch.tensor([ex.input_ids])
+            logp = model(ids)[0][0, :-1, : tok.vocab_size].log_softmax(-1)  # (T-1, V)
+            targets = ids[0, 1:]
+            want = logp.gather(1, targets[:, None])[ex.n_prompt - 1 :].sum()  # response tokens only
+            torch.testing.assert_close(got.sum_logps[i], want, atol=1e-4, rtol=1e-4)
+            n_response = len(ex.input_ids) - ex.n_prompt
+            torch.testing.assert_close(got.mean_logps[i], want / n_response, atol=1e-4, rtol=1e-4)
+    ref = reference_logps(model, pairs, tok.pad_id, batch_size=1)
+    torch.testing.assert_close(ref[:, 0], chosen.sum_logps.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref[:, 3], rejected.mean_logps.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny SFT policy, trained once for the runs below."""
+    work = tmp_path_factory.mktemp("pipeline")
+    run("train_sft.py", ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "40",
+                         "--batch-size", "16", "--max-steps", "60", "--eval-interval", "1000",
+                         "--num-samples", "1", "--out-dir", str(work / "sft")])
+    return work
+
+
+SMALL = ["--n-train-prompts", "40", "--n-test-prompts", "16", "--max-length", "40", "--batch-size", "16",
+         "--log-interval", "1", "--warmup-steps", "2"]
+
+
+def test_train_rm_learns_the_pairs(workdir):
+    out = run("train_rm.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+                              "--out-dir", str(workdir / "rm"), "--epochs", "4", "--lr", "1e-3"])
+    assert "test_accuracy" in out and "gold_correlation" in out
+    rows = [r for r in metrics(workdir / "rm" / "metrics.jsonl") if "loss" in r]
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first
+    assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= rows[-1].keys()
+    ckpt = torch.load(workdir / "rm" / "ckpt.pt", weights_only=True)
+    assert ckpt["kind"] == "reward" and ckpt["model"]["gain"].item() > 0
+    cached = [json.loads(l) for l in (workdir / "pairs" / "ranked" / "train.jsonl").read_text().splitlines()]
+    assert cached and {"prompt", "chosen", "rejected"} <= cached[0].keys()
+
+
+def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
+    out = run("train_dpo.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+                               "--out-dir", str(workdir / "dpo"), "--epochs", "4", "--lr", "1e-3",
+                               "--eval-max-new-tokens", "24"])
+    assert "win rate" in out and "KL (nats)" in out
+    rows = [r for r in metrics(workdir / "dpo" / "metrics.jsonl") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.02)  # policy == reference at the start
+    assert sum(r["loss"] for r in rows[-3:]) / 3 < math.log(2) - 0.02
+    keys = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "response_length"}
+    assert keys <= rows[-1].keys()
+    result = json.loads((workdir / "dpo" / "eval.json").read_text())
+    assert 0 <= result["win_rate"] <= 1 and result["n_prompts"] == 16 and len(result["samples"]) == 16

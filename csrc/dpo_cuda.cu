@@ -42,6 +42,7 @@ constexpr int kThreads = 256;
 struct DpoParams {
   float beta;
   float eps;          // label_smoothing
+  float keep;         // 1 - eps
   float ipo_target;   // 1 / (2 beta)
   float robust_norm;  // 1 - 2 eps
   int loss_type;
@@ -66,7 +67,7 @@ __device__ float dpo_pair_loss(float h, const DpoParams& p) {
   const float z = p.beta * h;
   switch (p.loss_type) {
     case kSigmoid:
-      return -(1.f - p.eps) * log_sigmoid(z) - p.eps * log_sigmoid(-z);
+      return -p.keep * log_sigmoid(z) - p.eps * log_sigmoid(-z);
     case kIpo: {
       const float d = h - p.ipo_target;
       return d * d;
@@ -74,7 +75,7 @@ __device__ float dpo_pair_loss(float h, const DpoParams& p) {
     case kHinge:
       return fmaxf(1.f - z, 0.f);
     default:  // kRobust
-      return (-(1.f - p.eps) * log_sigmoid(z) + p.eps * log_sigmoid(-z)) / p.robust_norm;
+      return (-p.keep * log_sigmoid(z) + p.eps * log_sigmoid(-z)) / p.robust_norm;
   }
 }
 
@@ -82,13 +83,13 @@ __device__ float dpo_pair_dloss_dh(float h, const DpoParams& p) {
   const float z = p.beta * h;
   switch (p.loss_type) {
     case kSigmoid:
-      return p.beta * (-(1.f - p.eps) * sigmoid(-z) + p.eps * sigmoid(z));
+      return p.beta * (-p.keep * sigmoid(-z) + p.eps * sigmoid(z));
     case kIpo:
       return 2.f * (h - p.ipo_target);
     case kHinge:
       return (1.f - z > 0.f) ? -p.beta : 0.f;
     default:  // kRobust
-      return p.beta * (-(1.f - p.eps) * sigmoid(-z) - p.eps * sigmoid(z)) / p.robust_norm;
+      return p.beta * (-p.keep * sigmoid(-z) - p.eps * sigmoid(z)) / p.robust_norm;
   }
 }
 
@@ -128,13 +129,14 @@ DpoParams make_params(const char* op, double beta, int64_t loss_type, double lab
   TORCH_CHECK(loss_type >= kSigmoid && loss_type <= kRobust, op,
               ": loss_type must be 0 (sigmoid), 1 (ipo), 2 (hinge) or 3 (robust), got ",
               loss_type);
-  TORCH_CHECK(loss_type != kIpo || beta != 0.0, op, ": the ipo loss needs beta != 0");
-  TORCH_CHECK(loss_type != kRobust || label_smoothing < 0.5, op,
-              ": the robust loss needs label_smoothing < 0.5, got ", label_smoothing);
+  TORCH_CHECK(beta > 0, op, ": beta must be > 0, got ", beta);
+  TORCH_CHECK(0 <= label_smoothing && label_smoothing < 0.5, op,
+              ": label_smoothing must be in [0, 0.5), got ", label_smoothing);
   DpoParams p;
   p.beta = static_cast<float>(beta);
   p.eps = static_cast<float>(label_smoothing);
-  p.ipo_target = loss_type == kIpo ? static_cast<float>(1.0 / (2.0 * beta)) : 0.f;
+  p.keep = static_cast<float>(1.0 - label_smoothing);
+  p.ipo_target = static_cast<float>(1.0 / (2.0 * beta));
   p.robust_norm = static_cast<float>(1.0 - 2.0 * label_smoothing);
   p.loss_type = static_cast<int>(loss_type);
   return p;
@@ -144,6 +146,7 @@ void check_logps(const char* op, const at::Tensor& pc, const at::Tensor& pr,
                  const at::Tensor& rc, const at::Tensor& rr) {
   TORCH_CHECK(pc.dim() == 1, op, ": policy_chosen_logps must be 1-D [B], got shape ",
               pc.sizes());
+  TORCH_CHECK(pc.numel() > 0, op, ": empty batch (policy_chosen_logps has shape ", pc.sizes(), ")");
   check_cuda_input(pc, op, "policy_chosen_logps", at::kFloat, pc);
   check_cuda_input(pr, op, "policy_rejected_logps", at::kFloat, pc);
   check_cuda_input(rc, op, "ref_chosen_logps", at::kFloat, pc);
@@ -161,7 +164,7 @@ int grid_for(int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(
     const at::Tensor& pc, const at::Tensor& pr, const at::Tensor& rc, const at::Tensor& rr,
     double beta, int64_t loss_type, double label_smoothing) {
-  constexpr const char* op = "dpo_loss";
+  constexpr const char* op = "minalign.dpo_loss";
   check_logps(op, pc, pr, rc, rr);
   const DpoParams params = make_params(op, beta, loss_type, label_smoothing);
   const c10::cuda::CUDAGuard guard(pc.device());
@@ -183,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cuda(
     const at::Tensor& grad_losses_in, const at::Tensor& pc, const at::Tensor& pr,
     const at::Tensor& rc, const at::Tensor& rr, double beta, int64_t loss_type,
     double label_smoothing) {
-  constexpr const char* op = "dpo_loss_backward";
+  constexpr const char* op = "minalign.dpo_loss_backward";
   check_logps(op, pc, pr, rc, rr);
   // Upstream gradients are often expanded views (the backward of a mean); copying
   // B floats to make them contiguous costs nothing.

@@ -5,6 +5,7 @@
 //   lse_i      = log sum_j exp(x_ij)
 //   logprob_i  = x_iy - lse_i                  (0 where y_i == ignore_index)
 //   entropy_i  = -sum_j p_ij log p_ij = lse_i - sum_j p_ij x_ij,   p_ij = exp(x_ij - lse_i)
+//                                              (0 where y_i == ignore_index)
 //
 // Forward never materialises the [N, V] log-softmax (nor a float32 copy of bf16
 // logits): each row is read once and folded into three running numbers, an online
@@ -30,7 +31,8 @@
 //   grad_ij = g_i ([j == y_i] - p_ij) + h_i (-p_ij (x_ij - lse_i + entropy_i))
 //
 // recomputing p from the saved lse, writing 0 (not 0 * -inf = NaN) where p == 0.
-// Ignored rows have no logprob term (g_i is taken as 0).
+// Ignored rows have neither term: their gradient is 0, written without reading
+// the row (prompt tokens, often half the rows in SFT, cost only the write).
 //
 // Layout: one block of 256 threads per row. The row is split into an unaligned
 // head (< 8 elements), a body of 16-byte vectors (8 bf16/fp16 or 4 fp32) read with
@@ -238,7 +240,7 @@ token_logprobs_kernel(const scalar_t* __restrict__ logits, const int64_t* __rest
     lse[row] = s.max + log_sum;
     // Same order as log_softmax: (x - max) - log(sum). NaN for an out-of-range label.
     logprobs[row] = label == ignore_index ? 0.f : (label_logit - s.max) - log_sum;
-    if constexpr (kEntropy) entropy[row] = log_sum - s.dot / s.sum;
+    if constexpr (kEntropy) entropy[row] = label == ignore_index ? 0.f : log_sum - s.dot / s.sum;
   }
 }
 
@@ -248,10 +250,10 @@ token_logprobs_kernel(const scalar_t* __restrict__ logits, const int64_t* __rest
 template <bool kEntropy>
 struct RowGrad {
   float lse;
-  float g_logprob;    // 0 for an ignored row
+  float g_logprob;
   float g_entropy;
   float ent_shift;    // entropy - lse, so x - lse + entropy == x + ent_shift
-  int64_t hot_col;    // the label's column, -1 (no column) for an ignored row
+  int64_t hot_col;    // the label's column
 
   __device__ __forceinline__ float operator()(float x, int64_t col) const {
     const float p = exp2f((x - lse) * kLog2e);
@@ -262,6 +264,23 @@ struct RowGrad {
     return g;
   }
 };
+
+// Zeros over a whole row laid out as `split` says.
+template <int kVec, typename scalar_t>
+__device__ void zero_row(scalar_t* dx, int64_t V, const RowSplit& split) {
+  using VecT = Vec<scalar_t, kVec>;
+  if (threadIdx.x == 0) {
+    for (int64_t c = 0; c < split.head; ++c) dx[c] = scalar_t(0.f);
+  }
+  if (threadIdx.x == kThreads - 1) {
+    for (int64_t c = split.tail; c < V; ++c) dx[c] = scalar_t(0.f);
+  }
+  VecT zeros;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) zeros.v[j] = scalar_t(0.f);
+  VecT* dbody = reinterpret_cast<VecT*>(dx + split.head);
+  for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads) dbody[i] = zeros;
+}
 
 // kVec is 16 bytes' worth when logits and grad_logits rows share their alignment,
 // else 1 (plain element-wise loads and stores).
@@ -278,16 +297,19 @@ token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
   const scalar_t* x = logits + row * V;
   scalar_t* dx = grad_logits + row * V;
 
+  const RowSplit split = split_row<kVec>(x, V);
   const int64_t label = labels[row];
-  const bool has_label = label != ignore_index;
+  if (label == ignore_index) {
+    zero_row<kVec>(dx, V, split);
+    return;
+  }
   RowGrad<kEntropy> grad;
   grad.lse = lse[row];
-  grad.g_logprob = has_label ? grad_logprobs[row] : 0.f;
+  grad.g_logprob = grad_logprobs[row];
   grad.g_entropy = kEntropy ? grad_entropy[row] : 0.f;
   grad.ent_shift = kEntropy ? entropy[row] - grad.lse : 0.f;
-  grad.hot_col = has_label ? label : -1;  // an out-of-range label matches no column
+  grad.hot_col = label;  // an out-of-range label matches no column, and is never an index
 
-  const RowSplit split = split_row<kVec>(x, V);
   if (threadIdx.x == 0) {
     for (int64_t c = 0; c < split.head; ++c) dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
   }
@@ -341,12 +363,12 @@ std::pair<int64_t, int64_t> check_logits_and_labels(const char* op, const at::Te
               ": logits must be contiguous (call .contiguous() on it first)");
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
-  TORCH_CHECK(N > 0, op, ": logits has no rows (N = 0)");
-  TORCH_CHECK(V > 0, op, ": logits rows are empty (V = 0); a softmax needs at least one class");
+  TORCH_CHECK(N > 0, op, ": empty batch (logits has 0 rows)");
+  TORCH_CHECK(V > 0, op, ": empty vocabulary (logits has 0 columns)");
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows, got ", N);
   check_cuda_input(labels, op, "labels", at::kLong, logits);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op, ": labels must have shape [", N,
-              "] (one per row of logits), got ", labels.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op,
+              ": labels must be 1-D [N] with N = logits.size(0) = ", N, ", got shape ", labels.sizes());
   return {N, V};
 }
 
@@ -365,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
                                                                    const at::Tensor& labels,
                                                                    int64_t ignore_index,
                                                                    bool with_entropy) {
-  constexpr const char* op = "token_logprobs";
+  constexpr const char* op = "minalign.token_logprobs";
   const auto shape = check_logits_and_labels(op, logits, labels);
   const int64_t N = shape.first, V = shape.second;
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -404,7 +426,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     const int64_t bad_row = first_bad_row.item<int64_t>();
     TORCH_CHECK(bad_row == N, op, ": labels[", bad_row, "] = ", labels[bad_row].item<int64_t>(),
-                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+                " is out of range: labels must be in [0, ", V, ") or equal ignore_index = ",
+                ignore_index);
   }
   return {logprobs, lse, entropy};
 }
@@ -415,19 +438,17 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
                                         const at::Tensor& lse_in,
                                         const std::optional<at::Tensor>& entropy_in,
                                         int64_t ignore_index) {
-  constexpr const char* op = "token_logprobs_backward";
+  constexpr const char* op = "minalign.token_logprobs_backward";
   const auto shape = check_logits_and_labels(op, logits, labels);
   const int64_t N = shape.first, V = shape.second;
   const at::Tensor grad_logprobs = row_vector(op, "grad_logprobs", grad_logprobs_in, logits, N);
   const at::Tensor lse = row_vector(op, "lse", lse_in, logits, N);
-  // No entropy term when grad_entropy is absent or empty (the entropy output is
-  // an empty tensor when the forward ran without it).
-  const bool use_entropy =
-      grad_entropy_in.has_value() && grad_entropy_in->defined() && grad_entropy_in->numel() > 0;
+  // No entropy term without grad_entropy (the forward ran without the entropy).
+  const bool use_entropy = grad_entropy_in.has_value() && grad_entropy_in->defined();
   at::Tensor grad_entropy, entropy;
   if (use_entropy) {
-    TORCH_CHECK(entropy_in.has_value() && entropy_in->defined() && entropy_in->numel() > 0, op,
-                ": grad_entropy is given but entropy is not; run the forward with with_entropy=True");
+    TORCH_CHECK(entropy_in.has_value() && entropy_in->defined(), op,
+                ": grad_entropy was given without the saved entropy");
     grad_entropy = row_vector(op, "grad_entropy", *grad_entropy_in, logits, N);
     entropy = row_vector(op, "entropy", *entropy_in, logits, N);
   }

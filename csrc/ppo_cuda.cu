@@ -268,6 +268,8 @@ void check_four(const char* op, const at::Tensor& first, const char* first_name,
                 const at::Tensor& b, const char* b_name, const at::Tensor& c, const char* c_name,
                 const at::Tensor& mask) {
   check_cuda_input(first, op, first_name, at::kFloat, first);
+  TORCH_CHECK(first.dim() == 2, op, ": ", first_name, " must be 2-D [B, T], got shape ", first.sizes());
+  TORCH_CHECK(first.numel() > 0, op, ": empty batch (", first_name, " has shape ", first.sizes(), ")");
   check_cuda_input(b, op, b_name, at::kFloat, first);
   check_cuda_input(c, op, c_name, at::kFloat, first);
   check_cuda_input(mask, op, "mask", at::kFloat, first);
@@ -291,9 +293,10 @@ int elementwise_grid(int64_t n) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& mask, double clip_eps) {
-  constexpr const char* op = "ppo_policy_loss";
+  constexpr const char* op = "minalign.ppo_policy_loss";
   check_four(op, logprobs, "logprobs", old_logprobs, "old_logprobs", advantages, "advantages",
              mask);
+  TORCH_CHECK(clip_eps >= 0, op, ": clip_eps must be >= 0, got ", clip_eps);
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const auto f32 = logprobs.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, f32), clipfrac = at::empty({}, f32), approx_kl = at::empty({}, f32);
@@ -310,9 +313,10 @@ at::Tensor ppo_policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& old_logprobs,
                                          const at::Tensor& advantages, const at::Tensor& mask,
                                          double clip_eps) {
-  constexpr const char* op = "ppo_policy_loss_backward";
+  constexpr const char* op = "minalign.ppo_policy_loss_backward";
   check_four(op, logprobs, "logprobs", old_logprobs, "old_logprobs", advantages, "advantages",
              mask);
+  TORCH_CHECK(clip_eps >= 0, op, ": clip_eps must be >= 0, got ", clip_eps);
   check_grad_loss(op, grad_loss, logprobs);
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const int64_t n = logprobs.numel();
@@ -335,8 +339,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values,
                                                        const at::Tensor& old_values,
                                                        const at::Tensor& returns,
                                                        const at::Tensor& mask, double clip) {
-  constexpr const char* op = "ppo_value_loss";
+  constexpr const char* op = "minalign.ppo_value_loss";
   check_four(op, values, "values", old_values, "old_values", returns, "returns", mask);
+  TORCH_CHECK(clip >= 0, op, ": clip must be >= 0, got ", clip);
   const c10::cuda::CUDAGuard guard(values.device());
   const auto f32 = values.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, f32), clipfrac = at::empty({}, f32);
@@ -351,8 +356,9 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cuda(const at::Tensor& values,
 at::Tensor ppo_value_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& values,
                                         const at::Tensor& old_values, const at::Tensor& returns,
                                         const at::Tensor& mask, double clip) {
-  constexpr const char* op = "ppo_value_loss_backward";
+  constexpr const char* op = "minalign.ppo_value_loss_backward";
   check_four(op, values, "values", old_values, "old_values", returns, "returns", mask);
+  TORCH_CHECK(clip >= 0, op, ": clip must be >= 0, got ", clip);
   check_grad_loss(op, grad_loss, values);
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t n = values.numel();

@@ -165,9 +165,11 @@ struct RowSplit {
 template <int kVec, typename scalar_t>
 __device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t V) {
   constexpr uintptr_t kVecBytes = sizeof(scalar_t) * kVec;
-  const uintptr_t bytes_to_boundary = (kVecBytes - reinterpret_cast<uintptr_t>(row) % kVecBytes) % kVecBytes;
+  const uintptr_t misalignment = reinterpret_cast<uintptr_t>(row) % kVecBytes;
+  const int64_t to_boundary =
+      static_cast<int64_t>((kVecBytes - misalignment) % kVecBytes / sizeof(scalar_t));
   RowSplit s;
-  s.head = std::min<int64_t>(V, static_cast<int64_t>(bytes_to_boundary / sizeof(scalar_t)));
+  s.head = to_boundary < V ? to_boundary : V;
   s.num_vecs = (V - s.head) / kVec;
   s.tail = s.head + s.num_vecs * kVec;
   return s;
@@ -311,10 +313,14 @@ token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
   grad.hot_col = label;  // an out-of-range label matches no column, and is never an index
 
   if (threadIdx.x == 0) {
-    for (int64_t c = 0; c < split.head; ++c) dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    for (int64_t c = 0; c < split.head; ++c) {
+      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    }
   }
   if (threadIdx.x == kThreads - 1) {
-    for (int64_t c = split.tail; c < V; ++c) dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    for (int64_t c = split.tail; c < V; ++c) {
+      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    }
   }
 
   const VecT* body = reinterpret_cast<const VecT*>(x + split.head);
@@ -354,7 +360,8 @@ std::pair<int64_t, int64_t> check_logits_and_labels(const char* op, const at::Te
                                                     const at::Tensor& labels) {
   TORCH_CHECK(logits.is_cuda(), op, ": logits must be a CUDA tensor, got one on ",
               logits.device());
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V] (flatten batch and time first), got shape ",
+  TORCH_CHECK(logits.dim() == 2, op,
+              ": logits must be 2-D [N, V] (flatten batch and time first), got shape ",
               logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
@@ -368,7 +375,8 @@ std::pair<int64_t, int64_t> check_logits_and_labels(const char* op, const at::Te
   TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows, got ", N);
   check_cuda_input(labels, op, "labels", at::kLong, logits);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op,
-              ": labels must be 1-D [N] with N = logits.size(0) = ", N, ", got shape ", labels.sizes());
+              ": labels must be 1-D [N] with N = logits.size(0) = ", N, ", got shape ",
+              labels.sizes());
   return {N, V};
 }
 
@@ -468,7 +476,8 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
     auto launch = [&](auto vec_tag, auto entropy_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
       constexpr bool kEntropy = decltype(entropy_tag)::value;
-      token_logprobs_backward_kernel<scalar_t, kVec, kEntropy><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      const auto grid = static_cast<unsigned>(N);
+      token_logprobs_backward_kernel<scalar_t, kVec, kEntropy><<<grid, kThreads, 0, stream>>>(
           grad_logprobs.data_ptr<float>(), g_ent, logits.data_ptr<scalar_t>(),
           labels.data_ptr<int64_t>(), lse.data_ptr<float>(), ent, V, ignore_index,
           grad_logits.data_ptr<scalar_t>());

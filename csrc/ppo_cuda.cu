@@ -268,8 +268,10 @@ void check_four(const char* op, const at::Tensor& first, const char* first_name,
                 const at::Tensor& b, const char* b_name, const at::Tensor& c, const char* c_name,
                 const at::Tensor& mask) {
   check_cuda_input(first, op, first_name, at::kFloat, first);
-  TORCH_CHECK(first.dim() == 2, op, ": ", first_name, " must be 2-D [B, T], got shape ", first.sizes());
-  TORCH_CHECK(first.numel() > 0, op, ": empty batch (", first_name, " has shape ", first.sizes(), ")");
+  TORCH_CHECK(first.dim() == 2, op, ": ", first_name, " must be 2-D [B, T], got shape ",
+              first.sizes());
+  TORCH_CHECK(first.numel() > 0, op, ": empty batch (", first_name, " has shape ", first.sizes(),
+              ")");
   check_cuda_input(b, op, b_name, at::kFloat, first);
   check_cuda_input(c, op, c_name, at::kFloat, first);
   check_cuda_input(mask, op, "mask", at::kFloat, first);
@@ -281,8 +283,8 @@ void check_four(const char* op, const at::Tensor& first, const char* first_name,
 // grad_loss is the gradient of a 0-dim loss: one float32 on the inputs' device.
 void check_grad_loss(const char* op, const at::Tensor& grad_loss, const at::Tensor& like) {
   check_cuda_input(grad_loss, op, "grad_loss", at::kFloat, like);
-  TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value (the loss is 0-dim), got shape ",
-              grad_loss.sizes());
+  TORCH_CHECK(grad_loss.numel() == 1, op,
+              ": grad_loss must hold one value (the loss is 0-dim), got shape ", grad_loss.sizes());
 }
 
 int elementwise_grid(int64_t n) {

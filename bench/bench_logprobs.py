@@ -5,7 +5,7 @@
 
 Each implementation maps logits [N, V] (a leaf that requires grad) and labels [N] to
 log-probs [N], then backpropagates a fixed upstream gradient. Reported: the median of
---reps timed runs after a warm-up, the forward alone (no grad), and the peak memory
+--reps timed runs after a warm-up (the implementations take turns), the forward alone (no grad), and the peak memory
 above the inputs during forward + backward (the [N, V] gradient included, which every
 implementation must produce). CPU memory is the peak resident set size (VmHWM, reset
 through /proc/self/clear_refs) minus the size before; CUDA memory is
@@ -119,21 +119,29 @@ def run(device, dtype, N, V, reps):
     print(f"\n{device.type} {str(dtype).replace('torch.', '')} N={N:,} V={V:,}: logits {nbytes / 2**20:,.0f} MiB, "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, roofline (read + write the logits) {roofline_ms:.2f} ms, "
           f"{torch.get_num_threads()} threads")
-    rows = []
+    # Warm up (and compile) each, then time them in turns, so that all see the same
+    # machine: on a shared machine the load drifts during a run.
+    fns = {}
     for name, fn in IMPLEMENTATIONS.items():
         try:
-            forward_backward(fn, logits, labels, grad)  # warm-up (and compilation)
-            with torch.no_grad():
-                fwd_ms = median_ms(lambda: fn(logits, labels), device, reps)
-            ms = median_ms(lambda: forward_backward(fn, logits, labels, grad), device, reps)
-            logits.grad = None
-            with PeakMemory(device) as mem:
-                forward_backward(fn, logits, labels, grad)
-            rows.append((name, fwd_ms, ms, mem.peak))
+            forward_backward(fn, logits, labels, grad)
+            fns[name] = fn
         except Exception as error:  # e.g. out of memory: report it and go on
-            rows.append((name, float("nan"), float("nan"), None))
             print(f"  {name} failed: {type(error).__name__}: {str(error)[:120]}")
         logits.grad = None
+    fwd_times, times = {name: [] for name in fns}, {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            with torch.no_grad():
+                fwd_times[name].append(median_ms(lambda: fn(logits, labels), device, 1))
+            times[name].append(median_ms(lambda: forward_backward(fn, logits, labels, grad), device, 1))
+            logits.grad = None
+    rows = []
+    for name, fn in fns.items():
+        with PeakMemory(device) as mem:
+            forward_backward(fn, logits, labels, grad)
+        logits.grad = None
+        rows.append((name, statistics.median(fwd_times[name]), statistics.median(times[name]), mem.peak))
     ours = rows[0][2]
     print(f"| implementation | forward ms | fwd+bwd ms | fwd+bwd vs minalign | roofline fraction | peak extra MiB |")
     print(f"| --- | ---: | ---: | ---: | ---: | ---: |")

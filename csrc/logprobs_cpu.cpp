@@ -33,10 +33,6 @@
 
 #include "cpu_simd.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace minalign {
 namespace {
 
@@ -100,20 +96,6 @@ template <typename T>
 const float* as_float(const T* src, int64_t n, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
   return buf;
-}
-
-// The gradient is N * V floats of fresh memory. With 4 KiB pages, writing it takes
-// a page fault per 4 KiB (100,000 of them for N = 2,048, V = 50,257), which costs
-// more than the arithmetic; ask Linux for 2 MiB pages instead. A hint, ignored where
-// transparent huge pages are off; PyTorch does the same for all its allocations
-// when THP_MEM_ALLOC_ENABLE=1 is set.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin + 4 * kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
 }
 
 int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / V); }
@@ -241,7 +223,6 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const st
     check_row_vector(*entropy, "entropy", N);
   }
   at::Tensor grad_logits = at::empty_like(logits);
-  advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
   dispatch_logits(logits.scalar_type(), [&](auto t) {
     backward_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index,
                                grad_logprobs.const_data_ptr<float>(),

@@ -15,10 +15,9 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minalign import data, distributed, task
+from minalign import data, distributed, ops, task
 from minalign.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from minalign.cli import parse_args
 from minalign.logger import MetricsLogger, Progress
@@ -99,8 +98,8 @@ def sft_loss_sum(model, batch):
     """Sum of -log p(target) over the trained tokens of a batch, and their count."""
     logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
     labels = batch["labels"]  # (B, T), -100 where no loss
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
+    logps = ops.token_logprobs(logits, labels)  # (B, T), 0 where labels are -100
+    return -logps.sum(), (labels != -100).sum()
 
 
 @torch.no_grad()

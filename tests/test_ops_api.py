@@ -74,3 +74,14 @@ def test_reference_sequence_logprobs_is_consistent():
     full = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
     torch.testing.assert_close(out.sum_logps, (full * mask).sum(-1))
     torch.testing.assert_close(out.mean_logps, (full * mask).sum(-1) / mask.sum(-1))
+
+
+def test_the_extension_was_built_when_expected():
+    """CI sets MINALIGN_EXPECT_EXTENSION (cpu or cuda) so that a broken build cannot pass
+    as a run where every kernel test skipped."""
+    expected = os.environ.get("MINALIGN_EXPECT_EXTENSION")
+    if not expected:
+        pytest.skip("MINALIGN_EXPECT_EXTENSION not set")
+    assert ops.HAS_EXTENSION, "minalign._C did not import"
+    if expected == "cuda":
+        assert ops.HAS_CUDA_KERNELS, "minalign._C was built without its CUDA kernels"

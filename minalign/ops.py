@@ -72,7 +72,7 @@ def _check_floats(op: str, shape: tuple | None = None, **tensors: Tensor) -> Non
 
 def _check_inplace_backward(op: str, logits: Tensor) -> None:
     """Refuse an in-place backward where overwriting the logits would corrupt something we can see."""
-    if not logits.requires_grad:
+    if not (logits.requires_grad and torch.is_grad_enabled()):
         return  # no backward will run
     if logits.is_leaf:
         raise ValueError(f"{op}: inplace_backward=True would write the gradient over a leaf tensor that requires "

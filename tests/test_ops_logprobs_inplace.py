@@ -86,6 +86,8 @@ def test_inplace_backward_refuses_leaves_and_their_views():
         ops.sequence_logprobs(leaf[None], labels[None], torch.ones(1, 4), inplace_backward=True)
     # without grad there is no backward, so nothing to refuse; a non-leaf is accepted
     ops.token_logprobs(logits, labels, inplace_backward=True)
+    with torch.no_grad():
+        ops.token_logprobs(leaf, labels, inplace_backward=True)
     ops.token_logprobs(leaf * 2, labels, inplace_backward=True).sum().backward()
 
 

@@ -33,6 +33,8 @@
 // recomputing p from the saved lse, writing 0 (not 0 * -inf = NaN) where p == 0.
 // Ignored rows have neither term: their gradient is 0, written without reading
 // the row (prompt tokens, often half the rows in SFT, cost only the write).
+// token_logprobs_backward_ writes the gradient over the logits: every element is
+// read and then written by the same thread, so the kernel needs nothing else.
 //
 // Layout: one block of 256 threads per row. The row is split into an unaligned
 // head (< 8 elements), a body of 16-byte vectors (8 bf16/fp16 or 4 fp32) read with
@@ -284,16 +286,16 @@ __device__ void zero_row(scalar_t* dx, int64_t V, const RowSplit& split) {
   for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads) dbody[i] = zeros;
 }
 
-// kVec is 16 bytes' worth when logits and grad_logits rows share their alignment,
-// else 1 (plain element-wise loads and stores).
+// kVec is 16 bytes' worth when logits and grad_logits rows share their alignment
+// (always so in place), else 1 (plain element-wise loads and stores). logits and
+// grad_logits are not __restrict__: in place they are the same pointer.
 template <typename scalar_t, int kVec, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
 token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
-                               const float* __restrict__ grad_entropy,
-                               const scalar_t* __restrict__ logits,
+                               const float* __restrict__ grad_entropy, const scalar_t* logits,
                                const int64_t* __restrict__ labels, const float* __restrict__ lse,
                                const float* __restrict__ entropy, int64_t V, int64_t ignore_index,
-                               scalar_t* __restrict__ grad_logits) {
+                               scalar_t* grad_logits) {
   using VecT = Vec<scalar_t, kVec>;
   const int64_t row = blockIdx.x;
   const scalar_t* x = logits + row * V;
@@ -391,10 +393,12 @@ at::Tensor row_vector(const char* op, const char* name, const at::Tensor& t,
   return c;
 }
 
+// inplace_backward only tells autograd which backward to run.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits,
                                                                    const at::Tensor& labels,
                                                                    int64_t ignore_index,
-                                                                   bool with_entropy) {
+                                                                   bool with_entropy,
+                                                                   bool /*inplace_backward*/) {
   constexpr const char* op = "minalign.token_logprobs";
   const auto shape = check_logits_and_labels(op, logits, labels);
   const int64_t N = shape.first, V = shape.second;
@@ -440,12 +444,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
   return {logprobs, lse, entropy};
 }
 
-at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
-                                        const std::optional<at::Tensor>& grad_entropy_in,
-                                        const at::Tensor& logits, const at::Tensor& labels,
-                                        const at::Tensor& lse_in,
-                                        const std::optional<at::Tensor>& entropy_in,
-                                        int64_t ignore_index) {
+// Writes the gradient into grad_logits (a new tensor, or logits itself).
+void backward_into(const at::Tensor& grad_logprobs_in,
+                   const std::optional<at::Tensor>& grad_entropy_in, const at::Tensor& logits,
+                   const at::Tensor& labels, const at::Tensor& lse_in,
+                   const std::optional<at::Tensor>& entropy_in, int64_t ignore_index,
+                   const at::Tensor& grad_logits) {
   constexpr const char* op = "minalign.token_logprobs_backward";
   const auto shape = check_logits_and_labels(op, logits, labels);
   const int64_t N = shape.first, V = shape.second;
@@ -463,10 +467,9 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor grad_logits = at::empty_like(logits);
   // Rows of logits and grad_logits are split at the same columns only if both
   // tensors start at the same offset from a 16-byte boundary (a fresh tensor
-  // starts on one; a view of logits may not).
+  // starts on one; a view of logits may not; in place they are the same).
   const bool same_alignment = reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 ==
                               reinterpret_cast<uintptr_t>(grad_logits.data_ptr()) % 16;
 
@@ -495,7 +498,28 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs,
+                                        const std::optional<at::Tensor>& grad_entropy,
+                                        const at::Tensor& logits, const at::Tensor& labels,
+                                        const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& entropy,
+                                        int64_t ignore_index) {
+  at::Tensor grad_logits = at::empty_like(logits);
+  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index,
+                grad_logits);
   return grad_logits;
+}
+
+// The same gradient, written over the logits.
+void token_logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs,
+                                          const std::optional<at::Tensor>& grad_entropy,
+                                          at::Tensor& logits, const at::Tensor& labels,
+                                          const at::Tensor& lse,
+                                          const std::optional<at::Tensor>& entropy,
+                                          int64_t ignore_index) {
+  backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, logits);
 }
 
 }  // namespace
@@ -504,4 +528,5 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs_in,
 TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
   m.impl("token_logprobs", &minalign::token_logprobs_cuda);
   m.impl("token_logprobs_backward", &minalign::token_logprobs_backward_cuda);
+  m.impl("token_logprobs_backward_", &minalign::token_logprobs_backward_inplace_cuda);
 }

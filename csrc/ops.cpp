@@ -16,13 +16,18 @@
 TORCH_LIBRARY(minalign, m) {
   // logits [N, V], labels [N] int64 -> logprobs [N] (0 where labels == ignore_index),
   // lse [N] (log-sum-exp of each row), entropy [N] (an empty tensor unless with_entropy).
+  // inplace_backward is read by autograd only (minalign/ops.py): it picks the backward below.
   m.def(
-      "token_logprobs(Tensor logits, Tensor labels, int ignore_index, bool with_entropy)"
-      " -> (Tensor logprobs, Tensor lse, Tensor entropy)");
+      "token_logprobs(Tensor logits, Tensor labels, int ignore_index, bool with_entropy,"
+      " bool inplace_backward=False) -> (Tensor logprobs, Tensor lse, Tensor entropy)");
   // d/dlogits of sum(grad_logprobs * logprobs + grad_entropy * entropy), in the dtype of logits.
   m.def(
       "token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits,"
       " Tensor labels, Tensor lse, Tensor? entropy, int ignore_index) -> Tensor");
+  // The same gradient written over logits, which it destroys (no new [N, V] tensor).
+  m.def(
+      "token_logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits,"
+      " Tensor labels, Tensor lse, Tensor? entropy, int ignore_index) -> ()");
 
   // Per-pair DPO-family losses and (detached) implicit rewards, all [B].
   // loss_type: 0 sigmoid, 1 ipo, 2 hinge, 3 robust.

@@ -70,7 +70,21 @@ def _check_floats(op: str, shape: tuple | None = None, **tensors: Tensor) -> Non
 # ---------------------------------------------------------------------- log-probs
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, return_entropy: bool = False):
+def _check_inplace_backward(op: str, logits: Tensor) -> None:
+    """Refuse an in-place backward where overwriting the logits would corrupt something we can see."""
+    if not (logits.requires_grad and torch.is_grad_enabled()):
+        return  # no backward will run
+    if logits.is_leaf:
+        raise ValueError(f"{op}: inplace_backward=True would write the gradient over a leaf tensor that requires "
+                         "grad (its values, and its .grad, which would be the same memory); use inplace_backward=False")
+    base = logits._base  # a view: the memory belongs to its base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise ValueError(f"{op}: inplace_backward=True would write the gradient over a view of a leaf tensor that "
+                         "requires grad (e.g. a parameter); use inplace_backward=False")
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, return_entropy: bool = False,
+                   inplace_backward: bool = False):
     """log p(label) for every row of logits, float32 [...]; with return_entropy, (logp, entropy).
 
         logp = x_y - log sum_j exp(x_j)   (0 where labels == ignore_index)
@@ -79,6 +93,15 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     logits [..., V] contiguous float32, bfloat16 or float16 (-inf allowed: probability 0);
     labels [...] int64 in [0, V) or == ignore_index. Differentiable w.r.t. logits; the
     kernels keep O(N) extra memory where log_softmax + gather keeps [N, V].
+
+    inplace_backward=True: backward writes the gradient over the logits' own memory
+    instead of a new [..., V] tensor, which saves the memory and the time of a fresh
+    allocation (on the CPU mostly its page faults). The logits' values are destroyed by
+    backward: use it only when nothing reads the logits after backward (a training step
+    that computes its loss from the log-probs). Refused (ValueError) when the logits are
+    a leaf that requires grad, or a view of one. Another autograd node that saved the
+    logits and runs its backward later fails with PyTorch's "modified by an inplace
+    operation" error rather than using wrong values. The PyTorch reference ignores it.
     """
     if not isinstance(logits, Tensor) or logits.dtype not in _LOGITS_DTYPES:
         raise TypeError(f"token_logprobs: logits must be a float32, bfloat16 or float16 tensor, got {getattr(logits, 'dtype', type(logits))}")
@@ -92,20 +115,26 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
         raise ValueError(f"token_logprobs: empty batch (logits has shape {tuple(logits.shape)})")
     if not logits.is_contiguous():
         raise ValueError("token_logprobs: logits must be contiguous (a silent copy would double their memory); call .contiguous()")
+    if inplace_backward:
+        _check_inplace_backward("token_logprobs", logits)
     if not _use_kernel(logits):
         return reference.token_logprobs(logits, labels, ignore_index, return_entropy)
     V = logits.shape[-1]
-    logprobs, _, entropy = torch.ops.minalign.token_logprobs(logits.view(-1, V), labels.reshape(-1), ignore_index, return_entropy)
+    logprobs, _, entropy = torch.ops.minalign.token_logprobs(
+        logits.view(-1, V), labels.reshape(-1), ignore_index, return_entropy, bool(inplace_backward))
     shape = logits.shape[:-1]
     return (logprobs.view(shape), entropy.view(shape)) if return_entropy else logprobs.view(shape)
 
 
-def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False) -> SequenceLogprobs:
+def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False,
+                      inplace_backward: bool = False) -> SequenceLogprobs:
     """Per-token [B, T], summed [B] and length-normalised [B] log-probs of labels (and entropy [B, T]).
 
     logits [B, T, V]; labels [B, T] aligned with them (labels[b, t] is the token that
     logits[b, t] predicts); mask [B, T], 1 for the tokens that count (labels under a 0
     may hold anything). See reference.sequence_logprobs for the formulas.
+    inplace_backward=True: backward overwrites the logits with their gradient (see
+    token_logprobs).
     """
     if not (isinstance(logits, Tensor) and logits.dim() == 3):
         raise ValueError(f"sequence_logprobs: logits must be [B, T, V], got shape {tuple(getattr(logits, 'shape', ()))}")
@@ -113,7 +142,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entro
         raise ValueError(f"sequence_logprobs: mask must have shape {tuple(logits.shape[:2])}, got {tuple(getattr(mask, 'shape', ()))}")
     mask = mask.to(device=logits.device, dtype=torch.float32)
     labels = labels.masked_fill(mask == 0, IGNORE_INDEX)  # [B, T]
-    out = token_logprobs(logits, labels, IGNORE_INDEX, return_entropy)
+    out = token_logprobs(logits, labels, IGNORE_INDEX, return_entropy, inplace_backward)
     token_logps, entropy = out if return_entropy else (out, None)
     sum_logps = token_logps.sum(-1)  # [B]
     return SequenceLogprobs(token_logps, sum_logps, sum_logps / mask.sum(-1).clamp(min=1), entropy)
@@ -210,7 +239,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 if HAS_EXTENSION:
 
     @torch.library.register_fake("minalign::token_logprobs")
-    def _(logits, labels, ignore_index, with_entropy):
+    def _(logits, labels, ignore_index, with_entropy, inplace_backward=False):
         n = logits.shape[0]
         return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
                 logits.new_empty(n if with_entropy else 0, dtype=torch.float32))
@@ -219,8 +248,13 @@ if HAS_EXTENSION:
     def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index):
         return torch.empty_like(logits)
 
+    @torch.library.register_fake("minalign::token_logprobs_backward_")
+    def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index):
+        return None
+
     def _token_logprobs_setup(ctx, inputs, output):
-        logits, labels, ctx.ignore_index, ctx.with_entropy = inputs
+        logits, labels, ctx.ignore_index, ctx.with_entropy, *rest = inputs
+        ctx.inplace_backward = bool(rest and rest[0])  # the schema's default is False
         _, lse, entropy = output
         ctx.save_for_backward(logits, labels, lse, entropy)
 
@@ -228,10 +262,15 @@ if HAS_EXTENSION:
         logits, labels, lse, entropy = ctx.saved_tensors  # lse is internal: its gradient is never used
         if not ctx.with_entropy:
             grad_entropy = entropy = None
-        grad = torch.ops.minalign.token_logprobs_backward(
-            grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
-            logits, labels, lse, entropy, ctx.ignore_index)
-        return grad, None, None, None
+        args = (grad_logprobs.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+                logits.detach(), labels, lse, entropy, ctx.ignore_index)
+        if not ctx.inplace_backward:
+            return torch.ops.minalign.token_logprobs_backward(*args), None, None, None, None
+        torch.ops.minalign.token_logprobs_backward_(*args)
+        # The dispatcher does not count this write; counting it makes any node that saved the
+        # logits and runs later (or a second backward) fail instead of reading the gradient.
+        torch.autograd.graph.increment_version(logits)
+        return args[2], None, None, None, None
 
     torch.library.register_autograd(
         "minalign::token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup)

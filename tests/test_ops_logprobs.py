@@ -99,6 +99,25 @@ def test_large_logits_are_stable(device):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
 
 
+def test_max_jumps_between_blocks():
+    # the CPU kernel sums relative to the first block's max and raises that reference only
+    # when a later block (2,048 logits) goes more than 16 above it: exercise every case
+    V = 3 * 2048 + 5
+    logits = torch.randn(5, V)
+    logits[0, 2 * 2048 + 7] = 60.0  # one far larger logit in the third block
+    logits[1] = torch.linspace(-300, 300, V)  # every block raises the max
+    logits[2, :2048] = float("-inf")  # nothing in the first block
+    logits[3, :2048] = float("-inf")
+    logits[3, 5] = float("nan")  # a NaN with no finite logit beside it
+    logits[4, 4000:] = float("-inf")  # the last blocks empty
+    labels = torch.tensor([2 * 2048 + 7, V - 1, 3000, 3000, 10])
+    ours = values_and_grads(ops.token_logprobs, logits, labels, True)
+    ref = values_and_grads(reference.token_logprobs, logits, labels, True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, equal_nan=True)
+    assert ours[0][3].isnan() and torch.isfinite(ours[0][[0, 1, 2, 4]]).all()
+
+
 def test_gradcheck():
     # The kernels compute in float32, so gradcheck runs in float32 with a step and
     # tolerances sized for it; the comparisons with the reference are the tight check.

@@ -65,7 +65,7 @@ class Args:
     """Pairs per optimizer step, summed over processes."""
     epochs: float = 1.0
     """Passes over the training pairs."""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """Peak learning rate."""
     warmup_steps: int = 20
     """Linear warmup steps."""

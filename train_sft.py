@@ -98,7 +98,8 @@ def sft_loss_sum(model, batch):
     """Sum of -log p(target) over the trained tokens of a batch, and their count."""
     logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
     labels = batch["labels"]  # (B, T), -100 where no loss
-    logps = ops.token_logprobs(logits, labels)  # (B, T), 0 where labels are -100
+    # the logits are not read again, so the backward may overwrite them with their gradient
+    logps = ops.token_logprobs(logits, labels, inplace_backward=True)  # (B, T), 0 where labels are -100
     return -logps.sum(), (labels != -100).sum()
 
 

@@ -27,7 +27,7 @@ def pair_logps(model, batch) -> tuple[ops.SequenceLogprobs, ops.SequenceLogprobs
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
     logits, _ = model(input_ids)  # (2B, T, Vp)
-    out = ops.sequence_logprobs(logits, labels, labels != -100)
+    out = ops.sequence_logprobs(logits, labels, labels != -100, inplace_backward=True)  # logits not read again
     B = batch["chosen_input_ids"].shape[0]
     chosen = ops.SequenceLogprobs(*(None if t is None else t[:B] for t in out))
     rejected = ops.SequenceLogprobs(*(None if t is None else t[B:] for t in out))

@@ -59,13 +59,13 @@ class Args:
     """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
     batch_size: int = 32
     """Pairs per optimizer step, summed over processes."""
-    epochs: float = 2.0
+    epochs: float = 4.0
     """Passes over the training pairs."""
-    lr: float = 3e-4
+    lr: float = 5e-4
     """Peak learning rate."""
     warmup_steps: int = 20
     """Linear warmup steps."""
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     """AdamW weight decay on matrices."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""

@@ -1,0 +1,107 @@
+"""Seconds per DPO optimizer step: minalign's trainer step against a plain PyTorch one.
+
+The shape of the peer figure in ANCHORS.md (HF TRL 1.16 DPOTrainer on 2 CPU threads:
+14.6 s per step): a 4-layer, 256-wide GPT with the GPT-2 vocabulary, 8 pairs per
+step, 256 tokens per sequence (a 128-token prompt, 128-token responses).
+
+- minalign: one forward over chosen + rejected, fused log-probs (in-place backward),
+  ops.dpo_loss, reference log-probs computed once before training (as train_dpo.py).
+- plain PyTorch: the same model and optimizer, log_softmax + gather, and a forward of
+  the reference model every step, as most DPO trainers do.
+
+    python bench/bench_dpo_step.py                 # CPU, 2 threads
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minalign import ops
+from minalign.data import Example, collate_pairs
+from minalign.dpo import pair_logps, reference_logps
+from minalign.model import GPT, GPTConfig
+
+TRL_SECONDS_PER_STEP = 14.6  # ANCHORS.md: TRL 1.16 DPOTrainer, same shape, 2-core CPU (median)
+
+
+def plain_logps(model, input_ids, labels):
+    """Summed log-probs of the labelled tokens, the way it is usually written."""
+    logits, _ = model(input_ids)  # (2B, T, Vp)
+    logp = logits.float().log_softmax(-1)  # (2B, T, Vp): a second full-size tensor
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (2B, T)
+    return (picked * mask).sum(-1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--response-len", type=int, default=128)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    T = args.prompt_len + args.response_len
+    config = GPTConfig(block_size=T, vocab_size=50258, n_layer=4, n_head=4, n_embd=256)
+    policy = GPT(config)
+    reference = copy.deepcopy(policy).eval()
+    pairs = []
+    for _ in range(args.pairs):
+        prompt = torch.randint(0, 50257, (args.prompt_len,)).tolist()
+        chosen, rejected = (torch.randint(0, 50257, (args.response_len,)).tolist() for _ in range(2))
+        pairs.append((Example(prompt + chosen, args.prompt_len), Example(prompt + rejected, args.prompt_len)))
+    batch = collate_pairs(pairs, pad_id=50257)
+    ref = reference_logps(reference, pairs, pad_id=50257)  # once, before training
+
+    opt_a = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    plain_policy = copy.deepcopy(policy)
+    opt_b = torch.optim.AdamW(plain_policy.parameters(), lr=1e-5)
+
+    def minalign_step():
+        chosen, rejected = pair_logps(policy, batch)
+        loss = ops.dpo_loss(chosen.sum_logps, rejected.sum_logps, ref[:, 0], ref[:, 1], beta=0.1).losses.mean()
+        opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_a.step()
+
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+
+    def plain_step():
+        logps = plain_logps(plain_policy, ids, labels)
+        with torch.no_grad():
+            ref_logps = plain_logps(reference, ids, labels)
+        B = args.pairs
+        h = (logps[:B] - ref_logps[:B]) - (logps[B:] - ref_logps[B:])
+        loss = -F.logsigmoid(0.1 * h).mean()
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+
+    steps = {"minalign (train_dpo.py step)": minalign_step, "plain PyTorch (log_softmax + gather, ref each step)": plain_step}
+    times = {name: [] for name in steps}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    print(f"DPO step, CPU {args.threads} threads: 4 layers x 256 wide, V=50,257, {args.pairs} pairs of {T} tokens; "
+          f"median of {args.reps}; extension: {ops.HAS_EXTENSION}")
+    print(f"| implementation | s/step | steps/s | vs minalign |\n| --- | ---: | ---: | ---: |")
+    ours = statistics.median(times["minalign (train_dpo.py step)"])
+    for name, ts in times.items():
+        s = statistics.median(ts)
+        print(f"| {name} | {s:.2f} | {1 / s:.3f} | {s / ours:.2f}x |")
+    print(f"| HF TRL 1.16 DPOTrainer (ANCHORS.md, same shape and CPU, not run here) | {TRL_SECONDS_PER_STEP:.2f} | "
+          f"{1 / TRL_SECONDS_PER_STEP:.3f} | {TRL_SECONDS_PER_STEP / ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

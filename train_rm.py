@@ -141,7 +141,10 @@ def prepare_pairs(args, dist, name: str):
         print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
     sft_file = Path(args.sft_dir) / "sft_data.jsonl"
     if dist.is_main and not (Path(args.sft_dir) / "ckpt.pt").exists():  # SFT on the preferred responses
-        write_jsonl(sft_file, [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs])
+        rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
+        print(f"SFT data: the {len(rows)} non-empty chosen responses of the training pairs "
+              f"({len(train_pairs) - len(rows)} empty ones left out) -> {sft_file}")
+        write_jsonl(sft_file, rows)
     distributed.barrier(dist)
     sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
                                 block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,

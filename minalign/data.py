@@ -197,6 +197,7 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
         pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}: no pairs")
+    stats.n_examples = len(pairs)
     return pairs, stats
 
 

@@ -27,58 +27,25 @@ from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_table, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from train_rm import prepare_pairs
+from train_rm import PairArgs, prepare_pairs
 
 
 @dataclass
-class Args:
+class Args(PairArgs):
     """Train a policy with DPO on preference pairs (the built-in task by default)."""
 
-    data: str | None = None
-    """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
-    {"chosen","rejected"}. None: the built-in task's pairs, made by the SFT policy."""
-    tokenizer: str = "builtin"
-    """Tokenizer: "builtin" or "gpt2"."""
-    out_dir: str | None = None
-    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/dpo, or out/dpo-<data name>)."""
-    sft_dir: str | None = None
-    """SFT checkpoint folder: the initial policy and the reference (trained there if absent)."""
-    pairs_dir: str = "out/pairs"
-    """Built-in task: where the generated pairs are cached."""
-    label_temperature: float | None = None
-    """Built-in task: None ranks pairs by gold score; t > 0 draws Bradley-Terry labels."""
-    n_train_prompts: int = 1000
-    """Built-in task: training prompts (4 samples each, up to 6 pairs)."""
-    n_test_prompts: int = 200
-    """Built-in task: held-out prompts for evaluation."""
-    test_fraction: float = 0.1
-    """--data: share of pairs held out for evaluation."""
-    max_length: int = 64
-    """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
     beta: float = 0.1
     """Strength of the implicit KL constraint: small beta lets the policy move further."""
     loss_type: str = "sigmoid"
     """"sigmoid" (DPO), "ipo" (on length-normalised log-probs), "hinge" (SLiC) or "robust"."""
     label_smoothing: float = 0.0
     """Assumed share of flipped labels, for "sigmoid" (conservative DPO) and "robust"."""
-    batch_size: int = 32
-    """Pairs per optimizer step, summed over processes."""
     epochs: float = 1.0
     """Passes over the training pairs."""
     lr: float = 2e-4
     """Peak learning rate."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: no clipping)."""
-    log_interval: int = 10
-    """Steps between progress lines."""
     eval_max_new_tokens: int = 48
     """Built-in task: longest sampled response in the evaluation."""
-    seed: int = 1337
-    """Random seed."""
-    device: str = "auto"
-    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
 
 
 def dpo_metrics(out, chosen, rejected, prefix="") -> dict:

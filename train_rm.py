@@ -31,8 +31,9 @@ from minalign.tokenizer import get_tokenizer
 
 
 @dataclass
-class Args:
-    """Train a reward model on preference pairs (the built-in task by default)."""
+class PairArgs:
+    """Where the preference pairs come from, and the run settings train_rm.py and
+    train_dpo.py share."""
 
     data: str | None = None
     """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
@@ -40,7 +41,7 @@ class Args:
     tokenizer: str = "builtin"
     """Tokenizer: "builtin" or "gpt2"."""
     out_dir: str | None = None
-    """Where ckpt.pt and metrics.jsonl go (default out/rm, or out/rm-<data name>)."""
+    """Where ckpt.pt, metrics.jsonl (and eval.json) go (default out/<stage>, or out/<stage>-<data name>)."""
     sft_dir: str | None = None
     """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
     SFT on the chosen responses of the training pairs)."""
@@ -59,26 +60,32 @@ class Args:
     """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
     batch_size: int = 32
     """Pairs per optimizer step, summed over processes."""
-    epochs: float = 4.0
-    """Passes over the training pairs."""
-    lr: float = 5e-4
-    """Peak learning rate."""
     warmup_steps: int = 20
     """Linear warmup steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
-    margin: float = 0.0
-    """Built-in task: demand a score gap of margin * (gold gap) (Llama 2's margin loss); 0 is plain Bradley-Terry."""
-    center_coef: float = 0.0
-    """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
     log_interval: int = 10
     """Steps between progress lines."""
     seed: int = 1337
     """Random seed."""
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+
+@dataclass
+class Args(PairArgs):
+    """Train a reward model on preference pairs (the built-in task by default)."""
+
+    epochs: float = 4.0
+    """Passes over the training pairs."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices."""
+    margin: float = 0.0
+    """Built-in task: demand a score gap of margin * (gold gap) (Llama 2's margin loss); 0 is plain Bradley-Terry."""
+    center_coef: float = 0.0
+    """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
 
 
 def pair_scores(model, batch):

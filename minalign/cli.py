@@ -18,23 +18,23 @@ import typing
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Map each field of a dataclass to the string literal written just below it."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # defined where no source file exists (e.g. `python -c`)
-        return {}
-    tree = ast.parse(textwrap.dedent(source))
-    body = tree.body[0].body
+    """Map each field of a dataclass (inherited ones too) to the string literal below it."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed(cls.__mro__[:-1]):  # base classes first; a subclass may redefine
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # defined where no source file exists (e.g. `python -c`)
+            continue
+        body = ast.parse(textwrap.dedent(source)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

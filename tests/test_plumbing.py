@@ -77,3 +77,17 @@ def test_metrics_jsonl(tmp_path):
     assert rows[0]["loss"] == 2.5 and rows[0]["step"] == 1 and rows[1]["loss"] == "nan"
     MetricsLogger(tmp_path / "quiet", enabled=False).log(1, loss=1.0)
     assert not (tmp_path / "quiet").exists()
+
+
+@dataclass
+class MoreArgs(Args):
+    """A command that adds a flag."""
+
+    beta: float = 0.1
+    """Strength of the constraint."""
+
+
+def test_cli_inherited_fields_keep_their_help():
+    assert parse_args(MoreArgs, ["--beta", "0.5", "--steps", "3"]) == MoreArgs(steps=3, beta=0.5)
+    help_text = build_parser(MoreArgs).format_help()
+    assert "Peak learning rate." in help_text and "Strength of the constraint." in help_text

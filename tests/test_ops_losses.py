@@ -190,3 +190,14 @@ def test_ppo_opcheck(device):
     grad = torch.tensor(1.5, device=device)
     for op in (torch.ops.minalign.ppo_policy_loss_backward, torch.ops.minalign.ppo_value_loss_backward):
         torch.library.opcheck(op.default, (grad, a, b, c, m, 0.2))
+
+
+def test_dpo_loss_small_beta_limit():
+    """As beta -> 0 the sigmoid loss tends to log 2 whatever the log-probs, with slope
+    -beta/2 in the log-ratio difference h (the first-order term of -log sigmoid(beta h))."""
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(16) * 5 for _ in range(4))
+    h = (pc - pr) - (rc - rr)
+    for beta in (1e-3, 1e-5):
+        losses = ops.dpo_loss(pc, pr, rc, rr, beta=beta).losses
+        torch.testing.assert_close(losses, math.log(2) - beta * h / 2, atol=beta**2 * h.abs().max() ** 2 + 1e-6, rtol=0)

@@ -167,8 +167,8 @@ def check_tokenizer(ckpt, tokenizer, path):
                          f"pass --tokenizer {ckpt['tokenizer']} or another --sft-dir")
 
 
-def main(args: Args):
-    dist = distributed.setup(args.device)
+def train(args: Args, dist: distributed.DistInfo) -> str:
+    """Train; returns the checkpoint's path."""
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "rm")
     if args.batch_size % dist.world_size:
@@ -221,6 +221,23 @@ def main(args: Args):
             "kind": "reward", "model": model.state_dict(), "model_config": asdict(model.config),
             "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
         print(f"saved {args.out_dir}/ckpt.pt")
+    distributed.barrier(dist)  # the other ranks wait for the checkpoint
+    return str(Path(args.out_dir) / "ckpt.pt")
+
+
+def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
+    """The reward-model checkpoint in out_dir, trained (Args defaults plus `overrides`) if absent."""
+    path = Path(out_dir) / "ckpt.pt"
+    if path.exists():
+        return str(path)
+    if dist.is_main:
+        print(f"== reward model: none in {out_dir}; training one")
+    return train(Args(out_dir=out_dir, **overrides), dist)
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    train(args, dist)
     distributed.cleanup(dist)
 
 

@@ -1,0 +1,79 @@
+"""PPO for language models: the pieces between a rollout and the clipped losses.
+
+RLHF's third stage (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022):
+the policy samples responses, the reward model scores them, and PPO (Schulman et al.
+2017) raises the score while a per-token KL penalty keeps the policy near the
+reference (SFT) model. Per response token t the reward is
+
+    r_t = -beta * kl_t               + (score if t is the last response token)
+    kl_t = log pi(y_t) - log pi_ref(y_t)   (k1; or k3 = (ratio - 1) - log ratio, ratio = pi_ref/pi)
+
+GAE (`minalign.ops.gae`, gamma 1, lambda 0.95) turns rewards and the critic's values
+into advantages, whitened over the real tokens; the losses are `ops.ppo_policy_loss`
+and `ops.ppo_value_loss`. This file holds pure functions; train_ppo.py runs the loop.
+"""
+
+import torch
+
+
+def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi [B, N].
+
+    k1 = log pi - log pi_ref: unbiased, can be negative per token.
+    k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, never negative, lower
+    variance (Schulman 2020, "Approximating KL divergence").
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {kind!r}")
+
+
+def token_rewards(scores, kl, mask, beta: float):
+    """Rewards [B, N]: -beta * kl on every response token, plus the reward-model score
+    [B] on each row's last response token; 0 on padding."""
+    mask = mask.float()
+    rewards = -beta * kl * mask  # (B, N)
+    last = (mask.cumsum(1).argmax(1))  # index of the last real token (first max of the running count)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def masked_mean(x, mask):
+    mask = mask.float()
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std over the positions where mask is true; 0 on the others."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask.float()
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect critic,
+    0 no better than a constant, negative worse (CleanRL's losses/explained_variance)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019)'s controller: move beta so the KL drifts toward a target,
+
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon).
+
+    With target None, beta stays fixed."""
+
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10_000):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

@@ -1,0 +1,228 @@
+"""RLHF with PPO: the policy samples, the reward model scores, PPO updates the policy.
+
+With no arguments it works on the built-in task end to end: it trains the SFT policy
+and the reward model if out/ holds none, then runs PPO from the SFT policy with a
+per-token KL penalty to it, logging the reward model's score beside the gold judge's
+(the gap between them is how reward hacking shows itself), and evaluates the result
+against SFT on held-out prompts, in the same table and eval.json as train_dpo.py.
+
+    python train_ppo.py
+    python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run
+"""
+
+import copy
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train_rm
+import train_sft
+from minalign import distributed, ops, task
+from minalign.checkpoint import load_model, save_checkpoint
+from minalign.cli import parse_args
+from minalign.evaluate import evaluate_policy, format_table, write_eval
+from minalign.logger import MetricsLogger, Progress
+from minalign.ppo import AdaptiveKLController, explained_variance, kl_estimate, masked_mean, masked_whiten, token_rewards
+from minalign.rollout import Rollout, response_logprobs, sample
+from minalign.tokenizer import get_tokenizer
+
+
+@dataclass
+class Args:
+    """RLHF with PPO against a reward model (the built-in task by default)."""
+
+    tokenizer: str = "builtin"
+    """Tokenizer of the SFT and reward-model checkpoints."""
+    out_dir: str = "out/ppo"
+    """Where ckpt.pt, metrics.jsonl and eval.json go."""
+    sft_dir: str = "out/sft"
+    """SFT checkpoint folder: the initial policy and the KL reference (trained if absent)."""
+    rm_dir: str = "out/rm"
+    """Reward-model checkpoint folder: the score, and the critic's initialisation (trained if absent)."""
+    updates: int = 120
+    """PPO updates (each: one rollout batch, then `epochs` passes over it)."""
+    rollout_batch_size: int = 64
+    """Prompts sampled per update, summed over processes."""
+    minibatch_size: int = 64
+    """Sequences per gradient step within an update (per process)."""
+    epochs: int = 4
+    """Passes over each rollout batch (N+ implementation details: 4)."""
+    max_new_tokens: int = 40
+    """Longest sampled response."""
+    temperature: float = 1.0
+    """Sampling temperature; 1 samples the full distribution, as the KL estimate assumes."""
+    lr: float = 3e-5
+    """Learning rate of policy and critic."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty -beta * kl_t (initial value when --kl-target is set)."""
+    kl_target: float | None = None
+    """Adaptive beta toward this many nats of sequence KL (Ziegler et al. 2019); None keeps beta fixed."""
+    kl_horizon: int = 10_000
+    """Horizon of the adaptive controller, in samples."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: "k1" (log ratio) or "k3"."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given to a response that never emits EOS (None: keep the reward model's score)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping."""
+    value_clip: float = 0.2
+    """Value clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    grad_clip: float = 1.0
+    """Clip each model's gradient norm to this."""
+    eval_prompts: int = 200
+    """Held-out prompts for the final evaluation."""
+    log_interval: int = 5
+    """Updates between progress lines."""
+    seed: int = 1337
+    """Random seed."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+
+def response_values(critic, rollout: Rollout):
+    """Critic values [B, N] of the states before each response token."""
+    P, N = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    values = critic.values(rollout.sequences, rollout.attention_mask)  # (B, P+N)
+    return values[:, P - 1 : P + N - 1]
+
+
+@torch.no_grad()
+def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, eos_id):
+    """Everything PPO needs from a rollout before updating: old log-probs, values,
+    rewards, advantages, returns, and the statistics."""
+    mask = rollout.response_mask
+    old = response_logprobs(policy, rollout, return_entropy=True)
+    ref = response_logprobs(reference, rollout)
+    values = response_values(critic, rollout) * mask
+    scores = reward_model(rollout.sequences, rollout.attention_mask)  # (B,) at each row's last real token
+    ended = rollout.ended(eos_id)
+    if args.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_penalty))
+    kl = kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask
+    rewards = token_rewards(scores, kl, mask, beta)
+    advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, mask)
+    seq_kl = kl.sum(1)
+    stats = {
+        "objective/kl": seq_kl.mean().item(),
+        "objective/entropy": (old.entropy * mask).sum(1).mean().item(),
+        "objective/non_score_reward": (-beta * seq_kl).mean().item(),
+        "objective/rlhf_reward": (scores - beta * seq_kl).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "val/num_eos_tokens": ended.sum().item(),
+        "response_length": mask.sum(1).float().mean().item(),
+    }
+    return old.token_logps, values, advantages, returns, stats
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer(args.tokenizer)
+    sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+    rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
+    policy, _ = load_model(sft_path, dist.device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reward_model, _ = load_model(rm_path, dist.device)
+    reward_model.eval().requires_grad_(False)
+    critic = copy.deepcopy(reward_model).train().requires_grad_(True)  # initialised from the reward model
+    policy.train()
+    if args.rollout_batch_size % dist.world_size:
+        raise ValueError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
+
+    train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
+    optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=args.lr, weight_decay=0.0)
+    train_policy = DDP(policy) if dist.enabled else policy
+    train_critic = DDP(critic) if dist.enabled else critic
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
+    progress = Progress(args.updates, enabled=dist.is_main)
+    generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
+    per_rank = args.rollout_batch_size // dist.world_size
+    negative_kl_warned = False
+    t0 = time.time()
+
+    for update in range(1, args.updates + 1):
+        # ---- rollout: sample, then score with the reward model, reference and critic ----
+        start = ((update - 1) * args.rollout_batch_size + dist.rank * per_rank) % (len(train_prompts) - per_rank)
+        prompts = train_prompts[start : start + per_rank]
+        t_roll = time.time()
+        rollout = sample(policy, tokenizer, prompts, args.max_new_tokens, generator, temperature=args.temperature)
+        roll_tokens = rollout.response_mask.sum().item()
+        rollout_seconds = time.time() - t_roll
+        old_logps, old_values, advantages, returns, stats = score_rollout(
+            policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id)
+        mask = rollout.response_mask
+
+        # ---- PPO: several epochs of minibatches over this rollout ----
+        B = len(prompts)
+        history = []
+        for _ in range(args.epochs):
+            order = torch.randperm(B, generator=torch.Generator().manual_seed(args.seed + update))
+            for i in range(0, B, args.minibatch_size):
+                idx = order[i : i + args.minibatch_size].to(dist.device)
+                mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
+                new = response_logprobs(train_policy, mb, return_entropy=True)
+                values = response_values(train_critic, mb)
+                pg = ops.ppo_policy_loss(new.token_logps, old_logps[idx], advantages[idx], mask[idx], args.clip_eps)
+                vf = ops.ppo_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
+                loss = pg.loss + args.vf_coef * vf.loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+                optimizer.step()
+                ratio = masked_mean(torch.exp(new.token_logps.detach() - old_logps[idx]), mask[idx])
+                history.append([pg.loss.item(), vf.loss.item(), pg.clipfrac.item(), pg.approx_kl.item(),
+                                vf.clipfrac.item(), ratio.item()])
+        means = torch.tensor(history).mean(0).tolist()
+        stats.update({
+            "loss/policy_avg": means[0], "loss/value_avg": means[1], "policy/clipfrac_avg": means[2],
+            "policy/approxkl_avg": means[3], "val/clipfrac_avg": means[4], "val/ratio": means[5],
+            "losses/explained_variance": explained_variance(old_values, returns, mask),
+            "kl_coef": kl_ctl.value, "rollout_tokens_per_s": roll_tokens / rollout_seconds, "eps": update * args.rollout_batch_size / (time.time() - t0),  # episodes per second
+        })
+        # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
+        texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
+        stats["objective/gold_scores"] = sum(task.gold_reward(texts)) / len(texts)
+        kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
+        if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
+            warnings.warn("mean KL estimate is negative: the sampling distribution differs from the policy's "
+                          "(temperature, top-k/top-p?) or the batch is too small", stacklevel=1)
+            negative_kl_warned = True
+        logger.log(update, **stats)
+        if update % args.log_interval == 0 or update == args.updates:
+            progress.print(update, score=round(stats["objective/scores"], 3),
+                           gold=round(stats["objective/gold_scores"], 3),
+                           kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
+                           ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
+                           **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
+
+    if dist.is_main:
+        prompts = task.prompts("test", tokenizer, n=args.eval_prompts, seed=args.seed + 11)
+        result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed)
+        result["train_seconds"] = time.time() - t0
+        print(format_table("PPO", result))
+        for s in result["samples"][:3]:
+            print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
+                  f"\n    PPO ({s['gold']:+.2f}): {s['response']!r}")
+        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+        print(f"wrote {write_eval(args.out_dir, result)}")
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+            "step": args.updates, "tokenizer": tokenizer.name})
+    distributed.cleanup(dist)
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))

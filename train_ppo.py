@@ -92,7 +92,7 @@ class Args:
 def response_values(critic, rollout: Rollout):
     """Critic values [B, N] of the states before each response token."""
     P, N = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    values = critic.values(rollout.sequences, rollout.attention_mask)  # (B, P+N)
+    values = critic(rollout.sequences, rollout.attention_mask, per_token=True)  # (B, P+N)
     return values[:, P - 1 : P + N - 1]
 
 
@@ -195,7 +195,9 @@ def main(args: Args):
         # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
         stats["objective/gold_scores"] = sum(task.gold_reward(texts)) / len(texts)
-        kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
+        # every process must move beta alike: update it with the KL averaged over processes
+        mean_kl = distributed.all_reduce_sum(torch.tensor(stats["objective/kl"]), dist).item() / dist.world_size
+        kl_ctl.update(mean_kl, args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
             warnings.warn("mean KL estimate is negative: the sampling distribution differs from the policy's "
                           "(temperature, top-k/top-p?) or the batch is too small", stacklevel=1)

@@ -49,12 +49,15 @@ class RewardModel(nn.Module):
         raw = self.head(hidden).squeeze(-1).float()  # (B, T)
         return self.gain * raw + self.offset
 
-    def forward(self, input_ids, attention_mask):
-        """Score [B] of each sequence, read at its last real token.
+    def forward(self, input_ids, attention_mask, per_token=False):
+        """Score [B] of each sequence, read at its last real token (with per_token, the
+        values [B, T] at every position, as PPO's critic).
 
         attention_mask [B, T] marks real tokens; padding may be on either side.
         """
         values = self.values(input_ids, attention_mask)  # (B, T)
+        if per_token:
+            return values
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = torch.where(attention_mask.bool(), positions, -1).max(1).values  # (B,)
         return values.gather(1, last[:, None]).squeeze(1)

@@ -109,6 +109,7 @@ setup(
     package_data={"minalign": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tiktoken", "vaderSentiment"],
+    extras_require={"plots": ["matplotlib"]},  # the figures of experiments/ (CSV without it)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -46,6 +46,9 @@ class Args(PairArgs):
     """Peak learning rate."""
     eval_max_new_tokens: int = 48
     """Built-in task: longest sampled response in the evaluation."""
+    eval_interval: int = 0
+    """Built-in task: also evaluate with the gold judge before training and every this many
+    steps, logged as eval/* (gold reward, win rate, KL); 0: only at the end."""
 
 
 def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
@@ -85,6 +88,20 @@ def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> 
     return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
 
 
+def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -> dict:
+    """Built-in task: the policy's samples on held-out prompts against the reference's,
+    judged by the gold judge (`reference` is kept on the CPU between evaluations)."""
+    prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
+    result = evaluate_policy(policy, reference.to(device), tokenizer, prompts, args.eval_max_new_tokens,
+                             seed=args.seed)
+    reference.cpu()
+    if logger is not None:
+        logger.log(step, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+        print(f"eval @ step {step}: gold {result['gold_reward']:.3f} | KL {result['kl']:.2f} | "
+              f"win rate {result['win_rate']:.3f}", flush=True)
+    return result
+
+
 def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
@@ -115,6 +132,9 @@ def main(args: Args):
     if dist.is_main:
         print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs")
 
+    gold_evals = args.eval_interval and args.data is None and dist.is_main
+    if gold_evals:
+        gold_eval(policy, reference, tokenizer, args, dist.device, logger, 0)
     t0 = time.time()
     for step in range(1, total_steps + 1):
         lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
@@ -134,6 +154,8 @@ def main(args: Args):
             logger.log(step, **metrics)
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
+        if gold_evals and step % args.eval_interval == 0 and step < total_steps:
+            gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
     train_seconds = time.time() - t0
 
     if dist.is_main:
@@ -141,15 +163,14 @@ def main(args: Args):
         results["train_seconds"] = train_seconds
         print("held-out pairs: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items() if k.startswith("eval/")))
         if args.data is None:  # the gold judge: better reviews than SFT, at what KL?
-            prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
-            gold = evaluate_policy(policy, reference.to(dist.device), tokenizer, prompts, args.eval_max_new_tokens,
-                                   seed=args.seed)
-            results.update({k: v for k, v in gold.items()})
+            gold = gold_eval(policy, reference, tokenizer, args, dist.device)
+            results.update(gold)
             print(format_table("DPO", gold))
             for s in gold["samples"][:3]:
                 print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
                       f"\n    DPO ({s['gold']:+.2f}): {s['response']!r}")
-        logger.log(total_steps, **{k: v for k, v in results.items() if k != "samples"})
+        logger.log(total_steps, **{(k if k.startswith("eval/") else f"eval/{k}"): v
+                                   for k, v in results.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, results)}")
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),

@@ -81,6 +81,9 @@ class Args:
     """Clip each model's gradient norm to this."""
     eval_prompts: int = 200
     """Held-out prompts for the final evaluation."""
+    eval_interval: int = 0
+    """Also evaluate on the held-out prompts before training and every this many updates,
+    logged as eval/* (gold reward, reward-model score, KL); 0: only at the end."""
     log_interval: int = 5
     """Updates between progress lines."""
     seed: int = 1337
@@ -125,6 +128,17 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     return old.token_logps, values, advantages, returns, stats
 
 
+def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update) -> dict:
+    """Gold reward, reward-model score, win rate and KL on the held-out prompts, logged as eval/*."""
+    prompts = task.prompts("test", tokenizer, n=args.eval_prompts, seed=args.seed + 11)
+    result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
+                             reward_model=reward_model)
+    logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+    print(f"eval @ update {update}: gold {result['gold_reward']:.3f} | reward model {result['rm_score']:.3f} | "
+          f"KL {result['kl']:.2f} | win rate {result['win_rate']:.3f}", flush=True)
+    return result
+
+
 def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
@@ -150,6 +164,8 @@ def main(args: Args):
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
     per_rank = args.rollout_batch_size // dist.world_size
     negative_kl_warned = False
+    if args.eval_interval and dist.is_main:
+        held_out_eval(policy, reference, reward_model, tokenizer, args, logger, 0)
     t0 = time.time()
 
     for update in range(1, args.updates + 1):
@@ -209,16 +225,17 @@ def main(args: Args):
                            kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
                            ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
+        if args.eval_interval and update % args.eval_interval == 0 and update < args.updates and dist.is_main:
+            held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
 
     if dist.is_main:
-        prompts = task.prompts("test", tokenizer, n=args.eval_prompts, seed=args.seed + 11)
-        result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed)
-        result["train_seconds"] = time.time() - t0
+        train_seconds = time.time() - t0
+        result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
+        result["train_seconds"] = train_seconds
         print(format_table("PPO", result))
         for s in result["samples"][:3]:
             print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
                   f"\n    PPO ({s['gold']:+.2f}): {s['response']!r}")
-        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, result)}")
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),

@@ -24,7 +24,7 @@ from minalign.checkpoint import load_model, save_checkpoint
 from minalign.cli import parse_args
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, write_jsonl
+from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import RewardModel, bradley_terry_loss
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
@@ -54,6 +54,10 @@ class PairArgs:
     """Built-in task: training prompts (4 samples each, up to 6 pairs)."""
     n_test_prompts: int = 200
     """Built-in task: held-out prompts for evaluation."""
+    n_train_pairs: int | None = None
+    """Built-in task: train on a random subset of this many pairs (None: all of them)."""
+    label_flip: float = 0.0
+    """Built-in task: give this share of the training pairs the wrong label (held-out pairs stay clean)."""
     test_fraction: float = 0.1
     """--data: share of pairs held out for evaluation."""
     max_length: int = 64
@@ -139,7 +143,18 @@ def prepare_pairs(args, dist, name: str):
         train_pairs, test_pairs = builtin_pairs(
             Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
             args.label_temperature, args.max_length - 8, args.seed, dist.is_main, lambda: distributed.barrier(dist))
+        if args.n_train_pairs is not None or args.label_flip:
+            if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
+                raise ValueError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
+                                 f"raise --n-train-prompts for more")
+            if not 0.0 <= args.label_flip <= 1.0:
+                raise ValueError(f"--label-flip {args.label_flip}: a share of the pairs, between 0 and 1")
+            train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
+            if dist.is_main:
+                print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")
         return policy, tokenizer, train_pairs, test_pairs
+    if args.n_train_pairs is not None or args.label_flip:
+        raise ValueError("--n-train-pairs and --label-flip apply to the built-in task's pairs, not to --data")
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))

@@ -72,6 +72,10 @@ def build_parser(cls, description=None) -> argparse.ArgumentParser:
         help_text = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(tp) is tuple:  # tuple[float, ...]: one or more values after the flag
+            item = typing.get_args(tp)[0]
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, nargs="+",
+                                type=_parser_for(item, False), metavar=item.__name__.upper())
         else:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=_parser_for(tp, optional),
                                 metavar=tp.__name__.upper())
@@ -81,4 +85,5 @@ def build_parser(cls, description=None) -> argparse.ArgumentParser:
 def parse_args(cls, argv=None):
     """Parse the command line (or `argv`) into an instance of the dataclass `cls`."""
     namespace = build_parser(cls).parse_args(argv)
-    return cls(**vars(namespace))
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
+    return cls(**values)

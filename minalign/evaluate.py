@@ -7,7 +7,9 @@ The measures of the DPO paper's IMDb experiment (Rafailov et al. 2023, fig. 2):
   prompt under the gold judge (a tie counts one half);
 - KL: the sequence-level KL(pi || pi_ref), estimated from the policy's own samples as
   the mean over samples of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)];
-- response length in tokens, since optimising a reward often changes it.
+- response length in tokens, since optimising a reward often changes it;
+- optionally a reward model's mean score of the same samples: beside the gold reward
+  it shows whether the policy pleases the proxy more than the judge (reward hacking).
 
 Both policies sample from the full distribution (temperature 1), as the KL estimate
 assumes.
@@ -24,15 +26,18 @@ from minalign.rollout import response_logprobs, sample
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0,
-                    judge=task.gold_reward) -> dict:
-    """Gold reward, win rate and KL of `policy` against `reference` on `prompts`.
+                    judge=task.gold_reward, reward_model=None) -> dict:
+    """Gold reward, win rate and KL of `policy` against `reference` on `prompts`
+    (and `reward_model`'s mean score of the policy's samples, when given).
 
     Returns a dict of the summary figures plus the per-sample "samples" (prompt,
     policy response, reference response and their gold scores)."""
     device = policy.wte.weight.device
     policy_gen = torch.Generator(device=device).manual_seed(seed)
     ref_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    kls, lengths, ref_lengths, policy_texts, ref_texts = [], [], [], [], []
+    kls, lengths, ref_lengths, policy_texts, ref_texts, rm_scores = [], [], [], [], [], []
+    was_training = policy.training
+    policy.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen)
@@ -41,13 +46,18 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
         kls.append(logp - ref_logp)
         lengths.append(rollout.response_mask.sum(1).float())
         policy_texts += rollout.response_texts(tokenizer)
+        if reward_model is not None:
+            rm_scores.append(reward_model(rollout.sequences, rollout.attention_mask).float())
         ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen)
         ref_lengths.append(ref_rollout.response_mask.sum(1).float())
         ref_texts += ref_rollout.response_texts(tokenizer)
+    policy.train(was_training)
     gold = torch.tensor(judge([p + r for p, r in zip(prompts, policy_texts)]))
     ref_gold = torch.tensor(judge([p + r for p, r in zip(prompts, ref_texts)]))
     wins = (gold > ref_gold).float() + 0.5 * (gold == ref_gold).float()
-    return {
+    rm = torch.cat(rm_scores).cpu().tolist() if rm_scores else [None] * len(prompts)
+    extra = {"rm_score": sum(rm) / len(rm)} if rm_scores else {}
+    return {**extra,
         "gold_reward": gold.mean().item(),
         "ref_gold_reward": ref_gold.mean().item(),
         "win_rate": wins.mean().item(),
@@ -56,8 +66,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
         "ref_response_length": torch.cat(ref_lengths).mean().item(),
         "n_prompts": len(prompts),
         "samples": [
-            {"prompt": p, "response": r, "gold": g, "ref_response": rr, "ref_gold": rg}
-            for p, r, g, rr, rg in zip(prompts, policy_texts, gold.tolist(), ref_texts, ref_gold.tolist())
+            {"prompt": p, "response": r, "gold": g, "rm_score": s, "ref_response": rr, "ref_gold": rg}
+            for p, r, g, s, rr, rg in zip(prompts, policy_texts, gold.tolist(), rm, ref_texts, ref_gold.tolist())
         ],
     }
 

@@ -82,6 +82,31 @@ def bayes_optimal_accuracy(pairs: list[dict]) -> float:
     return sum(max(p["p_chosen"], 1 - p["p_chosen"]) for p in pairs) / max(len(pairs), 1)
 
 
+def select_pairs(pairs: list[dict], n: int | None = None, flip: float = 0.0, seed: int = 0) -> tuple[list[dict], int]:
+    """A seeded random subset of `n` pairs (all of them when None), with round(flip * n)
+    of them, chosen at random, given the wrong label: chosen and rejected swapped (with
+    their gold scores; p_chosen becomes 1 - p). Returns (pairs, how many were flipped).
+
+    Experiments use it to ask how much data a reward model needs, and what label noise
+    does to every method downstream."""
+    if n is not None and not 0 < n <= len(pairs):
+        raise ValueError(f"asked for {n} pairs, but there are {len(pairs)}")
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError(f"the share of flipped labels must lie in [0, 1], not {flip}")
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(pairs)), n) if n is not None else list(range(len(pairs)))
+    subset = [dict(pairs[i]) for i in chosen]
+    n_flip = round(flip * len(subset))
+    for pair in rng.sample(subset, n_flip):
+        pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+        if "chosen_gold" in pair:
+            pair["chosen_gold"], pair["rejected_gold"] = pair["rejected_gold"], pair["chosen_gold"]
+        if "p_chosen" in pair:
+            pair["p_chosen"] = 1.0 - pair["p_chosen"]
+        pair["flipped"] = True
+    return subset, n_flip
+
+
 def write_jsonl(path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

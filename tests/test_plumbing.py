@@ -24,12 +24,14 @@ class Args:
     """How many steps."""
     compile: bool = False
     """Compile the model."""
+    betas: tuple[float, ...] = (0.1, 0.5)
+    """Values to sweep."""
 
 
 def test_cli_types_defaults_and_help():
     assert parse_args(Args, []) == Args()
-    args = parse_args(Args, ["--lr", "1e-3", "--data", "x.jsonl", "--steps", "7", "--compile"])
-    assert args == Args(lr=1e-3, data="x.jsonl", steps=7, compile=True)
+    args = parse_args(Args, ["--lr", "1e-3", "--data", "x.jsonl", "--steps", "7", "--compile", "--betas", "1", "2.5", "4"])
+    assert args == Args(lr=1e-3, data="x.jsonl", steps=7, compile=True, betas=(1.0, 2.5, 4.0))
     assert parse_args(Args, ["--data", "none"]).data is None
     help_text = build_parser(Args).format_help()
     assert "Peak learning rate." in help_text and "--no-compile" in help_text and "A demo command." in help_text
@@ -39,6 +41,9 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_args(Args, ["--steps", "many"])
     assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(Args, ["--betas", "0.1", "big"])
+    assert "--betas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(Args, ["--unknown", "1"])
 

@@ -102,14 +102,18 @@ def workdir(tmp_path_factory):
 
 
 def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path):
-    a = run_ppo(workdir, tmp_path / "a", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01")
+    a = run_ppo(workdir, tmp_path / "a", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01", "--eval-interval", "6")
     scores = [r["objective/scores"] for r in a if "objective/scores" in r]
     assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4  # the policy learns what the reward model likes
     names = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
              "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
              "val/ratio", "val/num_eos_tokens", "losses/explained_variance", "kl_coef", "objective/gold_scores"}
-    assert names <= a[0].keys()
-    b = run_ppo(workdir, tmp_path / "b", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01")
+    assert names <= next(r for r in a if "objective/scores" in r).keys()
+    evals = [r for r in a if "eval/gold_reward" in r]  # before training, along it, and at the end
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert all({"eval/rm_score", "eval/kl", "eval/win_rate"} <= r.keys() for r in evals)
+    assert evals[0]["eval/kl"] == 0.0  # before training the policy is the reference
+    b = run_ppo(workdir, tmp_path / "b", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01", "--eval-interval", "6")
     timing = {"time", "rollout_tokens_per_s", "eps", "eval/train_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(a) == strip(b)  # seeded runs repeat exactly on the CPU

@@ -1,0 +1,188 @@
+"""The experiments' formulas (Gao et al.'s fits, best-of-n), the label flips and pair
+subsets they train on, and a tiny run of each experiment end to end."""
+
+import csv
+import itertools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.common import best_of_n, bon_kl, fit_gao, frontier_at, gao_curve, upper_frontier
+from minalign.preferences import select_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("form,a,b", [("bon", 0.9, 0.2), ("rl", 0.5, 0.3), ("rl", 0.2, -0.05)])
+def test_fit_gao_recovers_known_parameters(form, a, b):
+    rng = np.random.default_rng(0)
+    d = np.linspace(0.1, 4.0, 40)
+    reward = gao_curve(d, a, b, form) + rng.normal(0, 0.01, d.shape)
+    fit = fit_gao(np.concatenate([[0.0], d]), np.concatenate([[0.0], reward]), form)
+    assert fit["a"] == pytest.approx(a, abs=0.02) and fit["b"] == pytest.approx(b, abs=0.02)
+    assert fit["r2"] > 0.99
+    if b > 0:  # the peak is where the derivative of the true curve vanishes
+        true_peak = a / (2 * b) if form == "bon" else math.exp(a / b - 1)
+        assert fit["d_peak"] == pytest.approx(true_peak, rel=0.05)
+    else:
+        assert "d_peak" not in fit
+
+
+def test_fit_gao_reports_a_poor_fit_and_rejects_bad_input():
+    d = np.linspace(0.1, 3, 30)
+    fit = fit_gao(d, np.sin(6 * d), "bon")  # nothing like d (a - b d)
+    assert fit["r2"] < 0.5
+    with pytest.raises(ValueError, match="form"):
+        fit_gao(d, d, "ppo")
+    with pytest.raises(ValueError, match="two points"):
+        fit_gao([0.0, 1.0], [0.0, 1.0], "rl")
+
+
+def test_best_of_n_kl_formula():
+    assert bon_kl(1) == 0.0
+    assert bon_kl(2) == pytest.approx(math.log(2) - 0.5)
+    # Exact KL of best-of-n over M equally likely outcomes with distinct rewards: the
+    # outcome ranked i-th (ascending) is picked with probability (i/M)^n - ((i-1)/M)^n.
+    # It never exceeds the formula and approaches it as M grows (the continuous limit).
+    for n in (2, 4, 16, 64):
+        for M, tol in ((50, None), (200_000, 1e-3)):
+            i = np.arange(1, M + 1)
+            p = (i / M) ** n - ((i - 1) / M) ** n
+            p = p[p > 0]
+            kl = float(np.sum(p * np.log(p * M)))
+            assert kl <= bon_kl(n) + 1e-12
+            if tol:
+                assert kl == pytest.approx(bon_kl(n), abs=tol)
+
+
+def test_best_of_n_equals_the_average_over_every_draw():
+    rng = np.random.default_rng(1)
+    proxy, gold = rng.normal(size=7), rng.normal(size=7)
+    for n in range(1, 8):
+        picks = [max(draw, key=lambda j: proxy[j]) for draw in itertools.combinations(range(7), n)]
+        want = (np.mean(proxy[picks]), np.mean(gold[picks]))
+        assert best_of_n(proxy, gold, n) == pytest.approx(want)
+    assert best_of_n(proxy, gold, 1) == pytest.approx((proxy.mean(), gold.mean()))
+    assert best_of_n(proxy, gold, 7)[1] == pytest.approx(gold[np.argmax(proxy)])
+    with pytest.raises(ValueError, match="best-of-8"):
+        best_of_n(proxy, gold, 8)
+
+
+def test_upper_frontier():
+    points = [(0.0, 0.1), (1.0, 0.5), (2.0, 0.4), (3.0, 0.7), (0.5, 0.05)]
+    front = upper_frontier(points)
+    assert front == [(0.0, 0.1), (1.0, 0.5), (3.0, 0.7)]
+    assert frontier_at(front, 2.5) == 0.5 and frontier_at(front, 3.0) == 0.7 and frontier_at(front, -1) == -math.inf
+
+
+def test_select_pairs_subsets_and_flips_exactly():
+    pairs = [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}", "chosen_gold": 1.0,
+              "rejected_gold": -1.0, "p_chosen": 0.9} for i in range(40)]
+    subset, flipped = select_pairs(pairs, 20, 0.25, seed=3)
+    assert len(subset) == 20 and flipped == 5 and len({p["prompt"] for p in subset}) == 20
+    wrong = [p for p in subset if p.get("flipped")]
+    assert len(wrong) == 5
+    for p in wrong:
+        assert p["chosen"].startswith("bad") and p["chosen_gold"] == -1.0 and p["p_chosen"] == pytest.approx(0.1)
+    assert all(p["chosen"].startswith("good") for p in subset if not p.get("flipped"))
+    assert pairs[0]["chosen"] == "good0" and "flipped" not in pairs[0]  # the input is left alone
+    assert select_pairs(pairs, 20, 0.25, seed=3) == (subset, flipped)  # seeded
+    assert select_pairs(pairs)[1] == 0 and len(select_pairs(pairs)[0]) == 40
+    with pytest.raises(ValueError, match="41 pairs"):
+        select_pairs(pairs, 41)
+    with pytest.raises(ValueError, match="flipped"):
+        select_pairs(pairs, flip=1.5)
+
+
+# ---- tiny runs of each experiment ----
+
+TINY = ["--n-train-prompts", "40", "--n-test-prompts", "8", "--max-length", "40", "--batch-size", "16",
+        "--rollout-batch-size", "16", "--max-new-tokens", "16"]
+
+
+def run(module, work, args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", f"experiments.{module}", "--out-dir", str(work / "exp"), "--sft-dir",
+           str(work / "sft"), "--pairs-dir", str(work / "pairs"), *TINY, *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny SFT policy, trained once for the runs below."""
+    work = tmp_path_factory.mktemp("experiments")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
+           "--batch-size", "16", "--max-steps", "60", "--eval-interval", "1000", "--num-samples", "1",
+           "--out-dir", str(work / "sft")]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work
+
+
+def test_frontier_tiny_run(work):
+    args = ["--rm-dir", str(work / "rm"), "--dpo-betas", "0.1", "1", "--dpo-eval-interval", "4",
+            "--ppo-kl-coefs", "0.05", "--ppo-updates", "2", "--ppo-eval-interval", "1"]
+    out = run("frontier", work, args)
+    folder = work / "exp" / "frontier"
+    rows = read_csv(folder / "frontier.csv")
+    for method, setting, n_points in (("DPO", "0.1", None), ("DPO", "1.0", None), ("PPO", "0.05", 3)):
+        mine = [r for r in rows if r["method"] == method and r["beta"] == setting]
+        steps = [int(r["step"]) for r in mine]
+        assert steps[0] == 0 and steps == sorted(set(steps)) and len(steps) >= 3  # along the run, in order
+        assert float(mine[0]["kl"]) == pytest.approx(0, abs=1e-4)  # before training the policy is the reference
+        if n_points:
+            assert len(steps) == n_points  # updates 0, 1 and 2
+    assert "DPO's frontier is higher at" in out and (folder / "summary.txt").exists()
+    assert (folder / "frontier.png").exists() == has_matplotlib()
+    again = run("frontier", work, args)  # finished runs are reused, not repeated
+    assert again.count("done before, reusing") == 3 and read_csv(folder / "frontier.csv") == rows
+
+
+def test_overoptimization_tiny_run(work):
+    out = run("overoptimization", work, ["--pair-counts", "48", "96", "--rm-min-steps", "3", "--ppo-updates", "2",
+                                         "--ppo-eval-interval", "1", "--bon-prompts", "2", "--bon-max-n", "8"])
+    folder = work / "exp" / "overoptimization"
+    bon = read_csv(folder / "bon.csv")
+    assert [int(r["n"]) for r in bon] == [1, 2, 4, 8] * 2
+    for r in bon:
+        assert float(r["kl"]) == pytest.approx(bon_kl(int(r["n"])))
+    proxy = [float(r["proxy"]) for r in bon if r["n_pairs"] == "48"]
+    assert proxy == sorted(proxy)  # picking by the proxy raises the proxy's expected score with n
+    rl = read_csv(folder / "rl.csv")
+    assert {r["n_pairs"] for r in rl} == {"48", "96"} and {"proxy", "gold", "d"} <= rl[0].keys()
+    assert {r["method"] for r in read_csv(folder / "fits.csv")} >= {"bon"}
+    assert "The proxy's favourite samples" in (folder / "samples.md").read_text()
+    assert "training on 48 pairs" in out and "training on 96 pairs" in out
+    assert (folder / "overoptimization.png").exists() == has_matplotlib()
+
+
+def test_label_noise_tiny_run(work):
+    out = run("label_noise", work, ["--flips", "0", "0.5", "--ppo-updates", "1"])
+    rows = read_csv(work / "exp" / "label_noise" / "label_noise.csv")
+    assert [float(r["flip"]) for r in rows] == [0.0, 0.5]
+    assert all(0 <= float(r["rm_accuracy"]) <= 1 and 0 <= float(r["dpo_win_rate"]) <= 1 for r in rows)
+    line = next(l for l in out.splitlines() if l.startswith("training on"))  # flip 0.5 only
+    n, wrong = int(line.split()[2]), int(line.split()[4])
+    assert wrong == round(n / 2)  # half the training labels flipped, exactly
+    assert (work / "exp" / "label_noise" / "label_noise.png").exists() == has_matplotlib()

@@ -194,7 +194,7 @@ def plot(args, bon_rows, rl_rows, fits, path):
                 axes[1, col].plot(grid, gao_curve(grid, fit["a"], fit["b"], method), "--", color=colors[n],
                                   label=f"fit, R^2 {fit['r2']:.2f}")
         axes[0, col].set_title(title)
-        axes[0, col].set_ylabel("proxy score gain (RM units)")
+        axes[0, col].set_ylabel("proxy score gain (SFT std devs)")
         axes[1, col].set_ylabel("gold score gain (VADER)")
         axes[1, col].set_xlabel("d = sqrt(KL to SFT), sqrt(nats)")
         axes[1, col].axhline(0, color="gray", linewidth=0.8)

@@ -47,6 +47,28 @@ def median_ms(fn, device, reps):
     return statistics.median(times)
 
 
+def kernel_us(fn, reps):
+    """GPU time of the kernels fn launches, per call, from the profiler (None if unavailable).
+
+    Wall time per call also holds the host's work (argument checks, dispatch, the
+    launch itself), which is tens of microseconds and hides a kernel this short."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        kernels = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
+    except Exception as error:  # a profiler without CUPTI: report what we can
+        print(f"profiler unavailable: {type(error).__name__}: {error}")
+        return None
+    return sum(kernels) / reps if kernels else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -80,6 +102,11 @@ def main():
     print("| --- | ---: | ---: |")
     for name, ms in rows.items():
         print(f"| {name} | {ms:.3f} | {ms / ours_ms:.1f}x |")
+    if cuda:
+        us = kernel_us(lambda: ops.gae(rewards, values, mask, 1.0, 0.95), args.reps)
+        if us is not None:
+            print(f"minalign.ops.gae kernel time (profiler, mean of {args.reps}): {us:.1f} us; "
+                  f"the Python loop is {1e3 * rows['Python loop over T'] / us:,.0f}x that")
 
 
 if __name__ == "__main__":

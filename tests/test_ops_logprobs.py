@@ -183,8 +183,10 @@ def test_sequence_logprobs_matches_reference(device):
 
 # ------------------------------------------------------------------ bad inputs
 
-def test_bad_inputs_raise_clear_errors():
-    logits, labels = make_inputs((4,), 10, torch.float32, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    logits, labels = make_inputs((4,), 10, torch.float32, device)
+    t = lambda values: torch.tensor(values, device=device)
     cases = [
         (TypeError, "float32, bfloat16 or float16", lambda: ops.token_logprobs(logits.double(), labels)),
         (TypeError, "int64", lambda: ops.token_logprobs(logits, labels.int())),
@@ -193,8 +195,8 @@ def test_bad_inputs_raise_clear_errors():
         (ValueError, "contiguous", lambda: ops.token_logprobs(logits.t().contiguous().t(), labels)),
         (ValueError, "empty batch", lambda: ops.token_logprobs(logits[:0], labels[:0])),
         (ValueError, "meta", lambda: ops.token_logprobs(logits, labels.to("meta"))),
-        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, torch.tensor([0, 1, 10, 2]))),
-        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, torch.tensor([0, -1, 3, 2]))),
+        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, t([0, 1, 10, 2]))),
+        (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, t([0, -1, 3, 2]))),
         (ValueError, "mask must have shape", lambda: ops.sequence_logprobs(logits[None], labels[None], labels)),
     ]
     for error, words, call in cases:
@@ -202,10 +204,11 @@ def test_bad_inputs_raise_clear_errors():
             call()
 
 
-def test_kernel_checks_its_inputs():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_checks_its_inputs(device):
     # the operator itself, called without the Python wrapper, refuses bad inputs too
     op = torch.ops.minalign.token_logprobs
-    logits, labels = make_inputs((4,), 10, torch.float32, "cpu")
+    logits, labels = make_inputs((4,), 10, torch.float32, device)
     cases = [
         ("2-D", lambda: op(logits[0], labels, -100, False)),
         ("float32, bfloat16 or float16", lambda: op(logits.double(), labels, -100, False)),
@@ -213,13 +216,16 @@ def test_kernel_checks_its_inputs():
         ("1-D", lambda: op(logits, labels[:2], -100, False)),
         ("contiguous", lambda: op(logits.t().contiguous().t(), labels, -100, False)),
         ("empty batch", lambda: op(logits[:0], labels[:0], -100, False)),
-        (r"labels\[2\] = 12 is out of range", lambda: op(logits, torch.tensor([0, 1, 12, 2]), -100, False)),
+        (r"labels\[2\] = 12 is out of range", lambda: op(logits, torch.tensor([0, 1, 12, 2], device=device), -100, False)),
     ]
     for words, call in cases:
         with pytest.raises(RuntimeError, match=words):
             call()
     _, lse, _ = op(logits, labels, -100, False)
+    ones = lambda n: torch.ones(n, device=device)
     with pytest.raises(RuntimeError, match="grad_logprobs must have shape"):
-        torch.ops.minalign.token_logprobs_backward(torch.ones(3), None, logits, labels, lse, None, -100)
+        torch.ops.minalign.token_logprobs_backward(ones(3), None, logits, labels, lse, None, -100)
     with pytest.raises(RuntimeError, match="without the saved entropy"):
-        torch.ops.minalign.token_logprobs_backward(torch.ones(4), torch.ones(4), logits, labels, lse, None, -100)
+        torch.ops.minalign.token_logprobs_backward(ones(4), ones(4), logits, labels, lse, None, -100)
+    # after all these errors the device still works
+    torch.testing.assert_close(op(logits, labels, -100, False)[1], lse)

@@ -56,6 +56,32 @@ def nvidia_pip_includes() -> list[str]:
     return dirs
 
 
+def loaded_libstdcxx_dir() -> list[str]:
+    """A folder whose libstdc++.so is the libstdc++ this Python process runs with.
+
+    A C++ compiler newer than that library (say one in /opt, named by CXX) links its
+    own libstdc++ - statically, where it ships no shared one - and two libstdc++ in
+    one process crash at the first error message that formats a number. Linking
+    against the loaded library keeps one. Empty where it cannot be found (no /proc).
+    """
+    import torch  # noqa: F401  (loads the libstdc++ that the extension will run with)
+
+    try:
+        with open("/proc/self/maps") as f:
+            path = next((line.split()[-1] for line in f if "/libstdc++.so" in line), None)
+    except OSError:
+        return []
+    if path is None or not os.path.isfile(path):
+        return []
+    folder = ROOT / "build" / "libstdcxx"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "libstdc++.so"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(path)
+    return [str(folder)]
+
+
 def want_cuda() -> bool:
     import torch
 
@@ -90,11 +116,13 @@ def extensions():
             "minalign._C",
             sources,
             include_dirs=nvidia_pip_includes(),
+            library_dirs=loaded_libstdcxx_dir(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             define_macros=[("MINALIGN_WITH_CUDA", None)],
         )
     else:
-        ext = CppExtension("minalign._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("minalign._C", sources, library_dirs=loaded_libstdcxx_dir(),
+                           extra_compile_args={"cxx": cxx_flags})
     print(f"minalign: building the {'CUDA + CPU' if cuda else 'CPU'} extension", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "dtype_name.h"
+
 namespace minalign {
 
 constexpr int kWarpSize = 32;
@@ -33,8 +35,8 @@ inline void check_cuda_input(const at::Tensor& t, const char* op, const char* na
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
               " but the other inputs are on ", like.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
+              dtype_name(t.scalar_type()));
   TORCH_CHECK(t.is_contiguous(), op, ": ", name,
               " must be contiguous (call .contiguous() on it first)");
 }

@@ -13,13 +13,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "dtype_name.h"
+
 namespace minalign {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
   for (auto [name, t] : {std::pair{"rewards", &rewards}, {"values", &values}, {"mask", &mask}}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "minalign.gae: ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "minalign.gae: ", name, " must be float32, got ", dtype_name(t->scalar_type()));
     TORCH_CHECK(t->device().is_cpu(), "minalign.gae: ", name, " must be on the same device as rewards, got ",
                 t->device(), " and ", rewards.device());
     TORCH_CHECK(t->dim() == 2, "minalign.gae: ", name, " must be 2-D [B, T], got shape ", t->sizes());

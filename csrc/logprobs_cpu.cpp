@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "cpu_simd.h"
+#include "dtype_name.h"
 
 namespace minalign {
 namespace {
@@ -210,7 +211,7 @@ void dispatch_logits(at::ScalarType dtype, F&& f) {
     case at::kFloat: return f(float{});
     case at::kBFloat16: return f(at::BFloat16{});
     case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "minalign.token_logprobs: logits must be float32, bfloat16 or float16, got ", dtype);
+    default: TORCH_CHECK(false, "minalign.token_logprobs: logits must be float32, bfloat16 or float16, got ", dtype_name(dtype));
   }
 }
 
@@ -219,7 +220,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
               "minalign.token_logprobs: labels must be 1-D [N] with N = logits.size(0) = ", logits.size(0),
               ", got shape ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "minalign.token_logprobs: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "minalign.token_logprobs: labels must be int64, got ", dtype_name(labels.scalar_type()));
   TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(),
               "minalign.token_logprobs: logits and labels must be on the same device, got ", logits.device(),
               " and ", labels.device());
@@ -235,7 +236,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ig
 }
 
 void check_row_vector(const at::Tensor& t, const char* name, int64_t N) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "minalign.token_logprobs_backward: ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "minalign.token_logprobs_backward: ", name, " must be float32, got ", dtype_name(t.scalar_type()));
   TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "minalign.token_logprobs_backward: ", name, " must have shape [", N, "], got ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), "minalign.token_logprobs_backward: ", name, " must be on the CPU like the logits, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), "minalign.token_logprobs_backward: ", name, " must be contiguous");

@@ -367,7 +367,7 @@ std::pair<int64_t, int64_t> check_logits_and_labels(const char* op, const at::Te
               logits.sizes());
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": logits must be float32, bfloat16 or float16, got ", dtype);
+              ": logits must be float32, bfloat16 or float16, got ", dtype_name(dtype));
   TORCH_CHECK(logits.is_contiguous(), op,
               ": logits must be contiguous (call .contiguous() on it first)");
   const int64_t N = logits.size(0);

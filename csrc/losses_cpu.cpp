@@ -31,6 +31,8 @@
 #include <cmath>
 #include <initializer_list>
 
+#include "dtype_name.h"
+
 namespace minalign {
 namespace {
 
@@ -38,7 +40,7 @@ namespace {
 void check_same(const char* op, int64_t dim, std::initializer_list<std::pair<const char*, const at::Tensor*>> ts) {
   const at::Tensor& first = *ts.begin()->second;
   for (auto [name, t] : ts) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "minalign.", op, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "minalign.", op, ": ", name, " must be float32, got ", dtype_name(t->scalar_type()));
     TORCH_CHECK(t->device().is_cpu(), "minalign.", op, ": ", name, " must be on the same device as ",
                 ts.begin()->first, ", got ", t->device(), " and ", first.device());
     TORCH_CHECK(t->dim() == dim, "minalign.", op, ": ", name, " must be ", dim, "-D, got shape ", t->sizes());

@@ -33,26 +33,10 @@ SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
 CUDA_TESTS=(tests/test_ops_logprobs.py tests/test_ops_logprobs_inplace.py tests/test_ops_losses.py tests/test_ops_gae.py)
 
 step "gpu" 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
-# Link the extension against the libstdc++ that Python loads. A compiler newer than
-# the system's (say one in /opt, named by CXX) may otherwise link its own libstdc++
-# statically into the extension, and two libstdc++ in one process crash at the first
-# error message that formats a number. If linking that way fails, build as usual.
-PYTHON_LIBSTDCXX=$("$PYTHON" -c "import torch
-print(next(l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l))" 2>/dev/null)
-LDFLAGS_BEFORE=${LDFLAGS:-}
-if [ -f "$PYTHON_LIBSTDCXX" ]; then
-  LINK_DIR=$(mktemp -d)
-  ln -s "$PYTHON_LIBSTDCXX" "$LINK_DIR/libstdc++.so"
-  export LDFLAGS="-L$LINK_DIR $LDFLAGS_BEFORE"
-  echo "linking against $PYTHON_LIBSTDCXX (compiler: ${CXX:-c++})" | tee -a "$LOG"
-fi
-BUILD=(env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-       "$PYTHON" setup.py build_ext --inplace)
-step "build" 150 "${BUILD[@]}"
-if [[ " ${FAILED[*]} " == *" build "* && -n "${LINK_DIR:-}" ]]; then
-  export LDFLAGS=$LDFLAGS_BEFORE
-  step "build, linking the compiler's libstdc++" 150 "${BUILD[@]}"
-fi
+step "build" 150 env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+  "$PYTHON" setup.py build_ext --inplace
+# setup.py links the libstdc++ that Python loads; a copy linked in statically (from a
+# compiler newer than the system's) crashes at the first error message with a number.
 step "libstdc++ linked dynamically" 10 sh -c 'readelf -d minalign/_C*.so | grep "NEEDED.*libstdc++"'
 step "cuda tests" 80 "$PYTHON" -m pytest -q -k cuda "${CUDA_TESTS[@]}"
 step "bench logprobs" 110 "$PYTHON" bench/bench_logprobs.py --device cuda

@@ -85,3 +85,21 @@ def test_the_extension_was_built_when_expected():
     assert ops.HAS_EXTENSION, "minalign._C did not import"
     if expected == "cuda":
         assert ops.HAS_CUDA_KERNELS, "minalign._C was built without its CUDA kernels"
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects")
+def test_extension_links_libstdcxx_dynamically():
+    # A copy of libstdc++ linked into the extension (a compiler newer than the system's
+    # does that) crashes at the first error message that formats a number; setup.py
+    # links the shared library Python loads instead.
+    from minalign import _C
+
+    try:
+        dynamic = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"readelf unavailable: {error}")
+    assert any("NEEDED" in line and "libstdc++" in line for line in dynamic.splitlines()), dynamic
+    # ... and a formatted number in an error message is fine
+    with pytest.raises(RuntimeError, match=r"labels\[1\] = 7 is out of range"):
+        torch.ops.minalign.token_logprobs(torch.zeros(2, 5), torch.tensor([0, 7]), -100, False)

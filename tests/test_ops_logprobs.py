@@ -211,8 +211,8 @@ def test_kernel_checks_its_inputs(device):
     logits, labels = make_inputs((4,), 10, torch.float32, device)
     cases = [
         ("2-D", lambda: op(logits[0], labels, -100, False)),
-        ("float32, bfloat16 or float16", lambda: op(logits.double(), labels, -100, False)),
-        ("int64", lambda: op(logits, labels.int(), -100, False)),
+        ("float32, bfloat16 or float16, got float64", lambda: op(logits.double(), labels, -100, False)),
+        ("labels must be int64, got int32", lambda: op(logits, labels.int(), -100, False)),
         ("1-D", lambda: op(logits, labels[:2], -100, False)),
         ("contiguous", lambda: op(logits.t().contiguous().t(), labels, -100, False)),
         ("empty batch", lambda: op(logits[:0], labels[:0], -100, False)),

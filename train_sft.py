@@ -94,13 +94,17 @@ def autocast_context(device: str, dtype: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def sft_loss_sum(model, batch):
-    """Sum of -log p(target) over the trained tokens of a batch, and their count."""
+def sft_loss(model, batch, scale):
+    """scale times the sum of -log p(target) over the trained tokens of a batch.
+
+    The loss is linear in the log-probs with weights known before the forward, so
+    weighted_logprob_sum computes its gradient in the same pass and writes it over the
+    logits (they are not read again).
+    """
     logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
-    labels = batch["labels"]  # (B, T), -100 where no loss
-    # the logits are not read again, so the backward may overwrite them with their gradient
-    logps = ops.token_logprobs(logits, labels, inplace_backward=True)  # (B, T), 0 where labels are -100
-    return -logps.sum(), (labels != -100).sum()
+    labels = batch["labels"]  # (B, T), -100 where no loss: those tokens add nothing
+    weights = torch.ones(labels.shape, device=labels.device) * -scale
+    return ops.weighted_logprob_sum(logits, labels, weights)
 
 
 @torch.no_grad()
@@ -110,8 +114,8 @@ def evaluate(model, examples, tokenizer, batch_size, device, ctx):
     for start in range(0, len(examples), batch_size):
         batch = data.collate(examples[start : start + batch_size], tokenizer.pad_id, device)
         with ctx:
-            loss, n = sft_loss_sum(model, batch)
-        total, count = total + loss.item(), count + n.item()
+            loss = sft_loss(model, batch, 1.0)
+        total, count = total + loss.item(), count + (batch["labels"] != -100).sum().item()
     model.train()
     return total / max(count, 1)
 
@@ -179,12 +183,12 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         lr = cosine_lr(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = data.collate([train[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
-        with ctx:
-            loss_sum, n_tokens = sft_loss_sum(train_model, batch)
         # Mean over the global batch's tokens: DDP averages gradients over processes, so
         # scale by world_size / global token count to get exactly the single-process loss.
+        n_tokens = (batch["labels"] != -100).sum()
         global_tokens = distributed.all_reduce_sum(n_tokens, dist).clamp(min=1)
-        loss = loss_sum * dist.world_size / global_tokens
+        with ctx:
+            loss = sft_loss(train_model, batch, dist.world_size / global_tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
@@ -193,7 +197,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         tokens_seen += int(global_tokens)
 
         if step % args.log_interval == 0 or step == last_step:
-            train_loss = distributed.all_reduce_sum(loss_sum.detach(), dist).item() / global_tokens.item()
+            train_loss = distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
             tok_per_s = tokens_seen / (time.time() - t0)
             logger.log(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_per_s)
             progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})

@@ -11,9 +11,12 @@ implementation must produce). CPU memory is the peak resident set size (VmHWM, r
 through /proc/self/clear_refs) minus the size before; CUDA memory is
 torch.cuda.max_memory_allocated.
 
-minalign runs twice: as is, and with inplace_backward=True, which writes the gradient
-over the logits. That variant refuses a leaf, so it gets, untimed before each run, a
-fresh copy of the logits that is not a leaf (as a model's last layer would give it).
+minalign runs three times: as is; with inplace_backward=True, which writes the gradient
+over the logits; and as weighted_logprob_sum with the upstream gradient as its weights,
+which computes the same gradient during the forward pass (possible when, as for SFT's
+cross-entropy, the weights are known before the forward). The last two refuse a leaf,
+so they get, untimed before each run, a fresh copy of the logits that is not a leaf
+(as a model's last layer would give it). Their forward alone is token_logprobs's.
 
 The roofline is one read and one write of the logits (what a fused forward + backward
 needs), at the read bandwidth (a sum) and the write bandwidth (a fill of memory already
@@ -35,6 +38,13 @@ from minalign import ops
 
 def minalign_inplace(logits, labels):
     return ops.token_logprobs(logits, labels, inplace_backward=True)
+
+
+def minalign_fused(logits, labels, grad=None):
+    """With grad: sum(grad * logprobs), whose gradient is the others' backward(grad)."""
+    if grad is None or not torch.is_grad_enabled():
+        return ops.token_logprobs(logits, labels)
+    return ops.weighted_logprob_sum(logits, labels, grad)
 
 
 class _ModelOutput(torch.autograd.Function):
@@ -66,6 +76,7 @@ def compiled_gather_minus_logsumexp(logits, labels):
 IMPLEMENTATIONS = {
     "minalign.ops.token_logprobs": ops.token_logprobs,
     "minalign, inplace_backward=True": minalign_inplace,
+    "minalign.ops.weighted_logprob_sum": minalign_fused,
     "log_softmax + gather": log_softmax_gather,
     "F.cross_entropy(reduction='none')": cross_entropy,
     "torch.compile(gather - logsumexp)": compiled_gather_minus_logsumexp,
@@ -112,7 +123,7 @@ class PeakMemory:
 
 
 # How each implementation gets its logits (untimed): the leaf itself, unless listed here.
-PREPARE = {"minalign, inplace_backward=True": _ModelOutput.apply}
+PREPARE = {"minalign, inplace_backward=True": _ModelOutput.apply, "minalign.ops.weighted_logprob_sum": _ModelOutput.apply}
 
 
 def prepare(name, logits):
@@ -121,7 +132,10 @@ def prepare(name, logits):
 
 
 def forward_backward(fn, logits, labels, grad):
-    fn(logits, labels).backward(grad)
+    if fn is minalign_fused:
+        fn(logits, labels, grad).backward()
+    else:
+        fn(logits, labels).backward(grad)
 
 
 def median_ms(fn, device, reps):
@@ -186,16 +200,15 @@ def run(device, dtype, N, V, reps):
           f"{nbytes / write_ms / 1e6:.1f} GB/s ({write_ms:.1f} ms): roofline (one read + one write of the logits) "
           f"{roofline_ms:.1f} ms; a forward, then a backward that reads the logits again: {roofline_ms + read_ms:.1f} ms")
     ours = {name: ms for name, _, ms, _ in rows if name.startswith("minalign")}
-    default, inplace = ours.get("minalign.ops.token_logprobs"), ours.get("minalign, inplace_backward=True")
+    inplace, fused = ours.get("minalign, inplace_backward=True"), ours.get("minalign.ops.weighted_logprob_sum")
     ratio = lambda ms, base: "n/a" if base is None else f"{ms / base:.2f}x"
-    print(f"| implementation | forward ms | fwd+bwd ms | fwd+bwd vs minalign | vs minalign in-place | "
+    print(f"| implementation | forward ms | fwd+bwd ms | vs minalign in-place | vs weighted_logprob_sum | "
           f"roofline fraction | peak extra MiB |")
     print(f"| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, fwd_ms, ms, peak in rows:
         mem = "n/a" if peak is None else f"{peak / 2**20:,.0f}"
-        print(f"| {name} | {fwd_ms:.1f} | {ms:.1f} | {ratio(ms, default)} | {ratio(ms, inplace)} | "
+        print(f"| {name} | {fwd_ms:.1f} | {ms:.1f} | {ratio(ms, inplace)} | {ratio(ms, fused)} | "
               f"{roofline_ms / ms:.2f} | {mem} |")
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -522,10 +522,21 @@ void token_logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs,
   backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, logits);
 }
 
+// The forward, then the gradient of sum(weights * logprobs) over the logits: the two
+// kernels above back to back (two reads and a write of the logits; a single kernel
+// that rereads each row from L2 would save one read).
+at::Tensor token_logprobs_fused_cuda(at::Tensor& logits, const at::Tensor& labels,
+                                     const at::Tensor& weights, int64_t ignore_index) {
+  auto [logprobs, lse, entropy] = token_logprobs_cuda(logits, labels, ignore_index, false, true);
+  backward_into(weights, std::nullopt, logits, labels, lse, std::nullopt, ignore_index, logits);
+  return logprobs;
+}
+
 }  // namespace
 }  // namespace minalign
 
 TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
+  m.impl("token_logprobs_fused_", &minalign::token_logprobs_fused_cuda);
   m.impl("token_logprobs", &minalign::token_logprobs_cuda);
   m.impl("token_logprobs_backward", &minalign::token_logprobs_backward_cuda);
   m.impl("token_logprobs_backward_", &minalign::token_logprobs_backward_inplace_cuda);

@@ -28,6 +28,12 @@ TORCH_LIBRARY(minalign, m) {
   m.def(
       "token_logprobs_backward_(Tensor grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits,"
       " Tensor labels, Tensor lse, Tensor? entropy, int ignore_index) -> ()");
+  // The forward and the backward at once, for a loss linear in the log-probs whose weights
+  // are known beforehand (SFT's cross-entropy): returns logprobs [N] and overwrites logits
+  // with d/dlogits of sum(weights * logprobs).
+  m.def(
+      "token_logprobs_fused_(Tensor(a!) logits, Tensor labels, Tensor weights, int ignore_index)"
+      " -> Tensor logprobs");
 
   // Per-pair DPO-family losses and (detached) implicit rewards, all [B].
   // loss_type: 0 sigmoid, 1 ipo, 2 hinge, 3 robust.

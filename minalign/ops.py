@@ -3,6 +3,8 @@
     token_logprobs     log p(label) per row of [..., V] logits (and the entropy), never
                        forming the [..., V] softmax
     sequence_logprobs  per-token, summed and mean log-probs of [B, T] labels
+    weighted_logprob_sum  sum_i w_i log p(label_i) with its gradient computed in the same
+                       pass (SFT's cross-entropy), written over the logits
     dpo_loss           DPO, IPO, SLiC-hinge and robust-DPO losses per pair
     ppo_policy_loss    PPO's clipped surrogate, clip fraction and approximate KL
     ppo_value_loss     PPO's clipped value loss and its clip fraction
@@ -83,6 +85,21 @@ def _check_inplace_backward(op: str, logits: Tensor) -> None:
                          "requires grad (e.g. a parameter); use inplace_backward=False")
 
 
+def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.dtype not in _LOGITS_DTYPES:
+        raise TypeError(f"{op}: logits must be a float32, bfloat16 or float16 tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be an int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if logits.dim() == 0 or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"{op}: labels must have shape logits.shape[:-1]; got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"{op}: labels are on {labels.device} but logits on {logits.device}")
+    if labels.numel() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{op}: empty batch (logits has shape {tuple(logits.shape)})")
+    if not logits.is_contiguous():
+        raise ValueError(f"{op}: logits must be contiguous (a silent copy would double their memory); call .contiguous()")
+
+
 def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, return_entropy: bool = False,
                    inplace_backward: bool = False):
     """log p(label) for every row of logits, float32 [...]; with return_entropy, (logp, entropy).
@@ -103,18 +120,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     logits and runs its backward later fails with PyTorch's "modified by an inplace
     operation" error rather than using wrong values. The PyTorch reference ignores it.
     """
-    if not isinstance(logits, Tensor) or logits.dtype not in _LOGITS_DTYPES:
-        raise TypeError(f"token_logprobs: logits must be a float32, bfloat16 or float16 tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
-        raise TypeError(f"token_logprobs: labels must be an int64 tensor, got {getattr(labels, 'dtype', type(labels))}")
-    if logits.dim() == 0 or labels.shape != logits.shape[:-1]:
-        raise ValueError(f"token_logprobs: labels must have shape logits.shape[:-1]; got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"token_logprobs: labels are on {labels.device} but logits on {logits.device}")
-    if labels.numel() == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"token_logprobs: empty batch (logits has shape {tuple(logits.shape)})")
-    if not logits.is_contiguous():
-        raise ValueError("token_logprobs: logits must be contiguous (a silent copy would double their memory); call .contiguous()")
+    _check_logits_and_labels("token_logprobs", logits, labels)
     if inplace_backward:
         _check_inplace_backward("token_logprobs", logits)
     if not _use_kernel(logits):
@@ -124,6 +130,64 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
         logits.view(-1, V), labels.reshape(-1), ignore_index, return_entropy, bool(inplace_backward))
     shape = logits.shape[:-1]
     return (logprobs.view(shape), entropy.view(shape)) if return_entropy else logprobs.view(shape)
+
+
+def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """sum_i weights_i * log p(labels_i), a 0-dim float32 tensor, its gradient computed in the same pass.
+
+        loss = sum_i w_i logp_i,   d loss / d x_ij = w_i ([j == y_i] - p_ij)
+
+    A loss linear in the log-probs, with weights known before the forward (SFT's mean
+    cross-entropy: w_i = -1/n on the n trained tokens), needs nothing from later in the
+    step to know its gradient. So the kernel writes the gradient over the logits while
+    each row is still in cache: one read and one write of the logits, where
+    token_logprobs and its backward take two reads and a write (bench/bench_logprobs.py).
+    DPO's and PPO's losses are not linear in the log-probs: they use token_logprobs.
+
+    The logits are overwritten during this call when a gradient is wanted (they require
+    grad and grad mode is on): read nothing from them afterwards. Their version counter
+    is bumped, so an autograd node that saved them fails loudly. Refused (ValueError) for
+    a leaf that requires grad, or a view of one. backward scales the stored gradient by
+    the upstream one (free when that is 1, as for loss.backward() on this loss alone).
+    Without a gradient nothing is overwritten. Shapes: logits [..., V], labels and
+    weights [...]; ignored rows add nothing whatever their weight.
+    """
+    op = "weighted_logprob_sum"
+    _check_logits_and_labels(op, logits, labels)
+    if not isinstance(weights, Tensor) or not weights.is_floating_point() or weights.shape != labels.shape:
+        raise ValueError(f"{op}: weights must be a floating-point tensor of the labels' shape "
+                         f"{tuple(labels.shape)}, got {getattr(weights, 'dtype', type(weights))} "
+                         f"{tuple(getattr(weights, 'shape', ()))}")
+    if weights.device != logits.device:
+        raise ValueError(f"{op}: weights are on {weights.device} but logits on {logits.device}")
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # nothing to overwrite for
+        return (weights.float() * token_logprobs(logits, labels, ignore_index)).sum()
+    if not _use_kernel(logits):
+        return reference.weighted_logprob_sum(logits, labels, weights, ignore_index)
+    _check_inplace_backward(op, logits)
+    return _WeightedLogprobSum.apply(logits, labels, weights, ignore_index)
+
+
+class _WeightedLogprobSum(torch.autograd.Function):
+    """Runs the fused kernel in forward; backward hands on the gradient it left in the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, weights, ignore_index):
+        V = logits.shape[-1]
+        w = weights.detach().float().reshape(-1).contiguous()
+        logprobs = torch.ops.minalign.token_logprobs_fused_(logits.view(-1, V), labels.reshape(-1), w, ignore_index)
+        # The dispatcher does not count this write; counting it makes a node that saved the
+        # logits before (and runs its backward later) fail instead of reading the gradient.
+        torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(logits)
+        return (w * logprobs).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors  # d loss / d logits, written by forward
+        if not bool(grad_loss == 1):  # one more pass over the logits, only when needed
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None
 
 
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False,
@@ -251,6 +315,10 @@ if HAS_EXTENSION:
     @torch.library.register_fake("minalign::token_logprobs_backward_")
     def _(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index):
         return None
+
+    @torch.library.register_fake("minalign::token_logprobs_fused_")
+    def _(logits, labels, weights, ignore_index):
+        return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
     def _token_logprobs_setup(ctx, inputs, output):
         logits, labels, ctx.ignore_index, ctx.with_entropy, *rest = inputs

@@ -65,6 +65,15 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, ret
     return logprobs, torch.where(keep, entropy, 0.0)
 
 
+def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = -100) -> Tensor:
+    """sum_i w_i logp_i over the rows of logits, a 0-dim float32 tensor (ignored rows add 0).
+
+    With w_i = -1/n on the n rows whose label is not ignore_index this is
+    F.cross_entropy's default mean. Its gradient is w_i ([j == y_i] - p_ij).
+    """
+    return (weights.float() * token_logprobs(logits, labels, ignore_index)).sum()
+
+
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False) -> SequenceLogprobs:
     """Per-token and per-sequence log-probabilities of labels under logits.
 

@@ -1,0 +1,115 @@
+"""weighted_logprob_sum: the gradient computed during the forward, against minalign.reference."""
+
+import pytest
+import torch
+
+from minalign import ops, reference
+from test_ops_logprobs import DEVICES, DTYPES, TOL, make_inputs
+
+pytestmark = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+
+
+def weights_for(labels, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(labels.shape, generator=g).to(labels.device)
+
+
+def fused_value_and_grad(logits, labels, weights, upstream=1.0):
+    leaf = logits.detach().clone().requires_grad_()
+    x = leaf * 1  # not a leaf: what a model's last layer gives
+    loss = ops.weighted_logprob_sum(x, labels, weights)
+    (upstream * loss).backward()
+    return loss.detach(), leaf.grad
+
+
+def reference_value_and_grad(logits, labels, weights, upstream=1.0):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = reference.weighted_logprob_sum(leaf, labels, weights)
+    (upstream * loss).backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,V", [((5,), 1), ((4, 3), 3), ((7,), 127), ((2, 3), 1001), ((3,), 50257)])
+def test_matches_reference(device, dtype, shape, V):
+    logits, labels = make_inputs(shape, V, dtype, device, pad_cols=2 if V > 2 else 0)
+    weights = weights_for(labels)
+    value, grad = fused_value_and_grad(logits, labels, weights)
+    ref_value, ref_grad = reference_value_and_grad(logits, labels, weights)
+    value_tol, grad_tol = TOL[dtype]
+    torch.testing.assert_close(value, ref_value, atol=value_tol * labels.numel(), rtol=1e-5)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=grad_tol, rtol=1e-3 if dtype != torch.float32 else 1e-5)
+    assert grad.dtype == dtype
+    assert (grad.view(-1, V)[labels.view(-1) == -100] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_and_upstream_gradient(device):
+    # w = -1/n on the trained rows is F.cross_entropy's mean; an upstream gradient of 3
+    # scales the stored gradient
+    logits, labels = make_inputs((6, 4), 301, torch.float32, device)
+    trained = labels != -100
+    weights = -trained.float() / trained.sum()
+    value, grad = fused_value_and_grad(logits, labels, weights, upstream=3.0)
+    leaf = logits.detach().clone().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(leaf.view(-1, 301), labels.view(-1))
+    (3 * expected).backward()
+    torch.testing.assert_close(value, expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, leaf.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_hold_the_gradient_and_savers_fail(device):
+    logits, labels = make_inputs((5,), 50, torch.float32, device)
+    weights = weights_for(labels)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1
+    loss = ops.weighted_logprob_sum(x, labels, weights)
+    _, ref_grad = reference_value_and_grad(logits, labels, weights)
+    torch.testing.assert_close(x.detach(), ref_grad, atol=1e-6, rtol=1e-5)  # overwritten in forward
+    # a node that saved the logits before the call fails loudly instead of reading the gradient
+    leaf2 = logits.clone().requires_grad_()
+    x2 = leaf2 * 1
+    squared = x2 * x2
+    loss2 = ops.weighted_logprob_sum(x2, labels, weights)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss2 + squared.sum()).backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_a_gradient_nothing_is_overwritten(device):
+    logits, labels = make_inputs((4, 2), 30, torch.bfloat16, device)
+    weights = weights_for(labels)
+    before = logits.clone()
+    with torch.no_grad():
+        value = ops.weighted_logprob_sum(logits, labels, weights)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(value, reference.weighted_logprob_sum(logits, labels, weights), atol=1e-4, rtol=1e-5)
+
+
+def test_bad_inputs():
+    logits, labels = make_inputs((4,), 10, torch.float32, "cpu")
+    weights = weights_for(labels)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1
+    cases = [
+        (ValueError, "leaf", lambda: ops.weighted_logprob_sum(leaf, labels, weights)),
+        (ValueError, "weights must be a floating-point tensor", lambda: ops.weighted_logprob_sum(x, labels, weights[:3])),
+        (ValueError, "weights must be a floating-point tensor", lambda: ops.weighted_logprob_sum(x, labels, labels)),
+        (TypeError, "int64", lambda: ops.weighted_logprob_sum(x, labels.int(), weights)),
+        (ValueError, "contiguous", lambda: ops.weighted_logprob_sum(x.t().contiguous().t(), labels, weights)),
+        (RuntimeError, r"labels\[2\] = 10 is out of range", lambda: ops.weighted_logprob_sum(
+            x, torch.tensor([0, 1, 10, 2]), weights)),
+    ]
+    for error, words, call in cases:
+        with pytest.raises(error, match=words):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(device, dtype):
+    logits, labels = make_inputs((6,), 37, dtype, device)
+    weights = weights_for(labels)
+    torch.library.opcheck(torch.ops.minalign.token_logprobs_fused_.default, (logits, labels, weights, -100))

@@ -185,7 +185,9 @@ class _WeightedLogprobSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors  # d loss / d logits, written by forward
-        if not bool(grad_loss == 1):  # one more pass over the logits, only when needed
+        # One more pass over the logits, only when needed (a compiled graph cannot branch
+        # on a value, so it always multiplies).
+        if torch.compiler.is_compiling() or not bool(grad_loss == 1):
             grad.mul_(grad_loss.to(grad.dtype))
         return grad, None, None, None
 

@@ -113,3 +113,16 @@ def test_opcheck(device, dtype):
     logits, labels = make_inputs((6,), 37, dtype, device)
     weights = weights_for(labels)
     torch.library.opcheck(torch.ops.minalign.token_logprobs_fused_.default, (logits, labels, weights, -100))
+
+
+def test_torch_compile():
+    logits, labels = make_inputs((6,), 50, torch.float32, "cpu")
+    weights = weights_for(labels)
+    step = torch.compile(lambda leaf: ops.weighted_logprob_sum(leaf * 1, labels, weights), fullgraph=True)
+    for upstream in (1.0, 2.5):  # the compiled backward always scales by the upstream gradient
+        leaf = logits.clone().requires_grad_()
+        loss = step(leaf)
+        (upstream * loss).backward()
+        ref_value, ref_grad = reference_value_and_grad(logits, labels, weights, upstream)
+        torch.testing.assert_close(loss.detach(), ref_value, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.grad, ref_grad, atol=1e-6, rtol=1e-5)

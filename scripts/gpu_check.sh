@@ -30,7 +30,8 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-CUDA_TESTS=(tests/test_ops_logprobs.py tests/test_ops_logprobs_inplace.py tests/test_ops_losses.py tests/test_ops_gae.py)
+CUDA_TESTS=(tests/test_ops_logprobs.py tests/test_ops_logprobs_inplace.py tests/test_ops_logprobs_fused.py
+            tests/test_ops_losses.py tests/test_ops_gae.py)
 
 step "gpu" 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
 step "build" 150 env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \

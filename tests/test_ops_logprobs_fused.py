@@ -1,5 +1,7 @@
 """weighted_logprob_sum: the gradient computed during the forward, against minalign.reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,38 @@ def test_torch_compile():
         ref_value, ref_grad = reference_value_and_grad(logits, labels, weights, upstream)
         torch.testing.assert_close(loss.detach(), ref_value, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(leaf.grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_vocabularies(device):
+    # V of Llama 3 (128,256) and Gemma (256,000), a few rows each
+    for V in (128256, 256000):
+        logits, labels = make_inputs((3,), V, torch.bfloat16, device, pad_cols=5)
+        weights = weights_for(labels)
+        value, grad = fused_value_and_grad(logits, labels, weights)
+        ref_value, ref_grad = reference_value_and_grad(logits, labels, weights)
+        torch.testing.assert_close(value, ref_value, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=8e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_offsets_beyond_2_to_the_31(device):
+    # N * V > 2^31 logits (4 GiB of bf16): row offsets must be 64-bit. All zeros but the
+    # last logit of row 1 (5), so the answers are known in closed form.
+    V = 2**30 + 3
+    base = torch.zeros(1, device=device, requires_grad=True)
+    x = base.to(torch.bfloat16).expand(2, V).contiguous()  # not a leaf: the fused op may overwrite it
+    with torch.no_grad():
+        x[1, -1] = 5.0
+    labels = torch.tensor([0, V - 1], device=device)
+    z1 = V - 1 + math.exp(5.0)  # row 1's sum of exponentials
+    with torch.no_grad():
+        logprobs = ops.token_logprobs(x, labels)
+    torch.testing.assert_close(logprobs.cpu(), torch.tensor([-math.log(V), 5.0 - math.log(z1)]), atol=2e-4, rtol=0)
+    loss = ops.weighted_logprob_sum(x, labels, torch.tensor([0.0, 1.0], device=device))
+    assert abs(loss.item() - (5.0 - math.log(z1))) < 2e-4
+    grad = x.detach()
+    assert grad[0, 12345].item() == 0 and grad[0, -1].item() == 0  # weight 0
+    assert grad[1, -1].item() == pytest.approx(1 - math.exp(5.0) / z1, abs=1e-3)
+    assert grad[1, 2**30].item() == pytest.approx(-1 / z1, rel=1e-2)  # past 2^31 from the start

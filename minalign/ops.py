@@ -72,17 +72,18 @@ def _check_floats(op: str, shape: tuple | None = None, **tensors: Tensor) -> Non
 # ---------------------------------------------------------------------- log-probs
 
 
-def _check_inplace_backward(op: str, logits: Tensor) -> None:
-    """Refuse an in-place backward where overwriting the logits would corrupt something we can see."""
+def _check_inplace_backward(op: str, logits: Tensor, what: str = "inplace_backward=True",
+                            instead: str = "use inplace_backward=False") -> None:
+    """Refuse to write a gradient over logits where that would corrupt something we can see."""
     if not (logits.requires_grad and torch.is_grad_enabled()):
         return  # no backward will run
     if logits.is_leaf:
-        raise ValueError(f"{op}: inplace_backward=True would write the gradient over a leaf tensor that requires "
-                         "grad (its values, and its .grad, which would be the same memory); use inplace_backward=False")
+        raise ValueError(f"{op}: {what} would write the gradient over a leaf tensor that requires grad (its "
+                         f"values, and its .grad, which would be the same memory); {instead}")
     base = logits._base  # a view: the memory belongs to its base
     if base is not None and base.is_leaf and base.requires_grad:
-        raise ValueError(f"{op}: inplace_backward=True would write the gradient over a view of a leaf tensor that "
-                         "requires grad (e.g. a parameter); use inplace_backward=False")
+        raise ValueError(f"{op}: {what} would write the gradient over a view of a leaf tensor that requires "
+                         f"grad (e.g. a parameter); {instead}")
 
 
 def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
@@ -164,7 +165,8 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
         return (weights.float() * token_logprobs(logits, labels, ignore_index)).sum()
     if not _use_kernel(logits):
         return reference.weighted_logprob_sum(logits, labels, weights, ignore_index)
-    _check_inplace_backward(op, logits)
+    _check_inplace_backward(op, logits, "the fused forward", "use token_logprobs, or pass logits that are "
+                            "not a leaf (a model's output)")
     return _WeightedLogprobSum.apply(logits, labels, weights, ignore_index)
 
 

@@ -96,7 +96,8 @@ def test_bad_inputs():
     leaf = logits.clone().requires_grad_()
     x = leaf * 1
     cases = [
-        (ValueError, "leaf", lambda: ops.weighted_logprob_sum(leaf, labels, weights)),
+        (ValueError, "the fused forward would write the gradient over a leaf", lambda: ops.weighted_logprob_sum(leaf, labels, weights)),
+        (ValueError, "view of a leaf", lambda: ops.weighted_logprob_sum(leaf.view(2, 2, 10), labels.view(2, 2), weights.view(2, 2))),
         (ValueError, "weights must be a floating-point tensor", lambda: ops.weighted_logprob_sum(x, labels, weights[:3])),
         (ValueError, "weights must be a floating-point tensor", lambda: ops.weighted_logprob_sum(x, labels, labels)),
         (TypeError, "int64", lambda: ops.weighted_logprob_sum(x, labels.int(), weights)),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build the CUDA extension, run the
 # CUDA tests, run them again under compute-sanitizer memcheck (0 errors expected),
-# and run the benchmarks on the GPU. Each step has a time limit so the whole check
+# run the fused log-prob tests under racecheck, and run the benchmarks on the GPU. Each step has a time limit so the whole check
 # stays within 8 minutes; every step runs even if an earlier one failed, and
 # the script exits non-zero if any failed. Everything goes to the log.
 #
@@ -34,18 +34,21 @@ CUDA_TESTS=(tests/test_ops_logprobs.py tests/test_ops_logprobs_inplace.py tests/
             tests/test_ops_losses.py tests/test_ops_gae.py)
 
 step "gpu" 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
-step "build" 150 env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+step "build" 120 env MINALIGN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
   "$PYTHON" setup.py build_ext --inplace
 # setup.py links the libstdc++ that Python loads; a copy linked in statically (from a
 # compiler newer than the system's) crashes at the first error message with a number.
 step "libstdc++ linked dynamically" 10 sh -c 'readelf -d minalign/_C*.so | grep "NEEDED.*libstdc++"'
 step "cuda tests" 80 "$PYTHON" -m pytest -q -k cuda "${CUDA_TESTS[@]}"
-step "bench logprobs" 110 "$PYTHON" bench/bench_logprobs.py --device cuda
+step "bench logprobs" 90 "$PYTHON" bench/bench_logprobs.py --device cuda
 step "bench gae" 30 "$PYTHON" bench/bench_gae.py --device cuda
 # No caching allocator under memcheck, so that an overrun past a tensor is caught
 # instead of landing in a cached neighbour.
-step "memcheck" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+step "memcheck" 80 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
   "$PYTHON" -m pytest -q -x -k "cuda and not opcheck" "${CUDA_TESTS[@]}"
+# Shared-memory hazards (the fused log-prob kernel caches each row there).
+step "racecheck" 40 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+  "$PYTHON" -m pytest -q -x -k "cuda and matches_reference" tests/test_ops_logprobs_fused.py
 
 echo -e "\nlog: $LOG" | tee -a "$LOG"
 if [ ${#FAILED[@]} -gt 0 ]; then

@@ -141,7 +141,7 @@ def work(tmp_path_factory):
 
 
 def test_frontier_tiny_run(work):
-    args = ["--rm-dir", str(work / "rm"), "--dpo-betas", "0.1", "1", "--dpo-eval-interval", "4",
+    args = ["--rm-dir", str(work / "rm"), "--dpo-betas", "0.1", "1", "--dpo-epochs", "1", "--dpo-eval-interval", "4",
             "--ppo-kl-coefs", "0.05", "--ppo-updates", "2", "--ppo-eval-interval", "1"]
     out = run("frontier", work, args)
     folder = work / "exp" / "frontier"

@@ -19,7 +19,7 @@
 //   2. a block-wide suffix scan of those composed maps (warp shuffles, then the 8
 //      warp totals in shared memory) tells each thread the map from "A after the
 //      tile" to "A after my steps";
-//   3. each thread applies it to the carry and walks its own 8 steps backwards,
+//   3. each thread applies it to the carry and walks its own 4 steps backwards,
 //      writing A_t and the returns.
 //
 // One block of 256 threads per row covers 1,024 steps per tile; longer rows are

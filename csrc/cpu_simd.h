@@ -12,6 +12,9 @@
 // exp16 computes e^d as 2^k e^r with k = round(d / ln 2) and |r| <= ln(2)/2:
 // e^r by its Taylor polynomial of degree 7 (truncation error below 6e-9, under
 // float rounding), 2^k written straight into the float's exponent bits.
+//
+// bfloat16 and float16 are widened to float and rounded back 16 values at a time:
+// one value at a time, the conversions cost more than the kernels' arithmetic.
 #pragma once
 
 // The helpers below pass 64-byte vectors by value but are always inlined, so the
@@ -35,6 +38,8 @@ namespace minalign {
 
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));  // also the type of f32x16 comparisons
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));  // 16 bfloat16 or float16 bit patterns
 
 MINALIGN_INLINE f32x16 splat(float c) { return f32x16{} + c; }
 
@@ -55,6 +60,63 @@ MINALIGN_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v);
 
 MINALIGN_INLINE void store16_partial(float* p, int64_t n, f32x16 v) {
   std::memcpy(p, &v, n * sizeof(float));
+}
+
+// 16 16-bit values at p; or the first n < 16 of them, the other lanes 0.
+MINALIGN_INLINE u16x16 load16_bits(const uint16_t* p) {
+  u16x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+MINALIGN_INLINE u16x16 load16_bits_partial(const uint16_t* p, int64_t n) {
+  u16x16 v = {};
+  std::memcpy(&v, p, n * sizeof(uint16_t));
+  return v;
+}
+
+MINALIGN_INLINE void store16_bits(uint16_t* p, u16x16 v) { std::memcpy(p, &v, sizeof v); }
+
+MINALIGN_INLINE void store16_bits_partial(uint16_t* p, int64_t n, u16x16 v) { std::memcpy(p, &v, n * sizeof(uint16_t)); }
+
+// bfloat16 is the top half of a float: widening is exact.
+MINALIGN_INLINE f32x16 bf16_to_f32(u16x16 h) { return (f32x16)(__builtin_convertvector(h, u32x16) << 16); }
+
+// Rounds to the nearest bfloat16, ties to even, and NaN to 0x7FC0, as c10::BFloat16 does.
+MINALIGN_INLINE u16x16 f32_to_bf16(f32x16 v) {
+  const u32x16 w = (u32x16)v;
+  const u32x16 rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  return __builtin_convertvector(v != v ? u32x16{} + 0x7FC0u : rounded, u16x16);
+}
+
+// float16 <-> float in integer arithmetic (GCC 12 converts _Float16 vectors one lane
+// at a time). Exact, and independent of the flush-denormals setting: no
+// float denormal is ever an operand. h is the float16's bits, a = |h| = h & 0x7FFF.
+//   a < 0x400 (zero, subnormal):   a * 2^-24, from an exact int-to-float conversion
+//   a < 0x7C00 (normal):           rebias the exponent: (a << 13) + (127 - 15) << 23
+//   else (inf, NaN):               all-ones exponent, the payload kept, a NaN made quiet
+MINALIGN_INLINE f32x16 f16_to_f32(u16x16 h) {
+  const u32x16 w = __builtin_convertvector(h, u32x16);
+  const u32x16 a = w & 0x7FFFu, sign = (w & 0x8000u) << 16;
+  const u32x16 normal = (a << 13) + (112u << 23);
+  const u32x16 special = (a << 13) | 0x7F800000u | ((u32x16)(a > 0x7C00u) & 0x00400000u);
+  const u32x16 subnormal = (u32x16)(__builtin_convertvector((i32x16)a, f32x16) * 0x1p-24f);
+  return (f32x16)(sign | (a < 0x400u ? subnormal : a < 0x7C00u ? normal : special));
+}
+
+// Rounds to the nearest float16, ties to even; NaN to 0x7E00 and overflow to inf, with
+// the sign, as c10::Half does. a = |bits|:
+//   a < 2^-14 (float16 subnormal): |x| + 0.5 rounds |x| to a multiple of 2^-24 (the ulp
+//     of 0.5), and its bits minus those of 0.5 count the multiples
+//   normal: rebias, then add half an ulp (less one, plus the kept bit for ties) and
+//     shift: a carry out of the mantissa bumps the exponent, up to 0x7C00 = inf
+MINALIGN_INLINE u16x16 f32_to_f16(f32x16 v) {
+  const u32x16 w = (u32x16)v, a = w & 0x7FFFFFFFu, sign = (w >> 16) & 0x8000u;
+  const u32x16 subnormal = (u32x16)((f32x16)a + 0.5f) - 0x3F000000u;
+  u32x16 normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  normal = normal < 0x7C00u ? normal : u32x16{} + 0x7C00u;
+  const u32x16 h = a > 0x7F800000u ? u32x16{} + 0x7E00u : a < 0x38800000u ? subnormal : normal;
+  return __builtin_convertvector(sign | h, u16x16);
 }
 
 // mask ? a : b, lane by lane (mask lanes are all ones or all zeros, as comparisons give).

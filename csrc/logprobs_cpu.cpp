@@ -55,7 +55,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Asks for the cache line holding p, into L2 (prefetches never fault, so p may lie past
 // the end of the logits).
-MINALIGN_INLINE void prefetch(const float* p) { __builtin_prefetch(p, 0, 2); }
+MINALIGN_INLINE void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // Running state of one row's online log-sum-exp: M, s and t above.
 struct RowState {
@@ -139,11 +139,38 @@ void grad_block(const float* x, int64_t n, float lse, float g, float gh, float e
   }
 }
 
+// bfloat16 and float16 blocks widened to float and rounded back, 16 values at a time.
+MINALIGN_INLINE f32x16 widen16(u16x16 h, at::BFloat16) { return bf16_to_f32(h); }
+MINALIGN_INLINE f32x16 widen16(u16x16 h, at::Half) { return f16_to_f32(h); }
+MINALIGN_INLINE u16x16 round16(f32x16 v, at::BFloat16) { return f32_to_bf16(v); }
+MINALIGN_INLINE u16x16 round16(f32x16 v, at::Half) { return f32_to_f16(v); }
+
+template <typename T>
+MINALIGN_SIMD_CLONES
+void widen_block(const T* src, int64_t n, float* dst) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    prefetch(bits + i + 2 * kPrefetchAhead);  // 8 KiB ahead, as for float32
+    store16(dst + i, widen16(load16_bits(bits + i), T{}));
+  }
+  if (i < n) store16_partial(dst + i, n - i, widen16(load16_bits_partial(bits + i, n - i), T{}));
+}
+
+template <typename T>
+MINALIGN_SIMD_CLONES
+void round_block(const float* src, int64_t n, T* dst) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16_bits(bits + i, round16(load16(src + i), T{}));
+  if (i < n) store16_bits_partial(bits + i, n - i, round16(load16_partial(src + i, n - i, 0.f), T{}));
+}
+
 // A block of logits as floats: the data itself for float32, else widened into buf.
 const float* as_float(const float* src, int64_t, float*) { return src; }
 template <typename T>
 const float* as_float(const T* src, int64_t n, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  widen_block(src, n, buf);
   return buf;
 }
 
@@ -198,7 +225,7 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
         grad_block(as_float(row + j, n, buf), n, lse[r], g, gh, h, std::is_same_v<T, float>, o);
         if (j <= y && y < j + n) o[y - j] += g;
         if constexpr (!std::is_same_v<T, float>)
-          for (int64_t i = 0; i < n; ++i) out_row[j + i] = static_cast<T>(o[i]);
+          round_block(o, n, out_row + j);
       }
     }
   });
@@ -239,7 +266,7 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
         grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
         if (j <= y && y < j + n) o[y - j] += w;
         if constexpr (!kFloat)
-          for (int64_t i = 0; i < n; ++i) row[j + i] = static_cast<T>(buf[i]);
+          round_block(buf, n, row + j);
       }
     }
   });

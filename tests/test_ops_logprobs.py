@@ -118,6 +118,79 @@ def test_max_jumps_between_blocks():
     assert ours[0][3].isnan() and torch.isfinite(ours[0][[0, 1, 2, 4]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_logits_are_widened_exactly_and_rounded_to_nearest(dtype):
+    # The CPU kernels widen 16-bit logits to float32, compute as for float32 and round
+    # each stored gradient to nearest, ties to even: bit for bit the float32 kernels on
+    # the widened logits, then torch's own rounding. The rows span the 16-bit types'
+    # subnormal gradients, overflow to inf (a weight of 1e5 in float16), -inf logits,
+    # NaN, a tail of V % 16 = 13, and exact ties: a row whose only finite logit is not
+    # its label has gradient -w there and exactly w at the label, and the last four
+    # weights lie halfway between two neighbours in bfloat16 or in float16.
+    V = 2 * 2048 + 45
+    g = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(10, V, generator=g)).to(dtype)
+    logits[1, ::7] = float("-inf")
+    logits[2, 10] = float("nan")
+    logits[3] = torch.linspace(-40, 8, V)  # gradients down through the subnormals to 0
+    logits[4, 100] = 30.0
+    logits[6:] = float("-inf")
+    logits[6:, 0] = 0.0
+    labels = torch.randint(1, V, (10,), generator=g)
+    labels[5] = -100
+    ties = [1 + 2**-8, -(1 + 3 * 2**-8), 1 + 2**-11, -(1 + 3 * 2**-11)]  # bfloat16, bfloat16, float16, float16
+    weights = torch.tensor([1.0, -0.3, 2.0, -1.0, 1e5, 1.0] + ties)
+    grad_logps = torch.cat([torch.randn(6, generator=g), torch.tensor(ties)])
+
+    def run(x):
+        x = x.clone()
+        logps, lse, _ = torch.ops.minalign.token_logprobs(x, labels, -100, False)
+        grad = torch.ops.minalign.token_logprobs_backward(grad_logps, None, x, labels, lse, None, -100)
+        fused_logps = torch.ops.minalign.token_logprobs_fused_(x, labels, weights, -100)
+        return logps, grad, fused_logps, x
+
+    logps, grad, fused_logps, fused_grad = run(logits)
+    logps32, grad32, fused_logps32, fused_grad32 = run(logits.float())
+    assert torch.equal(logps.nan_to_num(7.0), logps32.nan_to_num(7.0))
+    assert torch.equal(fused_logps.nan_to_num(7.0), fused_logps32.nan_to_num(7.0))
+    for ours, wide in ((grad, grad32), (fused_grad, fused_grad32)):
+        expected = wide.to(dtype)
+        assert ours.dtype == dtype
+        assert torch.equal(ours.isnan(), expected.isnan())
+        assert torch.equal(ours.nan_to_num(7.0).view(torch.int16), expected.nan_to_num(7.0).view(torch.int16))
+        assert torch.equal(wide[6:, labels[6:]].diagonal(), torch.tensor(ties))  # the ties reach the rounding
+    assert fused_grad[4].isinf().any() == (dtype == torch.float16)  # 1e5 overflows float16 only
+    subnormal = (fused_grad[3] != 0) & (fused_grad[3].abs() < torch.finfo(dtype).tiny)
+    assert subnormal.any() == (dtype == torch.float16)  # bfloat16's range is float32's
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_conversions_match_torch_for_every_exponent_and_tie(dtype):
+    # Widening: each of the 65,536 16-bit values is a logit beside a 0, whose log p is
+    # -softplus(-x), strictly monotonic: the same bits as on the widened float32 row.
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    logits = torch.stack([every, torch.zeros_like(every)], 1)  # [65536, 2]
+    labels = torch.zeros(len(every), dtype=torch.long)
+    narrow = torch.ops.minalign.token_logprobs(logits, labels, -100, False)[0]
+    wide = torch.ops.minalign.token_logprobs(logits.float(), labels, -100, False)[0]
+    assert torch.equal(narrow.isnan(), wide.isnan()) and torch.equal(narrow.nan_to_num(7.0), wide.nan_to_num(7.0))
+    # Rounding: a row [0, -inf] with label 1 has gradient (-g, g) (in float32, exactly),
+    # so the stored gradient is g rounded. g runs over every 1,024th float32 bit pattern
+    # (every exponent, and the ties of both types, whose low 16 or 13 bits are 0x8000 or
+    # 0x1000) and 2^18 random ones; infinities and NaN are left out (-inf * 0 is NaN).
+    bits = torch.cat([torch.arange(0, 2**32, 1024, dtype=torch.int64),
+                      torch.randint(0, 2**32, (2**18,), generator=torch.Generator().manual_seed(0))])
+    g = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    g = g[torch.isfinite(g)]
+    logits = torch.tensor([0.0, float("-inf")], dtype=dtype).expand(len(g), 2).contiguous()
+    labels = torch.ones(len(g), dtype=torch.long)
+    lse = torch.zeros(len(g))
+    grad = torch.ops.minalign.token_logprobs_backward(g, None, logits, labels, lse, None, -100)
+    grad32 = torch.ops.minalign.token_logprobs_backward(g, None, logits.float(), labels, lse, None, -100)
+    assert torch.equal(grad32[g != 0], torch.stack([-g, g], 1)[g != 0])  # (and +0 for g = -0)
+    assert torch.equal(grad.view(torch.int16), grad32.to(dtype).view(torch.int16))
+
+
 def test_gradcheck():
     # The kernels compute in float32, so gradcheck runs in float32 with a step and
     # tolerances sized for it; the comparisons with the reference are the tight check.

@@ -39,8 +39,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_simd.h"
 #include "dtype_name.h"
@@ -72,8 +74,9 @@ struct BlockSums {
 };
 
 // One sweep over n logits. `ahead` turns on the prefetch (off when x is a widened copy).
+// With `keep` (not x itself), the terms e^{x - m} are also written there.
 MINALIGN_SIMD_CLONES
-BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, bool ahead) {
+BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
   f32x16 block_max = splat(kNegInf), s = splat(0.f), t = splat(0.f);
   for (int64_t i = 0; i < n; i += 16) {
     if (ahead) prefetch(x + i + kPrefetchAhead);
@@ -83,6 +86,7 @@ BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, boo
     f32x16 e = exp16(d);
     s += e;
     if (with_entropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
+    if (keep) store16(keep + i, e);  // keep has room for whole vectors
   }
   return {hmax(block_max), hsum(s), hsum(t)};
 }
@@ -95,15 +99,17 @@ float max_block(const float* x, int64_t n) {
   return hmax(block_max);
 }
 
-// Folds n logits (one block of a row) into the row's state.
-void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st) {
+// Folds n logits (one block of a row) into the row's state. Returns the reference the
+// block was summed against (-inf while the row has had no finite logit), and with
+// `keep` leaves there the block's terms e^{x - ref} (e^{x - 0} = 0 when ref is -inf).
+float fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st, float* keep = nullptr) {
   float block_max;
   if (st.ref != kNegInf) {  // the common case: one sweep
-    const BlockSums b = sweep_block(x, n, st.ref, with_entropy, ahead);
+    const BlockSums b = sweep_block(x, n, st.ref, with_entropy, ahead, keep);
     if (!(b.max > st.ref + kSlack)) {
       st.sum += b.sum;
       st.xsum += b.xsum;
-      return;
+      return st.ref;
     }
     block_max = b.max;  // too far above the reference: raise it and sweep again
   } else {
@@ -118,9 +124,10 @@ void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowSta
     st.ref = block_max;
   }
   const float m = st.ref == kNegInf ? 0.f : st.ref;  // only -inf so far: e^{-inf - 0} = 0
-  const BlockSums b = sweep_block(x, n, m, with_entropy, false);
+  const BlockSums b = sweep_block(x, n, m, with_entropy, false, keep);
   st.sum += b.sum;
   st.xsum += b.xsum;
+  return st.ref;
 }
 
 // Writes the gradient of n logits (one block of a row), without the [j = y] term.
@@ -231,11 +238,25 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
   });
 }
 
+// x *= c over n floats.
+MINALIGN_SIMD_CLONES
+void scale_block(float* x, int64_t n, float c) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(x + i, load16(x + i) * c);
+  if (i < n) store16_partial(x + i, n - i, load16_partial(x + i, n - i, 0.f) * c);
+}
+
 // token_logprobs_fused_: log p(label) of each row and, in the same visit to the row, the
 // gradient of sum_r w_r logp_r written over the logits: w_r ([j = y_r] - p_rj). The row
 // (V = 50,257 float32 is 200 KB) is read from memory once, for its log-sum-exp, then
 // read again from the core's 2 MB L2 and overwritten, so the memory traffic is one read
 // and one write of the logits where a forward and a separate backward need two reads.
+//
+// float32 rows keep, in place of the logits, the terms the first pass computed,
+// e^{x_j - ref_b} (ref_b: the reference block b was summed against), so the second
+// pass multiplies where it would compute e^x again:
+//   p_j = e^{x_j - ref_b} e^{ref_b - lse},   ref_b <= lse
+// 16-bit rows have no room for them and compute p_j = e^{x_j - lse} again.
 template <typename T>
 void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index, const float* weights,
                 float* logprobs) {
@@ -244,6 +265,7 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
   constexpr bool kFloat = std::is_same_v<T, float>;
   at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     float buf[kBlock];
+    std::vector<float> refs(kFloat ? (V + kBlock - 1) / kBlock : 0);
     for (int64_t r = begin; r < end; ++r) {
       T* row = x + r * V;
       const int64_t y = labels[r];
@@ -252,21 +274,33 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
         std::fill(row, row + V, T(0));
         continue;
       }
-      RowState st;
-      for (int64_t j = 0; j < V; j += kBlock) {
-        const int64_t n = std::min(kBlock, V - j);
-        fold_block(as_float(row + j, n, buf), n, false, kFloat, st);
-      }
-      const float lse = st.ref + std::log(st.sum);
-      logprobs[r] = static_cast<float>(row[y]) - lse;
+      const float x_y = static_cast<float>(row[y]);
       const float w = weights[r];
-      for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now: no prefetch
-        const int64_t n = std::min(kBlock, V - j);
-        float* o = kFloat ? reinterpret_cast<float*>(row + j) : buf;
-        grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
-        if (j <= y && y < j + n) o[y - j] += w;
-        if constexpr (!kFloat)
+      RowState st;
+      if constexpr (kFloat) {
+        for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
+          const int64_t n = std::min(kBlock, V - j);
+          refs[b] = fold_block(row + j, n, false, true, st, buf);
+          std::memcpy(row + j, buf, n * sizeof(float));  // from L1: the block was just read
+        }
+        const float lse = st.ref + std::log(st.sum);
+        for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b)
+          scale_block(row + j, std::min(kBlock, V - j), -w * std::exp(refs[b] - lse));
+        row[y] += w;
+        logprobs[r] = x_y - lse;
+      } else {
+        for (int64_t j = 0; j < V; j += kBlock) {
+          const int64_t n = std::min(kBlock, V - j);
+          fold_block(as_float(row + j, n, buf), n, false, false, st);
+        }
+        const float lse = st.ref + std::log(st.sum);
+        for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now
+          const int64_t n = std::min(kBlock, V - j);
+          grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, buf);
+          if (j <= y && y < j + n) buf[y - j] += w;
           round_block(buf, n, row + j);
+        }
+        logprobs[r] = x_y - lse;
       }
     }
   });

@@ -122,6 +122,39 @@ def test_bad_label_is_reported_before_anything_is_overwritten(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_jumps_between_blocks_nan_and_inf_match_the_reference(device, dtype):
+    # The CPU kernel sums each block of 2,048 logits against a reference it raises only
+    # when a block's max goes more than 16 above it, and for float32 keeps each block's
+    # terms for the gradient: every case of that, NaN and inf, row by row.
+    inf, nan = float("inf"), float("nan")
+    V = 3 * 2048 + 5
+    logits = torch.randn(8, V, generator=torch.Generator().manual_seed(4))
+    logits[0, 2 * 2048 + 7] = 60.0  # one far larger logit in the third block
+    logits[1] = torch.linspace(-300, 300, V)  # every block raises the reference
+    logits[2, :2048] = -inf  # nothing in the first block
+    logits[3, :2048] = -inf
+    logits[3, 5] = nan  # a NaN with no finite logit beside it
+    logits[4, 4000:] = -inf  # the last blocks empty
+    logits[5] = -inf  # no finite logit at all
+    logits[6, 100] = inf
+    logits[7] -= 200  # log-sum-exp far below 0, after an empty block
+    logits[7, :2048] = -inf
+    logits = logits.to(dtype).to(device)
+    labels = torch.tensor([2 * 2048 + 7, V - 1, 3000, 3000, 10, 3, 100, 5000], device=device)
+    weights = torch.linspace(-1.5, 2.0, 8, device=device)
+    x = logits.clone()
+    logps = torch.ops.minalign.token_logprobs_fused_(x, labels, weights, -100)
+    leaf = logits.clone().requires_grad_()
+    ref_logps = reference.token_logprobs(leaf, labels)
+    (weights * ref_logps).sum().backward()
+    _, grad_tol = TOL[dtype]
+    torch.testing.assert_close(logps, ref_logps.detach(), atol=2e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(x.float(), leaf.grad.float(), atol=grad_tol, rtol=1e-3, equal_nan=True)
+    assert logps[[0, 1, 2, 4, 7]].isfinite().all() and logps[[3, 5, 6]].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(device, dtype):
     logits, labels = make_inputs((6,), 37, dtype, device)
     weights = weights_for(labels)

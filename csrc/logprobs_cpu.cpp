@@ -252,20 +252,23 @@ void scale_block(float* x, int64_t n, float c) {
 // read again from the core's 2 MB L2 and overwritten, so the memory traffic is one read
 // and one write of the logits where a forward and a separate backward need two reads.
 //
-// float32 rows keep, in place of the logits, the terms the first pass computed,
-// e^{x_j - ref_b} (ref_b: the reference block b was summed against), so the second
-// pass multiplies where it would compute e^x again:
+// The first pass also keeps the terms it sums, e^{x_j - ref_b} (ref_b: the reference
+// block b was summed against), so the second multiplies where it would compute e^x again:
 //   p_j = e^{x_j - ref_b} e^{ref_b - lse},   ref_b <= lse
-// 16-bit rows have no room for them and compute p_j = e^{x_j - lse} again.
+// float32 rows keep them in place of the logits; 16-bit rows in a buffer of up to kKeep
+// floats, and compute p_j = e^{x_j - lse} again past that.
+constexpr int64_t kKeep = 64 * kBlock;  // 128 Ki floats, 512 KiB: with the row, within L2
+
 template <typename T>
 void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index, const float* weights,
                 float* logprobs) {
   const int64_t N = logits.size(0), V = logits.size(1);
   T* x = logits.mutable_data_ptr<T>();
   constexpr bool kFloat = std::is_same_v<T, float>;
+  const int64_t kept = kFloat ? V : std::min(V, kKeep);  // V, or a multiple of kBlock
   at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
-    float buf[kBlock];
-    std::vector<float> refs(kFloat ? (V + kBlock - 1) / kBlock : 0);
+    float buf[kBlock], block_terms[kBlock];
+    std::vector<float> refs((V + kBlock - 1) / kBlock), scratch(kFloat ? 0 : kept);
     for (int64_t r = begin; r < end; ++r) {
       T* row = x + r * V;
       const int64_t y = labels[r];
@@ -275,32 +278,24 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
         continue;
       }
       const float x_y = static_cast<float>(row[y]);
-      const float w = weights[r];
+      float* terms = kFloat ? reinterpret_cast<float*>(row) : scratch.data();
       RowState st;
-      if constexpr (kFloat) {
-        for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
-          const int64_t n = std::min(kBlock, V - j);
-          refs[b] = fold_block(row + j, n, false, true, st, buf);
-          std::memcpy(row + j, buf, n * sizeof(float));  // from L1: the block was just read
-        }
-        const float lse = st.ref + std::log(st.sum);
-        for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b)
-          scale_block(row + j, std::min(kBlock, V - j), -w * std::exp(refs[b] - lse));
-        row[y] += w;
-        logprobs[r] = x_y - lse;
-      } else {
-        for (int64_t j = 0; j < V; j += kBlock) {
-          const int64_t n = std::min(kBlock, V - j);
-          fold_block(as_float(row + j, n, buf), n, false, false, st);
-        }
-        const float lse = st.ref + std::log(st.sum);
-        for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now
-          const int64_t n = std::min(kBlock, V - j);
-          grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, buf);
-          if (j <= y && y < j + n) buf[y - j] += w;
-          round_block(buf, n, row + j);
-        }
-        logprobs[r] = x_y - lse;
+      for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
+        const int64_t n = std::min(kBlock, V - j);
+        const bool keep = j < kept;
+        refs[b] = fold_block(as_float(row + j, n, buf), n, false, kFloat, st, keep ? block_terms : nullptr);
+        if (keep) std::memcpy(terms + j, block_terms, n * sizeof(float));  // L1 to L2
+      }
+      const float lse = st.ref + std::log(st.sum);
+      logprobs[r] = x_y - lse;
+      const float w = weights[r];
+      for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {  // from L2 now
+        const int64_t n = std::min(kBlock, V - j);
+        float* grad = j < kept ? terms + j : buf;
+        if (j < kept) scale_block(grad, n, -w * std::exp(refs[b] - lse));
+        else grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, buf);
+        if (j <= y && y < j + n) grad[y - j] += w;
+        if constexpr (!kFloat) round_block(grad, n, row + j);
       }
     }
   });

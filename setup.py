@@ -82,6 +82,18 @@ def loaded_libstdcxx_dir() -> list[str]:
     return [str(folder)]
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its threads with OpenMP (its Linux builds), else nothing.
+
+    There at::parallel_for is a `#pragma omp parallel` in a header: compiled without
+    -fopenmp, the CPU kernels would run on one thread. Linking with it names
+    libgomp.so.1, which resolves to the copy torch has already loaded.
+    """
+    import torch
+
+    return ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
+
+
 def want_cuda() -> bool:
     import torch
 
@@ -107,7 +119,7 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    cxx_flags = ["-O3", "-std=c++20"] + openmp_flags()  # torch >= 2.10 headers need C++20
     if not sources:
         return [], {}
     if cuda:
@@ -118,11 +130,12 @@ def extensions():
             include_dirs=nvidia_pip_includes(),
             library_dirs=loaded_libstdcxx_dir(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
+            extra_link_args=openmp_flags(),
             define_macros=[("MINALIGN_WITH_CUDA", None)],
         )
     else:
         ext = CppExtension("minalign._C", sources, library_dirs=loaded_libstdcxx_dir(),
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp_flags())
     print(f"minalign: building the {'CUDA + CPU' if cuda else 'CPU'} extension", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,8 +1,11 @@
 // The Python module `minalign._C`. Importing it loads this library, whose static
 // initialisers register the operators (ops.cpp) and their kernels with PyTorch's
 // dispatcher as torch.ops.minalign.*; the module itself only says whether the
-// CUDA kernels were compiled in (minalign._C.WITH_CUDA).
+// CUDA kernels were compiled in (minalign._C.WITH_CUDA), and whether at::parallel_for
+// runs the CPU kernels on torch's intra-op threads (INTRA_OP_PARALLEL: with torch's
+// OpenMP backend, only when compiled with -fopenmp).
 
+#include <ATen/Parallel.h>
 #include <Python.h>
 
 extern "C" PyObject* PyInit__C(void) {
@@ -13,7 +16,13 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   const int with_cuda = 0;
 #endif
-  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) != 0) {
+#ifdef INTRA_OP_PARALLEL
+  const int intra_op_parallel = 1;
+#else
+  const int intra_op_parallel = 0;
+#endif
+  if (m != nullptr && (PyModule_AddIntConstant(m, "WITH_CUDA", with_cuda) != 0 ||
+                       PyModule_AddIntConstant(m, "INTRA_OP_PARALLEL", intra_op_parallel) != 0)) {
     Py_DECREF(m);
     return nullptr;
   }

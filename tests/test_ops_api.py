@@ -103,3 +103,16 @@ def test_extension_links_libstdcxx_dynamically():
     # ... and a formatted number in an error message is fine
     with pytest.raises(RuntimeError, match=r"labels\[1\] = 7 is out of range"):
         torch.ops.minalign.token_logprobs(torch.zeros(2, 5), torch.tensor([0, 7]), -100, False)
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+def test_cpu_kernels_run_on_torchs_intra_op_threads():
+    # With torch's OpenMP backend (its Linux builds), at::parallel_for is a pragma in a
+    # header: compiled without -fopenmp, every CPU kernel would run on one thread.
+    from minalign import _C
+
+    assert _C.INTRA_OP_PARALLEL == 1
+    if sys.platform.startswith("linux"):  # ... on torch's OpenMP runtime, not a second one
+        with open("/proc/self/maps") as f:
+            runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+        assert len(runtimes) <= 1, runtimes

@@ -40,11 +40,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 #include "cpu_simd.h"
 #include "dtype_name.h"
@@ -53,7 +50,7 @@ namespace minalign {
 namespace {
 
 constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB, stays in L1 for a second sweep
-static const int64_t kPrefetchAhead = std::getenv("PFA") ? std::atoi(std::getenv("PFA")) : 2048;
+constexpr int64_t kPrefetchAhead = 2048;  // floats: the loops ask for the cache line 8 KiB ahead
 constexpr float kSlack = 16.f;  // terms stay below e^16 = 8.9e6, so s < V e^16 cannot overflow
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -76,9 +73,8 @@ struct BlockSums {
 };
 
 // One sweep over n logits. `ahead` turns on the prefetch (off when x is a widened copy).
-// With `keep` (not x itself), the terms e^{x - m} are also written there.
 MINALIGN_SIMD_CLONES
-BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
+BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, bool ahead) {
   f32x16 block_max = splat(kNegInf), s = splat(0.f), t = splat(0.f);
   for (int64_t i = 0; i < n; i += 16) {
     if (ahead) prefetch(x + i + kPrefetchAhead);
@@ -88,7 +84,6 @@ BlockSums sweep_block(const float* x, int64_t n, float m, bool with_entropy, boo
     f32x16 e = exp16(d);
     s += e;
     if (with_entropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
-    if (keep) store16(keep + i, e);  // keep has room for whole vectors
   }
   return {hmax(block_max), hsum(s), hsum(t)};
 }
@@ -101,17 +96,15 @@ float max_block(const float* x, int64_t n) {
   return hmax(block_max);
 }
 
-// Folds n logits (one block of a row) into the row's state. Returns the reference the
-// block was summed against (-inf while the row has had no finite logit), and with
-// `keep` leaves there the block's terms e^{x - ref} (e^{x - 0} = 0 when ref is -inf).
-float fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st, float* keep = nullptr) {
+// Folds n logits (one block of a row) into the row's state.
+void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st) {
   float block_max;
   if (st.ref != kNegInf) {  // the common case: one sweep
-    const BlockSums b = sweep_block(x, n, st.ref, with_entropy, ahead, keep);
+    const BlockSums b = sweep_block(x, n, st.ref, with_entropy, ahead);
     if (!(b.max > st.ref + kSlack)) {
       st.sum += b.sum;
       st.xsum += b.xsum;
-      return st.ref;
+      return;
     }
     block_max = b.max;  // too far above the reference: raise it and sweep again
   } else {
@@ -126,10 +119,9 @@ float fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowSt
     st.ref = block_max;
   }
   const float m = st.ref == kNegInf ? 0.f : st.ref;  // only -inf so far: e^{-inf - 0} = 0
-  const BlockSums b = sweep_block(x, n, m, with_entropy, false, keep);
+  const BlockSums b = sweep_block(x, n, m, with_entropy, false);
   st.sum += b.sum;
   st.xsum += b.xsum;
-  return st.ref;
 }
 
 // Writes the gradient of n logits (one block of a row), without the [j = y] term.
@@ -240,37 +232,21 @@ void backward_rows(const at::Tensor& logits, const int64_t* labels, int64_t igno
   });
 }
 
-// x *= c over n floats.
-MINALIGN_SIMD_CLONES
-void scale_block(float* x, int64_t n, float c) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(x + i, load16(x + i) * c);
-  if (i < n) store16_partial(x + i, n - i, load16_partial(x + i, n - i, 0.f) * c);
-}
-
 // token_logprobs_fused_: log p(label) of each row and, in the same visit to the row, the
 // gradient of sum_r w_r logp_r written over the logits: w_r ([j = y_r] - p_rj). The row
 // (V = 50,257 float32 is 200 KB) is read from memory once, for its log-sum-exp, then
 // read again from the core's 2 MB L2 and overwritten, so the memory traffic is one read
 // and one write of the logits where a forward and a separate backward need two reads.
-//
-// The first pass also keeps the terms it sums, e^{x_j - ref_b} (ref_b: the reference
-// block b was summed against), so the second multiplies where it would compute e^x again:
-//   p_j = e^{x_j - ref_b} e^{ref_b - lse},   ref_b <= lse
-// float32 rows keep them in place of the logits; 16-bit rows in a buffer of up to kKeep
-// floats, and compute p_j = e^{x_j - lse} again past that.
-constexpr int64_t kKeep = 64 * kBlock;  // 128 Ki floats, 512 KiB: with the row, within L2
-
+// The second pass computes p = e^{x - lse} again, as the backward does, so the gradient
+// is bit for bit that of token_logprobs and token_logprobs_backward with g = w.
 template <typename T>
 void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index, const float* weights,
                 float* logprobs) {
   const int64_t N = logits.size(0), V = logits.size(1);
   T* x = logits.mutable_data_ptr<T>();
   constexpr bool kFloat = std::is_same_v<T, float>;
-  const int64_t kept = kFloat ? V : std::min(V, kKeep);  // V, or a multiple of kBlock
   at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
-    float buf[kBlock], block_terms[kBlock];
-    std::vector<float> refs((V + kBlock - 1) / kBlock), scratch(kFloat ? 0 : kept);
+    float buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       T* row = x + r * V;
       const int64_t y = labels[r];
@@ -279,25 +255,21 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
         std::fill(row, row + V, T(0));
         continue;
       }
-      const float x_y = static_cast<float>(row[y]);
-      float* terms = kFloat ? reinterpret_cast<float*>(row) : scratch.data();
       RowState st;
-      for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {
+      for (int64_t j = 0; j < V; j += kBlock) {
         const int64_t n = std::min(kBlock, V - j);
-        const bool keep = j < kept;
-        refs[b] = fold_block(as_float(row + j, n, buf), n, false, kFloat, st, keep ? block_terms : nullptr);
-        if (keep) std::memcpy(terms + j, block_terms, n * sizeof(float));  // L1 to L2
+        fold_block(as_float(row + j, n, buf), n, false, kFloat, st);
       }
       const float lse = st.ref + std::log(st.sum);
-      logprobs[r] = x_y - lse;
+      logprobs[r] = static_cast<float>(row[y]) - lse;
       const float w = weights[r];
-      for (int64_t j = 0, b = 0; j < V; j += kBlock, ++b) {  // from L2 now
+      for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now: no prefetch
         const int64_t n = std::min(kBlock, V - j);
-        float* grad = j < kept ? terms + j : buf;
-        if (j < kept) scale_block(grad, n, -w * std::exp(refs[b] - lse));
-        else grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, buf);
-        if (j <= y && y < j + n) grad[y - j] += w;
-        if constexpr (!kFloat) round_block(grad, n, row + j);
+        float* o = kFloat ? reinterpret_cast<float*>(row + j) : buf;
+        grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
+        if (j <= y && y < j + n) o[y - j] += w;
+        if constexpr (!kFloat)
+          round_block(buf, n, row + j);
       }
     }
   });

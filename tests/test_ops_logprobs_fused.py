@@ -122,6 +122,22 @@ def test_bad_label_is_reported_before_anything_is_overwritten(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_bit_for_bit_the_forward_and_backward_kernels(device, dtype):
+    # The fused kernels compute p = e^(x - lse) as the backward kernels do, so training
+    # with weighted_logprob_sum is bit for bit training with token_logprobs.
+    V = 3 * 2048 + 11
+    logits, labels = make_inputs((15,), V, dtype, device, pad_cols=4)
+    weights = weights_for(labels)
+    x = logits.clone()
+    fused_logps = torch.ops.minalign.token_logprobs_fused_(x, labels, weights, -100)
+    logps, lse, _ = torch.ops.minalign.token_logprobs(logits, labels, -100, False)
+    grad = torch.ops.minalign.token_logprobs_backward(weights, None, logits, labels, lse, None, -100)
+    assert torch.equal(fused_logps, logps)
+    assert torch.equal(x, grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_jumps_between_blocks_nan_and_inf_match_the_reference(device, dtype):
     # The CPU kernel sums each block of 2,048 logits against a reference it raises only
     # when a block's max goes more than 16 above it, and for float32 keeps each block's

@@ -86,8 +86,9 @@ def openmp_flags() -> list[str]:
     """-fopenmp where torch runs its threads with OpenMP (its Linux builds), else nothing.
 
     There at::parallel_for is a `#pragma omp parallel` in a header: compiled without
-    -fopenmp, the CPU kernels would run on one thread. Linking with it names
-    libgomp.so.1, which resolves to the copy torch has already loaded.
+    -fopenmp, the CPU kernels would run on one thread. Only compiled with it, not
+    linked: the OpenMP calls then resolve to the runtime torch itself depends on
+    (libgomp, or Intel's in some builds), never to a second one.
     """
     import torch
 
@@ -130,12 +131,11 @@ def extensions():
             include_dirs=nvidia_pip_includes(),
             library_dirs=loaded_libstdcxx_dir(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
-            extra_link_args=openmp_flags(),
             define_macros=[("MINALIGN_WITH_CUDA", None)],
         )
     else:
         ext = CppExtension("minalign._C", sources, library_dirs=loaded_libstdcxx_dir(),
-                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp_flags())
+                           extra_compile_args={"cxx": cxx_flags})
     print(f"minalign: building the {'CUDA + CPU' if cuda else 'CPU'} extension", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

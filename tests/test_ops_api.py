@@ -88,6 +88,21 @@ def test_the_extension_was_built_when_expected():
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+def test_every_op_has_a_kernel_for_each_built_backend():
+    # Each kernel file registers its own ops; a file left out of the build, or an op
+    # left out of its TORCH_LIBRARY_IMPL, would otherwise show only on that device.
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("minalign::")]
+    for op in ("token_logprobs", "token_logprobs_fused_", "dpo_loss", "ppo_policy_loss", "gae"):
+        assert f"minalign::{op}" in names, names
+    backends = ["CPU", "CUDA"] if ops.HAS_CUDA_KERNELS else ["CPU"]
+    missing = [
+        (name, key) for name in names for key in backends
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+    ]
+    assert not missing, missing
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects")
 def test_extension_links_libstdcxx_dynamically():
     # A copy of libstdc++ linked into the extension (a compiler newer than the system's

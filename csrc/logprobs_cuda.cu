@@ -74,22 +74,8 @@ token_logprobs_kernel(const scalar_t* __restrict__ logits, const int64_t* __rest
   if (threadIdx.x == kThreads - 1) fold_partial<kEntropy, kVec>(s, x, split.tail, V - split.tail);
 
   const VecT* body = reinterpret_cast<const VecT*>(x + split.head);
-  for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads * kUnroll) {
-    VecT v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) v[u] = body[i + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) {
-        float f[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) f[j] = static_cast<float>(v[u].v[j]);
-        fold<kEntropy>(s, f);
-      }
-    }
-  }
+  for_each_vector<kUnroll>(body, 0, split.num_vecs,
+                           [&](const VecT& v, int64_t) { fold_vector<kEntropy>(s, v); });
 
   s = block_merge<kEntropy>(s);
   if (threadIdx.x == 0) {
@@ -131,39 +117,12 @@ token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
   grad.ent_shift = kEntropy ? entropy[row] - grad.lse : 0.f;
   grad.hot_col = label;  // an out-of-range label matches no column, and is never an index
 
-  if (threadIdx.x == 0) {
-    for (int64_t c = 0; c < split.head; ++c) {
-      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
-    }
-  }
-  if (threadIdx.x == kThreads - 1) {
-    for (int64_t c = split.tail; c < V; ++c) {
-      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
-    }
-  }
-
+  write_edge_grads(grad, x, dx, V, split);
   const VecT* body = reinterpret_cast<const VecT*>(x + split.head);
   VecT* dbody = reinterpret_cast<VecT*>(dx + split.head);
-  for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads * kUnroll) {
-    VecT v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) v[u] = body[i + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = i + u * kThreads;
-      if (k < split.num_vecs) {
-        const int64_t col0 = split.head + k * kVec;
-        VecT out;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          out.v[j] = static_cast<scalar_t>(grad(static_cast<float>(v[u].v[j]), col0 + j));
-        }
-        dbody[k] = out;
-      }
-    }
-  }
+  for_each_vector<kUnroll>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
+    dbody[k] = grad(v, split.head + k * kVec);
+  });
 }
 
 // ------------------------------------------------------------------------ host

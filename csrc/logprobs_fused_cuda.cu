@@ -69,24 +69,10 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   if (threadIdx.x == 0) fold_partial<false, kVec>(s, x, 0, split.head);
   if (threadIdx.x == kThreads - 1) fold_partial<false, kVec>(s, x, split.tail, V - split.tail);
   VecT* body = reinterpret_cast<VecT*>(x + split.head);
-  for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads * kFusedUnroll) {
-    VecT v[kFusedUnroll];
-#pragma unroll
-    for (int u = 0; u < kFusedUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) v[u] = body[i + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kFusedUnroll; ++u) {
-      const int64_t k = i + u * kThreads;
-      if (k < split.num_vecs) {
-        if (k < cached) cache[k] = v[u];
-        float f[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) f[j] = static_cast<float>(v[u].v[j]);
-        fold<false>(s, f);
-      }
-    }
-  }
+  for_each_vector<kFusedUnroll>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
+    if (k < cached) cache[k] = v;
+    fold_vector<false>(s, v);
+  });
   s = block_merge<false>(s);
   if (threadIdx.x == 0) {
     const float log_sum = logf(s.sum);
@@ -102,36 +88,9 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   grad.g_entropy = 0.f;
   grad.ent_shift = 0.f;
   grad.hot_col = label;
-  if (threadIdx.x == 0) {
-    for (int64_t c = 0; c < split.head; ++c) {
-      x[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
-    }
-  }
-  if (threadIdx.x == kThreads - 1) {
-    for (int64_t c = split.tail; c < V; ++c) {
-      x[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
-    }
-  }
-  auto write_grad = [&](const VecT& v, int64_t k) {
-    const int64_t col0 = split.head + k * kVec;
-    VecT out;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      out.v[j] = static_cast<scalar_t>(grad(static_cast<float>(v.v[j]), col0 + j));
-    }
-    body[k] = out;
-  };
-  for (int64_t i = cached + threadIdx.x; i < split.num_vecs; i += kThreads * kUnroll) {
-    VecT v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) v[u] = body[i + u * kThreads];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (i + u * kThreads < split.num_vecs) write_grad(v[u], i + u * kThreads);
-    }
-  }
+  write_edge_grads(grad, x, x, V, split);
+  auto write_grad = [&](const VecT& v, int64_t k) { body[k] = grad(v, split.head + k * kVec); };
+  for_each_vector<kUnroll>(body, cached, split.num_vecs, write_grad);  // from L2
   for (int64_t k = threadIdx.x; k < cached; k += kThreads) write_grad(cache[k], k);
 }
 

@@ -163,6 +163,35 @@ __device__ __forceinline__ void fold_partial(SoftmaxStats& s, const scalar_t* ro
   fold<kEntropy>(s, x);
 }
 
+// Fold one vector of logits into `s`.
+template <bool kEntropy, typename scalar_t, int kVec>
+__device__ __forceinline__ void fold_vector(SoftmaxStats& s, const Vec<scalar_t, kVec>& v) {
+  float x[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) x[j] = static_cast<float>(v.v[j]);
+  fold<kEntropy>(s, x);
+}
+
+// Calls f(v, k) for each vector v = body[k] of k in [begin, end) that falls to this
+// thread (k = begin + threadIdx.x, then every kThreads), in that order. Each thread
+// issues kLoads loads before the first call: one load at a time would leave the
+// memory system idle for most of its latency.
+template <int kLoads, typename VecT, typename F>
+__device__ __forceinline__ void for_each_vector(const VecT* body, int64_t begin, int64_t end,
+                                                F&& f) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads * kLoads) {
+    VecT v[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (i + u * kThreads < end) v[u] = body[i + u * kThreads];
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (i + u * kThreads < end) f(v[u], i + u * kThreads);
+    }
+  }
+}
+
 // ------------------------------------------------------------ gradient of a logit
 
 // The gradient of one logit, given the row's saved statistics.
@@ -182,7 +211,36 @@ struct RowGrad {
     if (col == hot_col) g += g_logprob;
     return g;
   }
+
+  // The same for the vector of logits `v`, whose first column is col0.
+  template <typename scalar_t, int kVec>
+  __device__ __forceinline__ Vec<scalar_t, kVec> operator()(const Vec<scalar_t, kVec>& v,
+                                                            int64_t col0) const {
+    Vec<scalar_t, kVec> out;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      out.v[j] = static_cast<scalar_t>((*this)(static_cast<float>(v.v[j]), col0 + j));
+    }
+    return out;
+  }
 };
+
+// Writes the gradient of the row's head and tail (threads 0 and kThreads - 1) to dx,
+// which may be x itself.
+template <bool kEntropy, typename scalar_t>
+__device__ __forceinline__ void write_edge_grads(const RowGrad<kEntropy>& grad, const scalar_t* x,
+                                                 scalar_t* dx, int64_t V, const RowSplit& split) {
+  if (threadIdx.x == 0) {
+    for (int64_t c = 0; c < split.head; ++c) {
+      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    }
+  }
+  if (threadIdx.x == kThreads - 1) {
+    for (int64_t c = split.tail; c < V; ++c) {
+      dx[c] = static_cast<scalar_t>(grad(static_cast<float>(x[c]), c));
+    }
+  }
+}
 
 // Zeros over a whole row laid out as `split` says.
 template <int kVec, typename scalar_t>

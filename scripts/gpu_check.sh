@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build the CUDA extension, run the
 # CUDA tests, run them again under compute-sanitizer memcheck (0 errors expected),
-# run the fused log-prob tests under racecheck, and run the benchmarks on the GPU. Each step has a time limit so the whole check
-# stays within 8 minutes; every step runs even if an earlier one failed, and
-# the script exits non-zero if any failed. Everything goes to the log.
+# run the fused log-prob tests under racecheck, and run the benchmarks on the GPU.
+# Each step has a time limit so the whole check stays within 8 minutes; every step
+# runs even if an earlier one failed, and the script exits non-zero if any failed.
+# Everything goes to the log.
 #
 #   scripts/gpu_check.sh                 # log in ${OUT:-out}/gpu_check.log
 #   PYTHON=/path/to/python scripts/gpu_check.sh

@@ -17,6 +17,8 @@ which computes the same gradient during the forward pass (possible when, as for 
 cross-entropy, the weights are known before the forward). The last two refuse a leaf,
 so they get, untimed before each run, a fresh copy of the logits that is not a leaf
 (as a model's last layer would give it). Their forward alone is token_logprobs's.
+On CUDA, weighted_logprob_sum also runs with other amounts of each row kept in shared
+memory (--fused-cache-kb, through MINALIGN_FUSED_CACHE_KB): the knob of its kernel.
 
 The roofline is one read and one write of the logits (what a fused forward + backward
 needs), measured as an in-place OR with 0 of their bits in memory already written once
@@ -28,6 +30,7 @@ gradient pay that on top.
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -46,6 +49,23 @@ def minalign_fused(logits, labels, grad=None):
     if grad is None or not torch.is_grad_enabled():
         return ops.token_logprobs(logits, labels)
     return ops.weighted_logprob_sum(logits, labels, grad)
+
+
+def minalign_fused_cached(kb):
+    """minalign_fused with MINALIGN_FUSED_CACHE_KB=kb: the KB of each row its CUDA kernel keeps on chip."""
+
+    def fn(logits, labels, grad=None):
+        os.environ["MINALIGN_FUSED_CACHE_KB"] = str(kb)
+        try:
+            return minalign_fused(logits, labels, grad)
+        finally:
+            del os.environ["MINALIGN_FUSED_CACHE_KB"]
+
+    fn.weights_are_grad = True
+    return fn
+
+
+minalign_fused.weights_are_grad = True  # forward_backward passes it the upstream gradient
 
 
 class _ModelOutput(torch.autograd.Function):
@@ -133,7 +153,7 @@ def prepare(name, logits):
 
 
 def forward_backward(fn, logits, labels, grad):
-    if fn is minalign_fused:
+    if getattr(fn, "weights_are_grad", False):
         fn(logits, labels, grad).backward()
     else:
         fn(logits, labels).backward(grad)
@@ -225,9 +245,17 @@ def main():
     parser.add_argument("--V", type=int, nargs="+", default=None, help="default 50257 on cpu, 50257 128256 on cuda")
     parser.add_argument("--reps", type=int, default=None, help="timed runs; default 5 on cpu, 20 on cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--fused-cache-kb", type=int, nargs="*", default=None,
+                        help="CUDA: also run weighted_logprob_sum keeping this many KB of each row in shared "
+                             "memory (default 0 and 200; the kernel's own choice runs anyway)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    cache_kbs = [] if not cuda else [0, 200] if args.fused_cache_kb is None else args.fused_cache_kb
+    for kb in cache_kbs:
+        name = f"minalign.ops.weighted_logprob_sum, MINALIGN_FUSED_CACHE_KB={kb}"
+        IMPLEMENTATIONS[name] = minalign_fused_cached(kb)
+        PREPARE[name] = _ModelOutput.apply
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     torch.set_num_threads(args.threads)
     print(f"minalign extension: {ops.HAS_EXTENSION} (CUDA kernels: {ops.HAS_CUDA_KERNELS}), torch {torch.__version__}")

@@ -253,8 +253,6 @@ void token_logprobs_backward_inplace_cuda(const at::Tensor& grad_logprobs,
   backward_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, ignore_index, logits);
 }
 
-// token_logprobs_fused_: labels are checked before the kernel runs, because by the
-// time the kernel could report a bad label it has overwritten other rows' logits.
 }  // namespace
 }  // namespace minalign
 

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace minalign {
 namespace {
@@ -108,6 +109,28 @@ __global__ void find_bad_label_kernel(const int64_t* __restrict__ labels, int64_
   }
 }
 
+// Bytes of each row to keep in shared memory: by default as much as lets two blocks
+// share a multiprocessor (half of its shared memory, less what each block needs
+// besides). MINALIGN_FUSED_CACHE_KB overrides that, up to what one block may have: a
+// knob for bench/bench_logprobs.py (0 rereads each row from L2; more than the default
+// leaves one block per multiprocessor, with more of a long row cached).
+int64_t fused_cache_bytes(const char* op) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t most = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 1024;
+  const int64_t two_per_sm = static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / 2 -
+                             static_cast<int64_t>(prop->reservedSharedMemPerBlock) - 1024;
+  const char* knob = std::getenv("MINALIGN_FUSED_CACHE_KB");
+  if (knob == nullptr || *knob == '\0') return std::min(two_per_sm, most);
+  char* end = nullptr;
+  const long long kb = std::strtoll(knob, &end, 10);
+  TORCH_CHECK(*end == '\0' && kb >= 0, op,
+              ": MINALIGN_FUSED_CACHE_KB must be a whole number of KB, 0 or more, got '", knob,
+              "'");
+  return std::min<int64_t>(kb, most / 1024) * 1024;
+}
+
+// token_logprobs_fused_: labels are checked before the kernel runs, because by the
+// time the kernel could report a bad label it has overwritten other rows' logits.
 at::Tensor token_logprobs_fused_cuda(at::Tensor& logits, const at::Tensor& labels,
                                      const at::Tensor& weights_in, int64_t ignore_index) {
   constexpr const char* op = "minalign.token_logprobs_fused_";
@@ -130,17 +153,11 @@ at::Tensor token_logprobs_fused_cuda(at::Tensor& logits, const at::Tensor& label
   }
 
   at::Tensor logprobs = at::empty({N}, logits.options().dtype(at::kFloat));
+  const int64_t cache_bytes = std::max<int64_t>(0, fused_cache_bytes(op));
   MINALIGN_DISPATCH_LOGITS(logits.scalar_type(), op, [&] {
     constexpr int kVec = kVec16<scalar_t>;
     const auto kernel = token_logprobs_fused_kernel<scalar_t>;
-    // Cache as much of the row as lets two blocks share a multiprocessor (half of
-    // its shared memory, less what each block needs besides), and no more than
-    // the row's whole vectors.
-    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    const int64_t per_block = static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / 2 -
-                              static_cast<int64_t>(prop->reservedSharedMemPerBlock) - 1024;
-    const int64_t budget = std::min<int64_t>(per_block, prop->sharedMemPerBlockOptin - 1024);
-    const int64_t cached_vecs = std::max<int64_t>(0, std::min<int64_t>(V / kVec, budget / 16));
+    const int64_t cached_vecs = std::min<int64_t>(V / kVec, cache_bytes / 16);  // whole vectors
     const int smem_bytes = static_cast<int>(cached_vecs * 16);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         smem_bytes));

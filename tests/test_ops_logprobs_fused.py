@@ -136,6 +136,26 @@ def test_bit_for_bit_the_forward_and_backward_kernels(device, dtype):
     assert torch.equal(x, grad)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS), reason="no CUDA device or no CUDA kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_cache_size_changes_nothing_but_speed(dtype, monkeypatch):
+    # MINALIGN_FUSED_CACHE_KB: none of the row kept in shared memory, part of it, all of it
+    logits, labels = make_inputs((9,), 3 * 2048 + 11, dtype, "cuda", pad_cols=4)
+    weights = weights_for(labels)
+    results = []
+    for kb in ["", "0", "1", "200"]:
+        monkeypatch.setenv("MINALIGN_FUSED_CACHE_KB", kb)
+        x = logits.clone()
+        results.append((torch.ops.minalign.token_logprobs_fused_(x, labels, weights, -100), x))
+    for logps, grad in results[1:]:
+        assert torch.equal(logps, results[0][0]) and torch.equal(grad, results[0][1])
+    monkeypatch.setenv("MINALIGN_FUSED_CACHE_KB", "lots")
+    x = logits.clone()
+    with pytest.raises(RuntimeError, match="MINALIGN_FUSED_CACHE_KB must be a whole number"):
+        torch.ops.minalign.token_logprobs_fused_(x, labels, weights, -100)
+    assert torch.equal(x, logits)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jumps_between_blocks_nan_and_inf_match_the_reference(device, dtype):

@@ -1,5 +1,5 @@
-// Small pieces shared by minalign's CUDA kernels: argument checks with messages
-// a user understands, 16-byte vector types, and warp/block sums.
+// Small pieces shared by minalign's CUDA kernels: 16-byte vector types, warp/block
+// sums, and argument checks with messages a user understands.
 //
 // Every reduction here combines values in a fixed order (a butterfly inside a
 // warp, then warp 0 over the warps in index order), so a kernel that uses them
@@ -7,14 +7,18 @@
 
 #pragma once
 
+#include <cstdint>
+
+// MINALIGN_CUDA_ON_CPU: tests/cuda_on_cpu compiles the device code alone for the CPU,
+// with stand-ins for CUDA's built-ins, and leaves out everything of the host's.
+#ifndef MINALIGN_CUDA_ON_CPU
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdint>
-
 #include "dtype_name.h"
+#endif
 
 namespace minalign {
 
@@ -25,27 +29,6 @@ constexpr float kLog2e = 1.4426950408889634f;  // exp(x) == exp2(x * kLog2e)
 template <typename T>
 constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
-}
-
-// ---------------------------------------------------------------- checks (host)
-
-// `t` is a contiguous CUDA tensor of dtype `dtype`, on the device of `like`.
-inline void check_cuda_input(const at::Tensor& t, const char* op, const char* name,
-                             at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
-              " but the other inputs are on ", like.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
-              dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
-              " must be contiguous (call .contiguous() on it first)");
-}
-
-// `t` has exactly the shape of `like` (names used in the message).
-inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* op,
-                             const char* name, const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
-              like_name, " has shape ", like.sizes(), "; they must match");
 }
 
 // --------------------------------------------------------------- vectors (device)
@@ -59,6 +42,15 @@ struct alignas(sizeof(T) * N) Vec {
 
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+#ifndef MINALIGN_CUDA_ON_CPU
+// The block's dynamic shared memory (the launch's third argument), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char bytes[];
+  return reinterpret_cast<T*>(bytes);
+}
+#endif
 
 // ------------------------------------------------------------ reductions (device)
 
@@ -90,5 +82,28 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   __syncthreads();  // scratch may be reused right away
   return v;
 }
+
+// ---------------------------------------------------------------- checks (host)
+#ifndef MINALIGN_CUDA_ON_CPU
+
+// `t` is a contiguous CUDA tensor of dtype `dtype`, on the device of `like`.
+inline void check_cuda_input(const at::Tensor& t, const char* op, const char* name,
+                             at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(),
+              " but the other inputs are on ", like.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype_name(dtype), ", got ",
+              dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
+              " must be contiguous (call .contiguous() on it first)");
+}
+
+// `t` has exactly the shape of `like` (names used in the message).
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* op,
+                             const char* name, const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
+              like_name, " has shape ", like.sizes(), "; they must match");
+}
+#endif
 
 }  // namespace minalign

@@ -34,9 +34,6 @@
 
 #include "softmax_cuda.cuh"
 
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <torch/library.h>
-
 namespace minalign {
 namespace {
 
@@ -125,7 +122,17 @@ token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
   });
 }
 
+}  // namespace
+}  // namespace minalign
+
 // ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU  // see cuda_common.cuh
+
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <torch/library.h>
+
+namespace minalign {
+namespace {
 
 // inplace_backward only tells autograd which backward to run.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits,
@@ -261,3 +268,5 @@ TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
   m.impl("token_logprobs_backward", &minalign::token_logprobs_backward_cuda);
   m.impl("token_logprobs_backward_", &minalign::token_logprobs_backward_inplace_cuda);
 }
+
+#endif  // MINALIGN_CUDA_ON_CPU

@@ -22,12 +22,6 @@
 
 #include "softmax_cuda.cuh"
 
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <torch/library.h>
-
-#include <algorithm>
-#include <cstdlib>
-
 namespace minalign {
 namespace {
 
@@ -48,8 +42,7 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
                             int64_t cached_vecs, float* __restrict__ logprobs) {
   constexpr int kVec = kVec16<scalar_t>;
   using VecT = Vec<scalar_t, kVec>;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
-  VecT* cache = reinterpret_cast<VecT*>(cache_bytes);
+  VecT* cache = dynamic_shared_memory<VecT>();
   __shared__ float row_lse;
 
   const int64_t row = blockIdx.x;
@@ -108,6 +101,21 @@ __global__ void find_bad_label_kernel(const int64_t* __restrict__ labels, int64_
     }
   }
 }
+
+}  // namespace
+}  // namespace minalign
+
+// ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU  // see cuda_common.cuh
+
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+namespace minalign {
+namespace {
 
 // Bytes of each row to keep in shared memory: by default as much as lets two blocks
 // share a multiprocessor (half of its shared memory, less what each block needs
@@ -177,3 +185,5 @@ at::Tensor token_logprobs_fused_cuda(at::Tensor& logits, const at::Tensor& label
 TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
   m.impl("token_logprobs_fused_", &minalign::token_logprobs_fused_cuda);
 }
+
+#endif  // MINALIGN_CUDA_ON_CPU

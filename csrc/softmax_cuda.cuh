@@ -30,7 +30,9 @@
 
 #include "cuda_common.cuh"
 
+#ifndef MINALIGN_CUDA_ON_CPU
 #include <ATen/Dispatch.h>
+#endif
 
 #include <limits>
 #include <utility>
@@ -260,6 +262,7 @@ __device__ void zero_row(scalar_t* dx, int64_t V, const RowSplit& split) {
 }
 
 // ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU
 
 #define MINALIGN_DISPATCH_LOGITS(TYPE, NAME, ...)          \
   AT_DISPATCH_SWITCH(TYPE, NAME,                           \
@@ -312,6 +315,6 @@ inline at::Tensor row_vector(const char* op, const char* name, const at::Tensor&
               c.sizes());
   return c;
 }
-
+#endif
 
 }  // namespace minalign

@@ -1,0 +1,190 @@
+"""The CUDA log-prob kernels, compiled for the CPU (tests/cuda_on_cpu), against the reference.
+
+Most machines that build minalign have no GPU, so the CUDA kernels' own tests skip
+there. These run the kernels' device code on CPU threads, one per CUDA thread, with
+real barriers for __syncthreads and the warp shuffles: they check the arithmetic,
+the indexing of rows at every alignment, the shared-memory cache of the fused kernel
+and the block reductions, on every machine with a C++20 compiler. The GPU's own
+exp2f and logf differ in the last bits from the CPU's, so values are compared with
+the reference to a tolerance, and the kernels with each other bit for bit.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minalign import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+IGNORE = -100
+# (values, gradients), as in test_ops_logprobs: 16-bit gradients differ by their rounding
+TOL = {torch.float32: (2e-5, 1e-6), torch.bfloat16: (1e-4, 8e-3), torch.float16: (1e-4, 1e-3)}
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """The kernels as a shared library, built once per test run (about 2 s)."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None or not sys.platform.startswith("linux"):
+        if os.environ.get("MINALIGN_EXPECT_EXTENSION"):  # CI: a compiler built the extension
+            pytest.fail("no C++ compiler found to build the CUDA kernels for the CPU")
+        pytest.skip("needs a C++20 compiler on Linux")
+    library = tmp_path_factory.mktemp("cuda_on_cpu") / "logprobs.so"
+    includes = [f"-I{p}" for p in [ROOT / "csrc", ROOT / "tests" / "cuda_on_cpu", Path(torch.__file__).parent / "include"]]
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes,
+               str(ROOT / "tests" / "cuda_on_cpu" / "logprobs.cpp"), "-o", str(library)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    lib = ctypes.CDLL(str(library))
+    P, I64, INT, BOOL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_bool
+    lib.token_logprobs.argtypes = [INT, BOOL, P, P, I64, I64, I64, P, P, P, P]
+    lib.token_logprobs_backward.argtypes = [INT, BOOL, BOOL, P, P, P, P, P, P, I64, I64, I64, P]
+    lib.token_logprobs_fused.argtypes = [INT, P, P, P, I64, I64, I64, I64, P]
+    lib.find_bad_label.argtypes = [P, I64, I64, I64, ctypes.c_uint, P]
+    return lib
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def misaligned(t, offset):
+    """A copy of t in memory that starts `offset` elements past a 64-byte boundary."""
+    buf = torch.empty(t.numel() + offset + 64, dtype=t.dtype)
+    shift = (-buf.data_ptr() % 64) // t.element_size() + offset
+    out = buf[shift:shift + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def aligned_like(t):
+    """A copy of t whose rows have the alignment of t's (as the 16-byte backward needs)."""
+    return misaligned(t, t.data_ptr() % 64 // t.element_size())
+
+
+def make_inputs(N, V, dtype, seed=0):
+    """Logits [N, V] with ignored rows, -inf columns, a row of -inf but its label, a NaN row."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(N, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[1::3] = IGNORE
+    if V > 4:
+        logits[0, (labels[0] + 1) % V] = float("-inf")
+        logits[2, :] = float("-inf")
+        logits[2, labels[2]] = 0.0
+        logits[3 % N, V // 2] = float("nan")
+    return logits, labels
+
+
+def run_forward(kernels, logits, labels, with_entropy):
+    N, V = logits.shape
+    logprobs, lse, entropy = (torch.full((N,), -7.0) for _ in range(3))
+    first_bad_row = torch.tensor([N])
+    kernels.token_logprobs(DTYPES[logits.dtype], with_entropy, ptr(logits), ptr(labels), N, V, IGNORE,
+                           ptr(logprobs), ptr(lse), ptr(entropy), ptr(first_bad_row))
+    return logprobs, lse, entropy if with_entropy else None, int(first_bad_row)
+
+
+def run_backward(kernels, logits, labels, lse, entropy, g, h, out, wide):
+    N, V = logits.shape
+    kernels.token_logprobs_backward(DTYPES[logits.dtype], h is not None, wide, ptr(g), ptr(h), ptr(logits),
+                                    ptr(labels), ptr(lse), ptr(entropy), N, V, IGNORE, ptr(out))
+    return out
+
+
+def reference_values_and_grad(logits, labels, g, h):
+    """Log-probs, lse, entropy and the gradient of sum(g logprobs + h entropy), in float64."""
+    x = logits.double().requires_grad_()
+    logprobs, entropy = reference.token_logprobs(x, labels, IGNORE, return_entropy=True)
+    loss = (g * logprobs).sum() + ((h * entropy).sum() if h is not None else 0)
+    loss.backward()
+    return logprobs.detach().double(), torch.logsumexp(x.detach(), -1), entropy.detach().double(), x.grad
+
+
+def same_bits(a, b):
+    """Equal bit for bit, except that one NaN is as good as another (sign and payload may differ)."""
+    nan = a.isnan()
+    bits = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [1, 3, 9, 1001, 20011])  # 20,011: several rounds of loads per thread
+@pytest.mark.parametrize("offset", [0, 3])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_forward_and_backward_match_the_reference(kernels, dtype, V, offset, with_entropy):
+    logits, labels = make_inputs(5, V, dtype, seed=V + offset)
+    logits = misaligned(logits, offset)  # rows start anywhere in a 16-byte vector
+    g, h = torch.randn(5), (torch.randn(5) if with_entropy else None)
+    logprobs, lse, entropy, bad = run_forward(kernels, logits, labels, with_entropy)
+    grad = run_backward(kernels, logits, labels, lse, entropy, g, h, aligned_like(logits), wide=True)
+    ref_logprobs, ref_lse, ref_entropy, ref_grad = reference_values_and_grad(logits, labels, g, h)
+
+    value_tol, grad_tol = TOL[dtype]
+    assert bad == 5, "no label is out of range"
+    torch.testing.assert_close(logprobs.double(), ref_logprobs, atol=value_tol, rtol=1e-5, equal_nan=True)
+    trained = labels != IGNORE
+    torch.testing.assert_close(lse[trained].double(), ref_lse[trained], atol=value_tol, rtol=1e-5, equal_nan=True)
+    if with_entropy:
+        torch.testing.assert_close(entropy.double(), ref_entropy, atol=value_tol, rtol=1e-5, equal_nan=True)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref_grad.to(dtype).double(), atol=grad_tol, rtol=1e-3, equal_nan=True)
+    assert (grad[~trained] == 0).all()
+    # the element-wise backward (rows of logits and gradient aligned differently) is the same
+    narrow = run_backward(kernels, logits, labels, lse, entropy, g, h, misaligned(torch.zeros_like(logits), 1),
+                          wide=False)
+    assert same_bits(narrow, grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [3, 1001, 20011])
+@pytest.mark.parametrize("cached", ["none", "part", "all"])
+def test_fused_kernel_is_the_forward_and_backward_bit_for_bit(kernels, dtype, V, cached):
+    logits, labels = make_inputs(6, V, dtype, seed=V)
+    logits = misaligned(logits, 1)
+    weights = torch.randn(6)
+    whole_vectors = V // (16 // logits.element_size())
+    cached_vecs = {"none": 0, "part": whole_vectors // 3, "all": whole_vectors}[cached]
+
+    x = logits.clone()  # the fused kernel writes the gradient over its logits
+    fused_logprobs = torch.full((6,), -7.0)
+    kernels.token_logprobs_fused(DTYPES[dtype], ptr(x), ptr(labels), ptr(weights), 6, V, IGNORE, cached_vecs,
+                                 ptr(fused_logprobs))
+    logprobs, lse, _, _ = run_forward(kernels, logits, labels, with_entropy=False)
+    grad = run_backward(kernels, logits, labels, lse, None, weights, None, aligned_like(logits), wide=True)
+
+    assert same_bits(fused_logprobs, logprobs)
+    assert same_bits(x, grad)
+    # ... and both are right
+    ref_logprobs, _, _, ref_grad = reference_values_and_grad(logits, labels, weights, None)
+    torch.testing.assert_close(x.double(), ref_grad.to(dtype).double(), atol=TOL[dtype][1], rtol=1e-3, equal_nan=True)
+
+
+def test_out_of_range_labels_are_found_and_never_used(kernels):
+    N, V = 40, 50
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = IGNORE
+    labels[[31, 17, 36]] = torch.tensor([V, -1, 10**12])
+    logprobs, _, _, bad = run_forward(kernels, torch.randn(N, V), labels, with_entropy=False)
+    assert bad == 17  # the first
+    assert logprobs[[17, 31, 36]].isnan().all() and not logprobs[labels.ge(0) & labels.lt(V)].isnan().any()
+
+
+def test_the_label_check_before_the_fused_kernel_covers_every_row(kernels):
+    # two blocks of 256 threads over 1,300 rows: each thread checks several
+    N, V = 1300, 50
+    labels = torch.randint(0, V, (N,))
+    labels[::7] = IGNORE
+    first_bad_row = torch.tensor([N])
+    kernels.find_bad_label(ptr(labels), N, V, IGNORE, 2, ptr(first_bad_row))
+    assert int(first_bad_row) == N
+    labels[[1299, 611, 1024]] = torch.tensor([V, -2, 10**12])
+    kernels.find_bad_label(ptr(labels), N, V, IGNORE, 2, ptr(first_bad_row))
+    assert int(first_bad_row) == 611

@@ -36,10 +36,6 @@
 
 #include "cuda_common.cuh"
 
-#include <torch/library.h>
-
-#include <limits>
-
 namespace minalign {
 namespace {
 
@@ -186,7 +182,18 @@ gae_kernel(const float* __restrict__ rewards, const float* __restrict__ values,
   }
 }
 
+}  // namespace
+}  // namespace minalign
+
 // ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU  // see cuda_common.cuh
+
+#include <torch/library.h>
+
+#include <limits>
+
+namespace minalign {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at::Tensor& values,
                                             const at::Tensor& mask, double gamma, double lam) {
@@ -231,3 +238,5 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
 }  // namespace minalign
 
 TORCH_LIBRARY_IMPL(minalign, CUDA, m) { m.impl("gae", &minalign::gae_cuda); }
+
+#endif  // MINALIGN_CUDA_ON_CPU

@@ -1,4 +1,4 @@
-"""The CUDA log-prob kernels, compiled for the CPU (tests/cuda_on_cpu), against the reference.
+"""The CUDA log-prob and GAE kernels, compiled for the CPU (tests/cuda_on_cpu), against the reference.
 
 Most machines that build minalign have no GPU, so the CUDA kernels' own tests skip
 there. These run the kernels' device code on CPU threads, one per CUDA thread, with
@@ -36,10 +36,10 @@ def kernels(tmp_path_factory):
         if os.environ.get("MINALIGN_EXPECT_EXTENSION"):  # CI: a compiler built the extension
             pytest.fail("no C++ compiler found to build the CUDA kernels for the CPU")
         pytest.skip("needs a C++20 compiler on Linux")
-    library = tmp_path_factory.mktemp("cuda_on_cpu") / "logprobs.so"
+    library = tmp_path_factory.mktemp("cuda_on_cpu") / "kernels.so"
     includes = [f"-I{p}" for p in [ROOT / "csrc", ROOT / "tests" / "cuda_on_cpu", Path(torch.__file__).parent / "include"]]
-    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes,
-               str(ROOT / "tests" / "cuda_on_cpu" / "logprobs.cpp"), "-o", str(library)]
+    sources = [str(ROOT / "tests" / "cuda_on_cpu" / name) for name in ("logprobs.cpp", "gae.cpp")]
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes, *sources, "-o", str(library)]
     built = subprocess.run(command, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
@@ -48,6 +48,7 @@ def kernels(tmp_path_factory):
     lib.token_logprobs_backward.argtypes = [INT, BOOL, BOOL, P, P, P, P, P, P, I64, I64, I64, P]
     lib.token_logprobs_fused.argtypes = [INT, P, P, P, I64, I64, I64, I64, P]
     lib.find_bad_label.argtypes = [P, I64, I64, I64, ctypes.c_uint, P]
+    lib.gae.argtypes = [BOOL, P, P, P, I64, I64, ctypes.c_float, ctypes.c_float, P, P]
     return lib
 
 
@@ -188,3 +189,20 @@ def test_the_label_check_before_the_fused_kernel_covers_every_row(kernels):
     labels[[1299, 611, 1024]] = torch.tensor([V, -2, 10**12])
     kernels.find_bad_label(ptr(labels), N, V, IGNORE, 2, ptr(first_bad_row))
     assert int(first_bad_row) == 611
+
+
+# A tile is 1,024 steps; the 16-byte path (vec4) needs T % 4 == 0.
+@pytest.mark.parametrize("T,vec4", [(1, False), (3, False), (255, False), (1027, False), (3001, False),
+                                    (4, True), (1024, True), (2052, True), (2052, False)])
+def test_gae_matches_the_reference(kernels, T, vec4):
+    B, gamma, lam = 4, 0.99, 0.95
+    g = torch.Generator().manual_seed(T)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [T, max(T // 2, 1), 1, 0]  # right padding; the last row is all padding
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).float()
+    advantages, returns = torch.full((B, T), 7.0), torch.full((B, T), 7.0)
+    kernels.gae(vec4, ptr(rewards), ptr(values), ptr(mask), B, T, gamma, gamma * lam, ptr(advantages), ptr(returns))
+    expected = reference.gae(rewards, values, mask, gamma, lam)  # a loop over t: other rounding
+    torch.testing.assert_close(advantages, expected.advantages, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(returns, expected.returns, atol=1e-4, rtol=1e-5)
+    assert (advantages[mask == 0] == 0).all() and (returns[mask == 0] == 0).all()

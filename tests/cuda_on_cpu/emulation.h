@@ -1,4 +1,5 @@
-// CUDA's built-ins for the CPU, enough to run minalign's log-prob kernels there.
+// CUDA's built-ins for the CPU, enough to run minalign's log-prob and GAE kernels
+// there.
 //
 // A launch runs its blocks one after another on `threads` std::threads, one per CUDA
 // thread. __syncthreads is a barrier over them; a warp shuffle is a barrier over the
@@ -85,14 +86,33 @@ void launch(unsigned grid, unsigned threads, std::size_t shared_bytes, Kernel ke
 
 inline void __syncthreads() { emulation::block->barrier.arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned /*mask: the whole warp*/, float v, int lane_mask) {
-  const unsigned lane = threadIdx.x % emulation::kWarpSize;
-  emulation::Warp& warp = emulation::block->warps[threadIdx.x / emulation::kWarpSize];
+namespace emulation {
+// Every lane of the warp gives v and gets the v of lane source(its own lane).
+template <typename Source>
+float shuffle(float v, Source source) {
+  const unsigned lane = threadIdx.x % kWarpSize;
+  Warp& warp = block->warps[threadIdx.x / kWarpSize];
   warp.barrier.arrive_and_wait();  // every lane has read the previous shuffle's value
   warp.values[lane] = v;
   warp.barrier.arrive_and_wait();  // every lane has written
-  return warp.values[lane ^ lane_mask];
+  return warp.values[source(lane)];
 }
+}  // namespace emulation
+
+// The mask is always the whole warp here.
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  return emulation::shuffle(v, [&](unsigned lane) { return lane ^ lane_mask; });
+}
+
+inline float __shfl_down_sync(unsigned, float v, unsigned delta) {  // lanes past 31 keep v
+  return emulation::shuffle(v, [&](unsigned lane) {
+    return lane + delta < emulation::kWarpSize ? lane + delta : lane;
+  });
+}
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 
 inline unsigned long long atomicMin(unsigned long long* address, unsigned long long v) {
   std::atomic_ref<unsigned long long> a(*address);

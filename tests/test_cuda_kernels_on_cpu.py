@@ -7,6 +7,14 @@ the indexing of rows at every alignment, the shared-memory cache of the fused ke
 and the block reductions, on every machine with a C++20 compiler. The GPU's own
 exp2f and logf differ in the last bits from the CPU's, so values are compared with
 the reference to a tolerance, and the kernels with each other bit for bit.
+
+Under ThreadSanitizer these tests also find races between the threads of a block (a
+shared value read without a barrier after its write), as compute-sanitizer's racecheck
+does on a GPU; OMP_NUM_THREADS=1 because it cannot see the synchronisation of torch's
+own OpenMP threads. A race makes the command exit with status 66:
+
+    OMP_NUM_THREADS=1 LD_PRELOAD=$(c++ -print-file-name=libtsan.so) \
+    MINALIGN_CUDA_ON_CPU_CXXFLAGS="-fsanitize=thread -g -O1" python -m pytest tests/test_cuda_kernels_on_cpu.py
 """
 
 import ctypes
@@ -39,7 +47,9 @@ def kernels(tmp_path_factory):
     library = tmp_path_factory.mktemp("cuda_on_cpu") / "kernels.so"
     includes = [f"-I{p}" for p in [ROOT / "csrc", ROOT / "tests" / "cuda_on_cpu", Path(torch.__file__).parent / "include"]]
     sources = [str(ROOT / "tests" / "cuda_on_cpu" / name) for name in ("logprobs.cpp", "gae.cpp")]
-    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes, *sources, "-o", str(library)]
+    extra = os.environ.get("MINALIGN_CUDA_ON_CPU_CXXFLAGS", "").split()  # see the top of the file
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes, *sources, *extra,
+               "-o", str(library)]
     built = subprocess.run(command, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     lib = ctypes.CDLL(str(library))

@@ -8,13 +8,21 @@ and the block reductions, on every machine with a C++20 compiler. The GPU's own
 exp2f and logf differ in the last bits from the CPU's, so values are compared with
 the reference to a tolerance, and the kernels with each other bit for bit.
 
-Under ThreadSanitizer these tests also find races between the threads of a block (a
-shared value read without a barrier after its write), as compute-sanitizer's racecheck
-does on a GPU; OMP_NUM_THREADS=1 because it cannot see the synchronisation of torch's
-own OpenMP threads. A race makes the command exit with status 66:
+Built with a sanitizer (MINALIGN_CUDA_ON_CPU_CXXFLAGS adds compiler flags), the same
+tests do what compute-sanitizer does on a GPU: AddressSanitizer finds reads and writes
+past the logits (memcheck), ThreadSanitizer races between the threads of a block, such
+as a shared value read without a barrier after its write (racecheck). Either fails the
+command:
+
+    ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(c++ -print-file-name=libasan.so) \
+    MINALIGN_CUDA_ON_CPU_CXXFLAGS="-fsanitize=address -g -O1" python -m pytest tests/test_cuda_kernels_on_cpu.py
 
     OMP_NUM_THREADS=1 LD_PRELOAD=$(c++ -print-file-name=libtsan.so) \
     MINALIGN_CUDA_ON_CPU_CXXFLAGS="-fsanitize=thread -g -O1" python -m pytest tests/test_cuda_kernels_on_cpu.py
+
+(ThreadSanitizer cannot see the synchronisation of torch's own OpenMP threads, hence
+OMP_NUM_THREADS=1; AddressSanitizer stops the process at the first error, so add -s to
+pytest to see its report.)
 """
 
 import ctypes
@@ -67,10 +75,11 @@ def ptr(t):
 
 
 def misaligned(t, offset):
-    """A copy of t in memory that starts `offset` elements past a 64-byte boundary."""
-    buf = torch.empty(t.numel() + offset + 64, dtype=t.dtype)
-    shift = (-buf.data_ptr() % 64) // t.element_size() + offset
-    out = buf[shift:shift + t.numel()].view(t.shape)
+    """A copy of t in memory that starts `offset` elements past a 64-byte boundary and
+    ends where its allocation does (so that AddressSanitizer sees a read past the end)."""
+    buf = torch.empty(offset + t.numel(), dtype=t.dtype)
+    assert buf.data_ptr() % 64 == 0, "torch's CPU allocations start on 64-byte boundaries"
+    out = buf[offset:].view(t.shape)
     out.copy_(t)
     return out
 

@@ -104,12 +104,9 @@ __device__ __forceinline__ SoftmaxStats merge(SoftmaxStats a, SoftmaxStats b) {
   return {m, a.sum + b.sum, a.dot + b.dot};
 }
 
-// Merge the statistics of the whole block; the result is valid in thread 0.
+// Merge the statistics of the warp (a butterfly: every lane ends with the result).
 template <bool kEntropy>
-__device__ SoftmaxStats block_merge(SoftmaxStats s) {
-  __shared__ SoftmaxStats per_warp[kWarps];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
+__device__ __forceinline__ SoftmaxStats warp_merge(SoftmaxStats s) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     const SoftmaxStats other = {__shfl_xor_sync(kFullWarp, s.max, offset),
@@ -117,18 +114,19 @@ __device__ SoftmaxStats block_merge(SoftmaxStats s) {
                                 __shfl_xor_sync(kFullWarp, s.dot, offset)};
     s = merge<kEntropy>(s, other);
   }
+  return s;
+}
+
+// Merge the statistics of the whole block; the result is valid in thread 0.
+template <bool kEntropy>
+__device__ SoftmaxStats block_merge(SoftmaxStats s) {
+  __shared__ SoftmaxStats per_warp[kWarps];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  s = warp_merge<kEntropy>(s);
   if (lane == 0) per_warp[warp] = s;
   __syncthreads();
-  if (warp == 0) {
-    s = lane < kWarps ? per_warp[lane] : empty_stats();
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const SoftmaxStats other = {__shfl_xor_sync(kFullWarp, s.max, offset),
-                                  __shfl_xor_sync(kFullWarp, s.sum, offset),
-                                  __shfl_xor_sync(kFullWarp, s.dot, offset)};
-      s = merge<kEntropy>(s, other);
-    }
-  }
+  if (warp == 0) s = warp_merge<kEntropy>(lane < kWarps ? per_warp[lane] : empty_stats());
   return s;
 }
 

@@ -28,7 +28,7 @@
 
 #include "cuda_common.cuh"
 
-#include <torch/library.h>
+#include <algorithm>
 
 namespace minalign {
 namespace {
@@ -47,6 +47,24 @@ struct DpoParams {
   float robust_norm;  // 1 - 2 eps
   int loss_type;
 };
+
+// The kernels' parameters for arguments the host has checked.
+inline DpoParams dpo_params(double beta, int64_t loss_type, double label_smoothing) {
+  DpoParams p;
+  p.beta = static_cast<float>(beta);
+  p.eps = static_cast<float>(label_smoothing);
+  p.keep = static_cast<float>(1.0 - label_smoothing);
+  p.ipo_target = static_cast<float>(1.0 / (2.0 * beta));
+  p.robust_norm = static_cast<float>(1.0 - 2.0 * label_smoothing);
+  p.loss_type = static_cast<int>(loss_type);
+  return p;
+}
+
+// One thread per pair; the kernels' loops stride over pairs past the last block.
+inline int grid_for(int64_t n) {
+  constexpr int64_t kMaxBlocks = 65535;
+  return static_cast<int>(std::min(ceil_div<int64_t>(n, kThreads), kMaxBlocks));
+}
 
 // log(sigmoid(z)) without overflow for large |z|: min(z, 0) - log1p(exp(-|z|)).
 __device__ __forceinline__ float log_sigmoid(float z) {
@@ -123,7 +141,16 @@ __global__ void dpo_loss_backward_kernel(const float* __restrict__ grad_losses,
   }
 }
 
+}  // namespace
+}  // namespace minalign
+
 // ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU  // see cuda_common.cuh
+
+#include <torch/library.h>
+
+namespace minalign {
+namespace {
 
 DpoParams make_params(const char* op, double beta, int64_t loss_type, double label_smoothing) {
   TORCH_CHECK(loss_type >= kSigmoid && loss_type <= kRobust, op,
@@ -132,14 +159,7 @@ DpoParams make_params(const char* op, double beta, int64_t loss_type, double lab
   TORCH_CHECK(beta > 0, op, ": beta must be > 0, got ", beta);
   TORCH_CHECK(0 <= label_smoothing && label_smoothing < 0.5, op,
               ": label_smoothing must be in [0, 0.5), got ", label_smoothing);
-  DpoParams p;
-  p.beta = static_cast<float>(beta);
-  p.eps = static_cast<float>(label_smoothing);
-  p.keep = static_cast<float>(1.0 - label_smoothing);
-  p.ipo_target = static_cast<float>(1.0 / (2.0 * beta));
-  p.robust_norm = static_cast<float>(1.0 - 2.0 * label_smoothing);
-  p.loss_type = static_cast<int>(loss_type);
-  return p;
+  return dpo_params(beta, loss_type, label_smoothing);
 }
 
 void check_logps(const char* op, const at::Tensor& pc, const at::Tensor& pr,
@@ -154,11 +174,6 @@ void check_logps(const char* op, const at::Tensor& pc, const at::Tensor& pr,
   check_same_shape(pr, pc, op, "policy_rejected_logps", "policy_chosen_logps");
   check_same_shape(rc, pc, op, "ref_chosen_logps", "policy_chosen_logps");
   check_same_shape(rr, pc, op, "ref_rejected_logps", "policy_chosen_logps");
-}
-
-int grid_for(int64_t n) {
-  constexpr int64_t kMaxBlocks = 65535;  // the loop strides over any excess
-  return static_cast<int>(std::min(ceil_div<int64_t>(n, kThreads), kMaxBlocks));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(
@@ -215,3 +230,5 @@ TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
   m.impl("dpo_loss", &minalign::dpo_loss_cuda);
   m.impl("dpo_loss_backward", &minalign::dpo_loss_backward_cuda);
 }
+
+#endif  // MINALIGN_CUDA_ON_CPU

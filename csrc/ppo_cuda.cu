@@ -31,8 +31,6 @@
 
 #include "cuda_common.cuh"
 
-#include <torch/library.h>
-
 #include <algorithm>
 
 namespace minalign {
@@ -185,21 +183,10 @@ finish_sums_kernel(const float* __restrict__ partials, int num_partials, Finish 
   if (threadIdx.x == 0) finish(totals);
 }
 
-// Runs both stages on the current stream. The number of partials depends on n
-// only, so the order of every addition does too.
-template <typename Summands, typename Finish>
-void reduce(const Summands& summands, int64_t n, const Finish& finish, const at::Tensor& like) {
-  constexpr int K = Summands::K;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int num_partials =
-      static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(n, kThreads), 1, kMaxPartials));
-  at::Tensor partials = at::empty({K * num_partials}, like.options().dtype(at::kFloat));
-  partial_sums_kernel<<<num_partials, kThreads, 0, stream>>>(summands, n,
-                                                            partials.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finish_sums_kernel<K><<<1, kThreads, 0, stream>>>(partials.data_ptr<float>(), num_partials,
-                                                    finish);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Blocks of stage 1 (and partials per summand): a function of n alone, so the
+// order of every addition is too.
+inline int reduce_blocks(int64_t n) {
+  return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(n, kThreads), 1, kMaxPartials));
 }
 
 // The divisor of every masked mean.
@@ -262,7 +249,37 @@ __global__ void ppo_value_loss_backward_kernel(const float* __restrict__ scale,
   }
 }
 
+// One thread per token; the loops stride over tokens past the last block.
+inline int elementwise_grid(int64_t n) {
+  constexpr int64_t kMaxBlocks = 4096;
+  return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(n, kThreads), 1, kMaxBlocks));
+}
+
+}  // namespace
+}  // namespace minalign
+
 // ------------------------------------------------------------------------ host
+#ifndef MINALIGN_CUDA_ON_CPU  // see cuda_common.cuh
+
+#include <torch/library.h>
+
+namespace minalign {
+namespace {
+
+// Runs both stages on the current stream.
+template <typename Summands, typename Finish>
+void reduce(const Summands& summands, int64_t n, const Finish& finish, const at::Tensor& like) {
+  constexpr int K = Summands::K;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int num_partials = reduce_blocks(n);
+  at::Tensor partials = at::empty({K * num_partials}, like.options().dtype(at::kFloat));
+  partial_sums_kernel<<<num_partials, kThreads, 0, stream>>>(summands, n,
+                                                            partials.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finish_sums_kernel<K><<<1, kThreads, 0, stream>>>(partials.data_ptr<float>(), num_partials,
+                                                    finish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void check_four(const char* op, const at::Tensor& first, const char* first_name,
                 const at::Tensor& b, const char* b_name, const at::Tensor& c, const char* c_name,
@@ -285,11 +302,6 @@ void check_grad_loss(const char* op, const at::Tensor& grad_loss, const at::Tens
   check_cuda_input(grad_loss, op, "grad_loss", at::kFloat, like);
   TORCH_CHECK(grad_loss.numel() == 1, op,
               ": grad_loss must hold one value (the loss is 0-dim), got shape ", grad_loss.sizes());
-}
-
-int elementwise_grid(int64_t n) {
-  constexpr int64_t kMaxBlocks = 4096;  // the loop strides over any excess
-  return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(n, kThreads), 1, kMaxBlocks));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
@@ -388,3 +400,5 @@ TORCH_LIBRARY_IMPL(minalign, CUDA, m) {
   m.impl("ppo_value_loss", &minalign::ppo_value_loss_cuda);
   m.impl("ppo_value_loss_backward", &minalign::ppo_value_loss_backward_cuda);
 }
+
+#endif  // MINALIGN_CUDA_ON_CPU

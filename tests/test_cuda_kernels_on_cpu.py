@@ -1,4 +1,4 @@
-"""The CUDA log-prob and GAE kernels, compiled for the CPU (tests/cuda_on_cpu), against the reference.
+"""minalign's CUDA kernels, compiled for the CPU (tests/cuda_on_cpu), against the reference.
 
 Most machines that build minalign have no GPU, so the CUDA kernels' own tests skip
 there. These run the kernels' device code on CPU threads, one per CUDA thread, with
@@ -54,10 +54,11 @@ def kernels(tmp_path_factory):
         pytest.skip("needs a C++20 compiler on Linux")
     library = tmp_path_factory.mktemp("cuda_on_cpu") / "kernels.so"
     includes = [f"-I{p}" for p in [ROOT / "csrc", ROOT / "tests" / "cuda_on_cpu", Path(torch.__file__).parent / "include"]]
-    sources = [str(ROOT / "tests" / "cuda_on_cpu" / name) for name in ("logprobs.cpp", "gae.cpp")]
+    sources = [str(ROOT / "tests" / "cuda_on_cpu" / f"{name}.cpp") for name in ("logprobs", "gae", "dpo", "ppo")]
     extra = os.environ.get("MINALIGN_CUDA_ON_CPU_CXXFLAGS", "").split()  # see the top of the file
-    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *includes, *sources, *extra,
-               "-o", str(library)]
+    warnings = ["-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"]  # #pragma unroll is nvcc's
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", *warnings, *includes, *sources,
+               *extra, "-o", str(library)]
     built = subprocess.run(command, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
@@ -67,6 +68,13 @@ def kernels(tmp_path_factory):
     lib.token_logprobs_fused.argtypes = [INT, P, P, P, I64, I64, I64, I64, P]
     lib.find_bad_label.argtypes = [P, I64, I64, I64, ctypes.c_uint, P]
     lib.gae.argtypes = [BOOL, P, P, P, I64, I64, ctypes.c_float, ctypes.c_float, P, P]
+    F64 = ctypes.c_double
+    lib.dpo_loss.argtypes = [P, P, P, P, I64, F64, I64, F64, P, P, P]
+    lib.dpo_loss_backward.argtypes = [P, P, P, P, P, I64, F64, I64, F64, P, P]
+    lib.ppo_policy_loss.argtypes = [P, P, P, P, I64, F64, P, P, P]
+    lib.ppo_policy_loss_backward.argtypes = [P, P, P, P, P, I64, F64, P]
+    lib.ppo_value_loss.argtypes = [P, P, P, P, I64, F64, P, P]
+    lib.ppo_value_loss_backward.argtypes = [P, P, P, P, P, I64, F64, P]
     return lib
 
 
@@ -225,3 +233,67 @@ def test_gae_matches_the_reference(kernels, T, vec4):
     torch.testing.assert_close(advantages, expected.advantages, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(returns, expected.returns, atol=1e-4, rtol=1e-5)
     assert (advantages[mask == 0] == 0).all() and (returns[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing",
+                         [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+def test_dpo_loss_matches_the_reference(kernels, loss_type, label_smoothing):
+    n, beta = 1000, 0.5  # four blocks
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-20 * torch.rand(n, generator=g) for _ in range(4))
+    pc[:5], pr[:5], rc[:5], rr[:5] = -1.0, -3.0, -2.0, -2.0  # beta h = 1 exactly: the hinge's kink
+    grad_losses = torch.randn(n, generator=g)
+    losses, chosen, rejected, grad_chosen, grad_rejected = (torch.full((n,), 7.0) for _ in range(5))
+    kind = ("sigmoid", "ipo", "hinge", "robust").index(loss_type)
+    kernels.dpo_loss(ptr(pc), ptr(pr), ptr(rc), ptr(rr), n, beta, kind, label_smoothing,
+                     ptr(losses), ptr(chosen), ptr(rejected))
+    kernels.dpo_loss_backward(ptr(grad_losses), ptr(pc), ptr(pr), ptr(rc), ptr(rr), n, beta, kind, label_smoothing,
+                              ptr(grad_chosen), ptr(grad_rejected))
+    x = [t.clone().requires_grad_() for t in (pc, pr)]
+    expected = reference.dpo_loss(*x, rc, rr, beta, loss_type, label_smoothing)
+    expected.losses.backward(grad_losses)
+    torch.testing.assert_close(losses, expected.losses.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chosen, expected.chosen_rewards)
+    torch.testing.assert_close(rejected, expected.rejected_rewards)
+    torch.testing.assert_close(grad_chosen, x[0].grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_rejected, x[1].grad, atol=1e-6, rtol=1e-5)
+
+
+def ppo_inputs(n, seed=0):
+    """Three [n] float32 tensors and a mask; the value loss's max ties where its gradient depends on the tie."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = (0.3 * torch.randn(n, generator=g) for _ in range(3))
+    mask = (torch.rand(n, generator=g) < 0.8).float()
+    b[: n // 10] = a[: n // 10]  # ratio 1 (policy), values at their old values
+    c[n // 10 : n // 5] = 0.0  # zero advantages
+    # value 1 clipped to 0.25 around old value 0, return 0.625: (v - R)^2 == (v_clip - R)^2, and
+    # only the first term passes a gradient (torch.maximum gives each half)
+    a[n // 5 :: 7], b[n // 5 :: 7], c[n // 5 :: 7] = 1.0, 0.0, 0.625
+    return a, b, c, mask
+
+
+# 300,000 tokens: more than the 1,024 blocks of stage 1 cover in one pass, and more
+# partials than stage 2 has threads (35 s here)
+@pytest.mark.parametrize("n", [1, 300, 5000, pytest.param(300_000, marks=pytest.mark.slow)])
+def test_ppo_losses_match_the_reference(kernels, n):
+    logp, old, adv, mask = ppo_inputs(n)
+    scalars = [torch.full((), 7.0) for _ in range(5)]
+    kernels.ppo_policy_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), n, 0.25, *map(ptr, scalars[:3]))
+    kernels.ppo_value_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), n, 0.25, *map(ptr, scalars[3:]))
+    grad_loss = torch.tensor(0.7)
+    policy_grad, value_grad = torch.full((n,), 7.0), torch.full((n,), 7.0)
+    kernels.ppo_policy_loss_backward(ptr(grad_loss), ptr(logp), ptr(old), ptr(adv), ptr(mask), n, 0.25,
+                                     ptr(policy_grad))
+    kernels.ppo_value_loss_backward(ptr(grad_loss), ptr(logp), ptr(old), ptr(adv), ptr(mask), n, 0.25,
+                                    ptr(value_grad))
+
+    x = logp.clone().requires_grad_()
+    policy = reference.ppo_policy_loss(x, old, adv, mask, 0.25)
+    (grad_loss * policy.loss).backward()
+    v = logp.clone().requires_grad_()  # the same numbers as values, old values and returns
+    value = reference.ppo_value_loss(v, old, adv, mask, 0.25)
+    (grad_loss * value.loss).backward()
+    for ours, theirs in zip(scalars, [policy.loss, policy.clipfrac, policy.approx_kl, value.loss, value.clipfrac]):
+        torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(policy_grad, x.grad, atol=1e-9, rtol=1e-5)
+    torch.testing.assert_close(value_grad, v.grad, atol=1e-9, rtol=1e-5)

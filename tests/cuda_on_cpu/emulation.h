@@ -1,5 +1,4 @@
-// CUDA's built-ins for the CPU, enough to run minalign's log-prob and GAE kernels
-// there.
+// CUDA's built-ins for the CPU, enough to run minalign's CUDA kernels there.
 //
 // A launch runs its blocks one after another on `threads` std::threads, one per CUDA
 // thread. __syncthreads is a barrier over them; a warp shuffle is a barrier over the

@@ -175,7 +175,12 @@ at::Tensor ppo_policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::T
   for (int64_t i = 0; i < n; ++i) {
     const float r = std::exp(lp[i] - old[i]);
     const float pg1 = -A[i] * r, pg2 = -A[i] * std::clamp(r, lo, hi);
-    out[i] = pg2 > pg1 ? 0.f : static_cast<float>(scale * m[i] * (-A[i] * r));
+    // max(pg1, pg2) passes its gradient to the larger, half to each on a tie (as
+    // torch.maximum); through pg2 only strictly inside [lo, hi], where the clamp has
+    // slope 1 (0 at the ends: minalign.reference.clamp). Each branch's gradient is -A r.
+    const double to_pg1 = pg1 > pg2 ? 1.0 : pg1 < pg2 ? 0.0 : 0.5;
+    const double to_pg2 = lo < r && r < hi ? 1.0 - to_pg1 : 0.0;
+    out[i] = static_cast<float>(scale * m[i] * (to_pg1 + to_pg2) * (-A[i] * r));
   }
   return grad;
 }
@@ -223,7 +228,7 @@ at::Tensor ppo_value_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
     const float vc = old[i] + std::clamp(delta, -c, c);
     const float l1 = (v[i] - R[i]) * (v[i] - R[i]), l2 = (vc - R[i]) * (vc - R[i]);
     const double unclipped = v[i] - R[i];
-    const double clipped = (-c <= delta && delta <= c) ? double(vc - R[i]) : 0.0;
+    const double clipped = (-c < delta && delta < c) ? double(vc - R[i]) : 0.0;  // see above
     const double d = l1 > l2 ? unclipped : l2 > l1 ? clipped : 0.5 * (unclipped + clipped);
     out[i] = static_cast<float>(scale * m[i] * d);
   }

@@ -8,7 +8,7 @@
 //   clipfrac  = sum(m [pg2 > pg1]) / max(sum m, 1)
 //   approx_kl = sum(m 0.5 (logp - old_logp)^2) / max(sum m, 1)
 //
-//   d loss / d logp_i = g m_i / max(sum m, 1) (w1 (-A r) + w2 (-A r [1-eps <= r <= 1+eps]))
+//   d loss / d logp_i = g m_i / max(sum m, 1) (w1 (-A r) + w2 (-A r [1-eps < r < 1+eps]))
 //
 // Value, with values v, old values o, returns R and clip c:
 //
@@ -16,12 +16,13 @@
 //   loss     = 0.5 sum(m max((v - R)^2, (v_clip - R)^2)) / max(sum m, 1)
 //   clipfrac = sum(m [(v_clip - R)^2 > (v - R)^2]) / max(sum m, 1)
 //
-//   d loss / d v_i = g 0.5 m_i / max(sum m, 1) (w1 2 (v - R) + w2 2 (v_clip - R) [-c <= v - o <= c])
+//   d loss / d v_i = g 0.5 m_i / max(sum m, 1) (w1 2 (v - R) + w2 2 (v_clip - R) [-c < v - o < c])
 //
 // The weights w1, w2 are torch.maximum's backward: the whole gradient to the
-// larger argument, half to each on a tie; and the clamp's gradient is 1 on the
-// closed interval, as torch.clamp's backward. So the gradients match autograd of
-// the PyTorch reference, not just almost everywhere.
+// larger argument, half to each on a tie; and the clamp passes a gradient only
+// strictly inside its interval: at the ends its slope is taken as 0, the
+// minimum-norm subgradient (minalign.reference.clamp). So the gradients match
+// autograd of the PyTorch reference, not just almost everywhere.
 //
 // Sums use a two-stage reduction: a fixed number of blocks (it depends on the
 // element count only) each sum a grid-stride share in a fixed tree and write a
@@ -77,7 +78,7 @@ __device__ __forceinline__ PolicyTerm policy_term(float logp, float old, float a
   const float pg1 = -adv * ratio;
   const float pg2 = -adv * torch_clamp(ratio, lo, hi);
   const MaxWeights w = maximum_weights(pg1, pg2);
-  const bool inside = lo <= ratio && ratio <= hi;  // where clamp passes the gradient
+  const bool inside = lo < ratio && ratio < hi;  // where clamp passes the gradient
   PolicyTerm t;
   t.loss = torch_maximum(pg1, pg2);
   t.clipped = pg2 > pg1 ? 1.f : 0.f;
@@ -100,7 +101,7 @@ __device__ __forceinline__ ValueTerm value_term(float v, float old, float ret, f
   const float sq = err * err;
   const float sq_clip = err_clip * err_clip;
   const MaxWeights w = maximum_weights(sq, sq_clip);
-  const bool inside = -clip <= diff && diff <= clip;
+  const bool inside = -clip < diff && diff < clip;
   ValueTerm t;
   t.loss = torch_maximum(sq, sq_clip);
   t.clipped = sq_clip > sq ? 1.f : 0.f;

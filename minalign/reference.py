@@ -134,6 +134,15 @@ def dpo_loss(
     return DPOLoss(losses, chosen_rewards, rejected_rewards)
 
 
+def clamp(x: Tensor, lo: float, hi: float) -> Tensor:
+    """torch.clamp(x, lo, hi), whose gradient is 1 strictly inside [lo, hi] and 0 at its
+    ends (the minimum-norm subgradient). Recent PyTorch gives torch.clamp this gradient
+    (pytorch/pytorch#184574), earlier versions 1 at the ends; spelled out, the
+    specification does not depend on the version.
+    """
+    return torch.where((x > lo) & (x < hi), x, x.clamp(lo, hi).detach())
+
+
 def ppo_policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
 ) -> PolicyLoss:
@@ -149,7 +158,7 @@ def ppo_policy_loss(
     old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
     ratio = torch.exp(logprobs - old_logprobs)  # [B, T]
     pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    pg_losses2 = -advantages * clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     loss = (torch.maximum(pg_losses, pg_losses2) * mask).sum() / n
     clipfrac = ((pg_losses2 > pg_losses).float() * mask).sum() / n
     approx_kl = 0.5 * ((logprobs - old_logprobs) ** 2 * mask).sum() / n
@@ -167,7 +176,7 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     mask = mask.float()
     n = mask.sum().clamp(min=1)
     old_values, returns = old_values.detach(), returns.detach()
-    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # [B, T]
+    v_clipped = old_values + clamp(values - old_values, -clip, clip)  # [B, T]
     vf_losses1 = (values - returns) ** 2
     vf_losses2 = (v_clipped - returns) ** 2
     loss = 0.5 * (torch.maximum(vf_losses1, vf_losses2) * mask).sum() / n

@@ -269,6 +269,7 @@ def ppo_inputs(n, seed=0):
     # value 1 clipped to 0.25 around old value 0, return 0.625: (v - R)^2 == (v_clip - R)^2, and
     # only the first term passes a gradient (torch.maximum gives each half)
     a[n // 5 :: 7], b[n // 5 :: 7], c[n // 5 :: 7] = 1.0, 0.0, 0.625
+    a[n // 5 + 3 :: 7], b[n // 5 + 3 :: 7] = 0.25, 0.0  # v - old at the end of the clip interval
     return a, b, c, mask
 
 

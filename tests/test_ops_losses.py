@@ -165,6 +165,29 @@ def test_ppo_losses_by_hand(device):
     assert out.loss.item() == 0 and out.clipfrac.item() == 0
 
 
+def test_reference_clamp_has_the_minimum_norm_gradient():
+    x = torch.tensor([-0.5, -0.25, 0.0, 0.25, 0.5, float("nan")], requires_grad=True)
+    y = reference.clamp(x, -0.25, 0.25)
+    torch.testing.assert_close(y, torch.clamp(x.detach(), -0.25, 0.25), equal_nan=True)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [ops, reference], ids=["kernels", "reference"])
+def test_ppo_gradients_at_the_ends_of_the_clip_interval(device, impl):
+    # There the clamp's slope counts as 0 and the max ties, so half the gradient flows.
+    t = lambda *x: torch.tensor([list(x)], device=device)  # noqa: E731, [1, T]
+    # ratio 1 with clip_eps 0 sits at both ends: d/dlogp = (1/2 tokens) 0.5 (-A r)
+    lp = t(-1.0, -2.0).requires_grad_()
+    impl.ppo_policy_loss(lp, t(-1.0, -2.0), t(2.0, -3.0), t(1.0, 1.0), clip_eps=0.0).loss.backward()
+    assert lp.grad.tolist() == [[-0.5, 0.75]]
+    # value 0.25 from old value 0 with clip 0.25: v_clip == v, d/dv = 0.5 (0.5 * 2 (v - R))
+    v = t(0.25).requires_grad_()
+    impl.ppo_value_loss(v, t(0.0), t(1.0), t(1.0), clip=0.25).loss.backward()
+    assert v.grad.item() == -0.375
+
+
 def test_ppo_losses_reject_bad_arguments():
     a, b, c, m = ppo_inputs(B=2, T=3)
     for fn in (ops.ppo_policy_loss, ops.ppo_value_loss):

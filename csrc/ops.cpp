@@ -1,8 +1,8 @@
 // The operator schemas of minalign's extension, in one place.
 //
 // Each kernel family registers its CPU and CUDA implementations with
-// TORCH_LIBRARY_IMPL in its own file; minalign/ops.py adds the fake (meta)
-// kernels and autograd, and is the only public entry point.
+// TORCH_LIBRARY_IMPL in its own file; minalign/op_registration.py adds the fake (meta)
+// kernels and autograd; minalign/ops.py is the only public entry point.
 //
 // Conventions shared by every op:
 //   - float32 outputs; `logits` may be float32, bfloat16 or float16, every other
@@ -16,7 +16,8 @@
 TORCH_LIBRARY(minalign, m) {
   // logits [N, V], labels [N] int64 -> logprobs [N] (0 where labels == ignore_index),
   // lse [N] (log-sum-exp of each row), entropy [N] (an empty tensor unless with_entropy).
-  // inplace_backward is read by autograd only (minalign/ops.py): it picks the backward below.
+  // inplace_backward is read by autograd only (minalign/op_registration.py): it picks
+  // the backward below.
   m.def(
       "token_logprobs(Tensor logits, Tensor labels, int ignore_index, bool with_entropy,"
       " bool inplace_backward=False) -> (Tensor logprobs, Tensor lse, Tensor entropy)");

@@ -9,7 +9,7 @@
 //
 //   0 sigmoid (DPO, cDPO):  L = -(1-eps) logsigmoid(z) - eps logsigmoid(-z)
 //   1 ipo (Azar et al.):    L = (h - 1/(2 beta))^2
-//   2 hinge (SLiC):         L = relu(1 - z)
+//   2 hinge (SLiC/RSO):     L = relu(1 - z)
 //   3 robust (rDPO):        L = (-(1-eps) logsigmoid(z) + eps logsigmoid(-z)) / (1 - 2 eps)
 //
 // plus the detached rewards beta (pc - rc) and beta (pr - rr).

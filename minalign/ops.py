@@ -230,10 +230,11 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> DPOLoss:
-    """Per-pair losses [B] and detached rewards [B]: sigmoid (DPO), ipo, hinge (SLiC) or robust.
+    """Per-pair losses [B] and detached rewards [B]: sigmoid (DPO), ipo, hinge (SLiC/RSO) or robust.
 
-    See reference.dpo_loss for the formulas and papers. For "ipo" pass length-normalised
-    (mean) log-probs; label_smoothing (in [0, 0.5)) applies to "sigmoid" and "robust".
+    See reference.dpo_loss for the formulas and papers (and why train_dpo.py passes
+    length-normalised log-probs to "ipo"); label_smoothing (in [0, 0.5)) applies to
+    "sigmoid" and "robust".
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")

@@ -16,7 +16,7 @@ from torch import Tensor
 class SequenceLogprobs(NamedTuple):
     token_logps: Tensor  # [B, T] log p(labels[b, t]), 0 where mask is 0
     sum_logps: Tensor  # [B] log-probability of each sequence (sum over its masked tokens)
-    mean_logps: Tensor  # [B] sum_logps / number of tokens (length-normalised, as IPO wants)
+    mean_logps: Tensor  # [B] sum_logps / number of tokens (length-normalised; train_dpo.py's IPO uses it)
     entropy: Tensor | None  # [B, T] entropy of each predicted distribution, 0 where mask is 0
 
 
@@ -104,15 +104,19 @@ def dpo_loss(
 ) -> DPOLoss:
     """Per-pair DPO-family losses and implicit rewards, all [B].
 
-    With the margin h = (pi_c - pi_r) - (ref_c - ref_r) of summed log-probs and
-    e = label_smoothing:
+    With the margin h = (pi_c - pi_r) - (ref_c - ref_r) of the log-probs passed in
+    (sequence log-probs, summed over tokens, for all but IPO) and e = label_smoothing:
       sigmoid: -(1-e) log s(beta h) - e log s(-beta h)       DPO, Rafailov et al. 2023;
                e > 0 is conservative DPO (Mitchell 2023)
-      ipo:     (h - 1/(2 beta))^2                            IPO, Azar et al. 2023; pass
-               length-normalised (mean) log-probs, as the paper does
-      hinge:   max(0, 1 - beta h)                            SLiC, Zhao et al. 2023
+      ipo:     (h - 1/(2 beta))^2                            IPO, Azar et al. 2023, eq. 17
+      hinge:   max(0, 1 - beta h) = beta max(0, 1/beta - h)  SLiC's calibration hinge
+               (Zhao et al. 2023) with margin 1/beta, on log-ratios to the reference
+               rather than raw log-probs: the normalised hinge of RSO (Liu et al. 2023)
       robust:  (-(1-e) log s(beta h) + e log s(-beta h)) / (1 - 2e)
                                                              rDPO, Chowdhury et al. 2024
+    IPO's eq. 17 is written with sequence log-probs; train_dpo.py passes length-normalised
+    (mean) ones for IPO, as TRL does, so that beta's target 1/(2 beta) is per token
+    instead of growing with the response's length.
     Rewards: beta (pi - ref) for the chosen and the rejected answers, detached. The
     reference log-probs are constants: no gradient flows into them.
     """

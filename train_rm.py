@@ -190,8 +190,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
     test_pairs, _ = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
-    # gold-score gaps, for the optional margin (built-in task only)
-    gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in train_raw])
+    # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
+    kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
+    gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in kept])
     if dist.is_main:
         print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test; {stats}")
 

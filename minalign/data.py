@@ -73,6 +73,7 @@ class DataStats:
 class Example:
     input_ids: list[int]
     n_prompt: int  # the first n_prompt ids are context, never a training target
+    source: int | None = None  # index of the row (example or pair) it was made from
 
 
 # ---------------------------------------------------------------------------------
@@ -224,18 +225,18 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int
     split to max_length, and the stats of what was done."""
     assert max_length >= 2, "max_length must leave room for a token and its successor"
     out, stats = [], DataStats()
-    for ex in examples:
+    for i, ex in enumerate(examples):
         if "text" not in ex:
             response = tokenizer.encode(ex["completion"]) + [tokenizer.eos_id]
             prompt, [response] = _fit(tokenizer.encode(ex["prompt"]), [response], max_length, stats)
-            out.append(Example(prompt + response, len(prompt)))
+            out.append(Example(prompt + response, len(prompt), i))
             continue
         # A document: windows of max_length that overlap by one token, so the first
         # token of a window (not trained in it) was the last target of the one before.
         ids = tokenizer.encode(ex["text"]) + [tokenizer.eos_id]
         starts = range(0, len(ids) - 1, max_length - 1)
         stats.n_documents_split += len(starts) > 1
-        out.extend(Example(ids[s:s + max_length], 0) for s in starts)
+        out.extend(Example(ids[s:s + max_length], 0, i) for s in starts)
     stats.n_examples = len(out)
     return out, stats
 
@@ -246,10 +247,10 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, stats: DataSta
     (from load_pairs) goes on counting.
 
     A pair whose chosen and rejected tokens are the same (after truncation) teaches
-    nothing and is skipped, and counted."""
+    nothing and is skipped, and counted; each Example's `source` is its pair's index."""
     stats = stats if stats is not None else DataStats()
     out = []
-    for pair in pairs:
+    for i, pair in enumerate(pairs):
         chosen = tokenizer.encode(pair["chosen"]) + [tokenizer.eos_id]
         rejected = tokenizer.encode(pair["rejected"]) + [tokenizer.eos_id]
         prompt = tokenizer.encode(pair["prompt"])
@@ -257,7 +258,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, stats: DataSta
         if chosen == rejected:
             stats.n_skipped_identical_pairs += 1
             continue
-        out.append((Example(prompt + chosen, len(prompt)), Example(prompt + rejected, len(prompt))))
+        out.append((Example(prompt + chosen, len(prompt), i), Example(prompt + rejected, len(prompt), i)))
     stats.n_examples = len(out)
     return out, stats
 

@@ -132,7 +132,7 @@ def test_collate_masks_and_shift():
 def test_tokenize_sft_prompt_completion():
     [ex], _ = tokenize_sft([{"prompt": "The plot", "completion": " was good."}], tok, max_length=64)
     prompt, response = tok.encode("The plot"), tok.encode(" was good.")
-    assert ex == Example(prompt + response + [tok.eos_id], len(prompt))
+    assert ex == Example(prompt + response + [tok.eos_id], len(prompt), source=0)
     labels = collate([ex], tok.pad_id)["labels"][0]
     trained = labels[labels != IGNORE_INDEX].tolist()
     assert trained == response + [tok.eos_id]
@@ -168,10 +168,11 @@ def test_truncation_rule_and_counts():
 
 
 def test_pairs_tokenize_collate_and_skip_identical():
-    pairs = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad and slow."},
-             {"prompt": "I", "chosen": " liked it.", "rejected": " liked it."}]
+    pairs = [{"prompt": "I", "chosen": " liked it.", "rejected": " liked it."},
+             {"prompt": "The plot", "chosen": " was good.", "rejected": " was bad and slow."}]
     tokenized, stats = tokenize_pairs(pairs, tok, max_length=64)
     assert len(tokenized) == 1 and stats.n_skipped_identical_pairs == 1 and stats.n_examples == 1
+    assert tokenized[0][0].source == tokenized[0][1].source == 1  # what the pair was made from
     batch = collate_pairs(tokenized, tok.pad_id)
     assert set(batch) == {f"{side}_{key}" for side in ("chosen", "rejected")
                           for key in ("input_ids", "attention_mask", "labels")}

@@ -26,6 +26,7 @@ from minalign.cli import parse_args
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_table, write_eval
 from minalign.logger import MetricsLogger, Progress
+from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from train_rm import PairArgs, prepare_pairs
 
@@ -37,7 +38,7 @@ class Args(PairArgs):
     beta: float = 0.1
     """Strength of the implicit KL constraint: small beta lets the policy move further."""
     loss_type: str = "sigmoid"
-    """"sigmoid" (DPO), "ipo" (on length-normalised log-probs), "hinge" (SLiC) or "robust"."""
+    """"sigmoid" (DPO), "ipo" (on length-normalised log-probs, as in TRL), "hinge" (SLiC/RSO) or "robust"."""
     label_smoothing: float = 0.0
     """Assumed share of flipped labels, for "sigmoid" (conservative DPO) and "robust"."""
     epochs: float = 1.0
@@ -67,7 +68,7 @@ def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
 def pair_loss(model, batch, ref, args):
     """DPO-family loss of a pair batch given the reference log-probs `ref` [B, 4]."""
     chosen, rejected = pair_logps(model, batch)
-    if args.loss_type == "ipo":  # IPO works on length-normalised log-probs
+    if args.loss_type == "ipo":  # per-token log-probs: TRL's convention, see reference.dpo_loss
         policy, reference = (chosen.mean_logps, rejected.mean_logps), (ref[:, 2], ref[:, 3])
     else:
         policy, reference = (chosen.sum_logps, rejected.sum_logps), (ref[:, 0], ref[:, 1])
@@ -106,6 +107,7 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "dpo")
+    disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
     if args.batch_size % dist.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)

@@ -26,6 +26,7 @@ from minalign.checkpoint import load_model, save_checkpoint
 from minalign.cli import parse_args
 from minalign.evaluate import evaluate_policy, format_table, write_eval
 from minalign.logger import MetricsLogger, Progress
+from minalign.model import disable_dropout
 from minalign.ppo import AdaptiveKLController, explained_variance, kl_estimate, masked_mean, masked_whiten, token_rewards
 from minalign.rollout import Rollout, response_logprobs, sample
 from minalign.tokenizer import get_tokenizer
@@ -54,7 +55,8 @@ class Args:
     max_new_tokens: int = 40
     """Longest sampled response."""
     temperature: float = 1.0
-    """Sampling temperature; 1 samples the full distribution, as the KL estimate assumes."""
+    """Sampling temperature. Log-probs (policy and reference) are taken at the same
+    temperature, so the PPO ratio and the KL penalty are those of the sampling policy."""
     lr: float = 3e-5
     """Learning rate of policy and critic."""
     kl_coef: float = 0.05
@@ -65,8 +67,9 @@ class Args:
     """Horizon of the adaptive controller, in samples."""
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: "k1" (log ratio) or "k3"."""
-    missing_eos_penalty: float | None = -1.0
-    """Score given to a response that never emits EOS (None: keep the reward model's score)."""
+    missing_eos_score: float | None = -1.0
+    """Score that replaces the reward model's for a response that never emits EOS (None:
+    keep it). TRL's missing_eos_penalty subtracts instead; this sets."""
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95
@@ -104,13 +107,13 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     """Everything PPO needs from a rollout before updating: old log-probs, values,
     rewards, advantages, returns, and the statistics."""
     mask = rollout.response_mask
-    old = response_logprobs(policy, rollout, return_entropy=True)
-    ref = response_logprobs(reference, rollout)
+    old = response_logprobs(policy, rollout, return_entropy=True, temperature=args.temperature)
+    ref = response_logprobs(reference, rollout, temperature=args.temperature)
     values = response_values(critic, rollout) * mask
     scores = reward_model(rollout.sequences, rollout.attention_mask)  # (B,) at each row's last real token
     ended = rollout.ended(eos_id)
-    if args.missing_eos_penalty is not None:
-        scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_penalty))
+    if args.missing_eos_score is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
     kl = kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask
     rewards = token_rewards(scores, kl, mask, beta)
     advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)
@@ -141,18 +144,21 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 
 def main(args: Args):
     dist = distributed.setup(args.device)
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature {args.temperature}: PPO needs a sampling distribution, so > 0")
+    if args.rollout_batch_size % dist.world_size:
+        raise ValueError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
     policy, _ = load_model(sft_path, dist.device)
+    disable_dropout(policy)  # the ratio and KL compare log-probs taken at different times
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model, _ = load_model(rm_path, dist.device)
     reward_model.eval().requires_grad_(False)
-    critic = copy.deepcopy(reward_model).train().requires_grad_(True)  # initialised from the reward model
+    critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     policy.train()
-    if args.rollout_batch_size % dist.world_size:
-        raise ValueError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
 
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=args.lr, weight_decay=0.0)
@@ -183,12 +189,13 @@ def main(args: Args):
         # ---- PPO: several epochs of minibatches over this rollout ----
         B = len(prompts)
         history = []
+        shuffle = torch.Generator().manual_seed(args.seed + update)
         for _ in range(args.epochs):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(args.seed + update))
+            order = torch.randperm(B, generator=shuffle)  # a new order each epoch
             for i in range(0, B, args.minibatch_size):
                 idx = order[i : i + args.minibatch_size].to(dist.device)
                 mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
-                new = response_logprobs(train_policy, mb, return_entropy=True)
+                new = response_logprobs(train_policy, mb, return_entropy=True, temperature=args.temperature)
                 values = response_values(train_critic, mb)
                 pg = ops.ppo_policy_loss(new.token_logps, old_logps[idx], advantages[idx], mask[idx], args.clip_eps)
                 vf = ops.ppo_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
@@ -215,8 +222,8 @@ def main(args: Args):
         mean_kl = distributed.all_reduce_sum(torch.tensor(stats["objective/kl"]), dist).item() / dist.world_size
         kl_ctl.update(mean_kl, args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
-            warnings.warn("mean KL estimate is negative: the sampling distribution differs from the policy's "
-                          "(temperature, top-k/top-p?) or the batch is too small", stacklevel=1)
+            warnings.warn("mean KL estimate is negative: with k1 and a small batch this happens by chance; "
+                          "try --kl-estimator k3 or a larger --rollout-batch-size", stacklevel=1)
             negative_kl_warned = True
         logger.log(update, **stats)
         if update % args.log_interval == 0 or update == args.updates:

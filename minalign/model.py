@@ -262,6 +262,24 @@ class GPT(nn.Module):
         return tokens, response_mask
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn every dropout of a model (a GPT, or a RewardModel around one) off, in place.
+
+    PPO and DPO compare log-probs of the same tokens computed at different times (while
+    sampling, under the frozen reference, during the update): with dropout on, those
+    differ by noise, the PPO ratio and the KL penalty are off from the first step, and
+    DPO's implicit rewards do not start at 0. TRL turns dropout off for the same reason.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, CausalSelfAttention):
+            module.dropout = 0.0
+        elif isinstance(module, GPT):
+            module.config.dropout = 0.0  # saved with the checkpoint
+    return model
+
+
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits [B, V]: temperature, then top-k, then nucleus (top-p)."""
     if temperature == 0:

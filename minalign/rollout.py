@@ -68,8 +68,11 @@ def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     return texts
 
 
-def response_logprobs(model, rollout: Rollout, return_entropy: bool = False) -> ops.SequenceLogprobs:
-    """log pi(response token | everything before it), [B, N] (0 off the response mask).
+def response_logprobs(model, rollout: Rollout, return_entropy: bool = False,
+                      temperature: float = 1.0) -> ops.SequenceLogprobs:
+    """log pi(response token | everything before it), [B, N] (0 off the response mask),
+    under softmax(logits / temperature): pass the temperature the tokens were sampled
+    at, so that PPO's ratios and KL penalty are those of the sampling policy.
 
     One forward pass over prompt + response; position P-1+j predicts response token j.
     Labels are laid out along the full sequence so the logits stay contiguous.
@@ -77,6 +80,8 @@ def response_logprobs(model, rollout: Rollout, return_entropy: bool = False) -> 
     B, P = rollout.prompt_ids.shape
     N = rollout.response_ids.shape[1]
     logits, _ = model(rollout.sequences, rollout.attention_mask)  # (B, P+N, Vp)
+    if temperature != 1.0:
+        logits = logits / temperature
     labels = torch.full((B, P + N), IGNORE_INDEX, dtype=torch.long, device=logits.device)
     labels[:, P - 1 : P + N - 1] = rollout.response_ids
     mask = torch.zeros(B, P + N, dtype=torch.bool, device=logits.device)

@@ -151,3 +151,23 @@ def test_too_long_raises():
         model.generate(torch.zeros(1, 40, dtype=torch.long), max_new_tokens=20)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def test_disable_dropout_makes_train_mode_deterministic():
+    from minalign.model import disable_dropout
+    from minalign.reward import RewardModel
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=32, block_size=48, dropout=0.3)
+    ids = torch.randint(0, V, (2, 10))
+    gpt, reward_model = GPT(config), RewardModel(GPTConfig(**config.__dict__))
+    for model, output in ((gpt, lambda: gpt(ids)[0]), (reward_model, lambda: reward_model.values(ids))):
+        model.train()
+        assert not torch.equal(output(), output())  # dropout is on
+        disable_dropout(model)
+        assert model.training
+        in_train_mode = output()
+        model.eval()
+        torch.testing.assert_close(in_train_mode, output(), atol=0, rtol=0)
+    assert reward_model.config.dropout == 0.0
+    assert config.dropout == 0.0  # what a checkpoint of the model records

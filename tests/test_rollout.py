@@ -1,0 +1,33 @@
+"""response_logprobs: the log-probs PPO's ratio and KL penalty are built from."""
+
+import pytest
+import torch
+
+from minalign.rollout import Rollout, response_logprobs
+from test_model import V, left_pad, tiny_model
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
+def test_response_logprobs_are_those_of_the_sampling_distribution(temperature):
+    # Each response token scored one row at a time, unpadded, under softmax(logits / T):
+    # the distribution a token sampled at temperature T was drawn from.
+    model = tiny_model(seed=3, scale=4.0)
+    prompts = [[1, 2, 3], [4, 5]]
+    responses = [[7, 8, 9, 10], [11, 12]]  # the second ends early: right padding after it
+    prompt_ids, prompt_mask = left_pad(prompts)
+    response_ids = torch.full((2, 4), V - 1)
+    response_mask = torch.zeros(2, 4, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = True
+    out = response_logprobs(model, Rollout(prompt_ids, prompt_mask, response_ids, response_mask),
+                            return_entropy=True, temperature=temperature)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        logits, _ = model(torch.tensor([p + r]))
+        logp = (logits[0, len(p) - 1 : len(p) + len(r) - 1] / temperature).log_softmax(-1)  # (len(r), Vp)
+        expected = logp.gather(1, torch.tensor(r)[:, None]).squeeze(1)
+        torch.testing.assert_close(out.token_logps[i, : len(r)], expected, atol=2e-5, rtol=1e-5)
+        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        torch.testing.assert_close(out.entropy[i, : len(r)], entropy, atol=2e-5, rtol=1e-5)
+        assert (out.token_logps[i, len(r):] == 0).all()
+        torch.testing.assert_close(out.sum_logps[i], expected.sum(), atol=1e-4, rtol=1e-5)

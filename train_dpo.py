@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import save_checkpoint
-from minalign.cli import parse_args
+from minalign.cli import ArgumentError, check_args, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_table, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.rollout import check_room
 from train_rm import PairArgs, prepare_pairs
 
 
@@ -50,6 +51,15 @@ class Args(PairArgs):
     eval_interval: int = 0
     """Built-in task: also evaluate with the gold judge before training and every this many
     steps, logged as eval/* (gold reward, win rate, KL); 0: only at the end."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_args(self, positive=("beta", "epochs", "eval_max_new_tokens"), non_negative=("lr", "eval_interval"),
+                   choices={"loss_type": ops.DPO_LOSS_TYPES})
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ArgumentError(f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            raise ArgumentError(f"--label-smoothing applies to the sigmoid and robust losses, not {self.loss_type}")
 
 
 def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
@@ -109,11 +119,14 @@ def main(args: Args):
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "dpo")
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
     if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    if args.data is None:  # the gold evaluation samples; make sure it can before training
+        eval_prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
+        check_room(policy, tokenizer, eval_prompts, args.eval_max_new_tokens, "--eval-max-new-tokens")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
-    test_pairs, _ = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
     if dist.is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test; {stats}")
+        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
     # from it, so compute them once and keep only the policy in memory while training.
@@ -132,7 +145,8 @@ def main(args: Args):
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs")
+        print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs"
+              f"{batches.describe_left_out('pairs')}")
 
     gold_evals = args.eval_interval and args.data is None and dist.is_main
     if gold_evals:
@@ -153,6 +167,7 @@ def main(args: Args):
             lengths = (batch["chosen_labels"] != -100).sum(1).float().mean().item()
             metrics = {**dpo_metrics(out, chosen, rejected), "response_length": lengths,
                        "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0)}
+            metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
@@ -160,7 +175,10 @@ def main(args: Args):
             gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
     train_seconds = time.time() - t0
 
-    if dist.is_main:
+    if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+            "step": total_steps, "tokenizer": tokenizer.name})
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         results["train_seconds"] = train_seconds
         print("held-out pairs: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items() if k.startswith("eval/")))
@@ -174,11 +192,8 @@ def main(args: Args):
         logger.log(total_steps, **{(k if k.startswith("eval/") else f"eval/{k}"): v
                                    for k, v in results.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, results)}")
-        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": total_steps, "tokenizer": tokenizer.name})
     distributed.cleanup(dist)
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

@@ -11,6 +11,7 @@ against SFT on held-out prompts, in the same table and eval.json as train_dpo.py
 """
 
 import copy
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,13 +24,13 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import load_model, save_checkpoint
-from minalign.cli import parse_args
+from minalign.cli import ArgumentError, check_args, run
 from minalign.evaluate import evaluate_policy, format_table, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.ppo import AdaptiveKLController, explained_variance, kl_estimate, masked_mean, masked_whiten, token_rewards
-from minalign.rollout import Rollout, response_logprobs, sample
-from minalign.tokenizer import get_tokenizer
+from minalign.rollout import Rollout, check_room, response_logprobs, sample
+from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Args:
     vf_coef: float = 0.1
     """Weight of the value loss."""
     grad_clip: float = 1.0
-    """Clip each model's gradient norm to this."""
+    """Clip each model's gradient norm to this (0: no clipping)."""
     eval_prompts: int = 200
     """Held-out prompts for the final evaluation."""
     eval_interval: int = 0
@@ -93,6 +94,13 @@ class Args:
     """Random seed."""
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+    def __post_init__(self):
+        check_args(self, positive=("updates", "rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens",
+                                   "temperature", "kl_target", "kl_horizon", "clip_eps", "eval_prompts",
+                                   "log_interval"),
+                   non_negative=("lr", "kl_coef", "value_clip", "vf_coef", "grad_clip", "eval_interval"),
+                   fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
 
 
 def response_values(critic, rollout: Rollout):
@@ -144,23 +152,24 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 
 def main(args: Args):
     dist = distributed.setup(args.device)
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature {args.temperature}: PPO needs a sampling distribution, so > 0")
     if args.rollout_batch_size % dist.world_size:
-        raise ValueError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
+        raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
-    policy, _ = load_model(sft_path, dist.device)
+    policy, sft_ckpt = load_model(sft_path, dist.device)
+    train_rm.check_model(sft_ckpt, tokenizer, sft_path)
     disable_dropout(policy)  # the ratio and KL compare log-probs taken at different times
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model, _ = load_model(rm_path, dist.device)
+    reward_model, rm_ckpt = load_model(rm_path, dist.device)
+    train_rm.check_model(rm_ckpt, tokenizer, rm_path)
     reward_model.eval().requires_grad_(False)
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     policy.train()
 
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
+    check_room(policy, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=args.lr, weight_decay=0.0)
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic
@@ -202,8 +211,8 @@ def main(args: Args):
                 loss = pg.loss + args.vf_coef * vf.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf)
                 optimizer.step()
                 ratio = masked_mean(torch.exp(new.token_logps.detach() - old_logps[idx]), mask[idx])
                 history.append([pg.loss.item(), vf.loss.item(), pg.clipfrac.item(), pg.approx_kl.item(),
@@ -218,9 +227,9 @@ def main(args: Args):
         # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
         stats["objective/gold_scores"] = sum(task.gold_reward(texts)) / len(texts)
-        # every process must move beta alike: update it with the KL averaged over processes
-        mean_kl = distributed.all_reduce_sum(torch.tensor(stats["objective/kl"]), dist).item() / dist.world_size
-        kl_ctl.update(mean_kl, args.rollout_batch_size)
+        # this rank's rollouts -> the global batch's; every process then moves beta alike
+        stats = distributed.reduce_metrics(stats, dist, summed=["val/num_eos_tokens"])
+        kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
             warnings.warn("mean KL estimate is negative: with k1 and a small batch this happens by chance; "
                           "try --kl-estimator k3 or a larger --rollout-batch-size", stacklevel=1)
@@ -235,8 +244,11 @@ def main(args: Args):
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates and dist.is_main:
             held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
 
-    if dist.is_main:
+    if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         train_seconds = time.time() - t0
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+            "step": args.updates, "tokenizer": tokenizer.name})
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
         result["train_seconds"] = train_seconds
         print(format_table("PPO", result))
@@ -244,11 +256,8 @@ def main(args: Args):
             print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
                   f"\n    PPO ({s['gold']:+.2f}): {s['response']!r}")
         print(f"wrote {write_eval(args.out_dir, result)}")
-        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": args.updates, "tokenizer": tokenizer.name})
     distributed.cleanup(dist)
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

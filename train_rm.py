@@ -11,6 +11,7 @@ correlation of its scores with the gold judge.
     python train_rm.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2
 """
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,14 +21,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, task
-from minalign.checkpoint import load_model, save_checkpoint
-from minalign.cli import parse_args
+from minalign.checkpoint import file_fingerprint, load_model, save_checkpoint
+from minalign.cli import ArgumentError, check_args, run
+from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import RewardModel, bradley_terry_loss
 from minalign.rollout import sample_texts
-from minalign.tokenizer import get_tokenizer
+from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
 @dataclass
@@ -41,7 +43,7 @@ class PairArgs:
     tokenizer: str = "builtin"
     """Tokenizer: "builtin" or "gpt2"."""
     out_dir: str | None = None
-    """Where ckpt.pt, metrics.jsonl (and eval.json) go (default out/<stage>, or out/<stage>-<data name>)."""
+    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/<stage>, or out/<stage>-<data name>)."""
     sft_dir: str | None = None
     """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
     SFT on the chosen responses of the training pairs)."""
@@ -75,6 +77,14 @@ class PairArgs:
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
 
+    def __post_init__(self):
+        check_args(self, positive=("label_temperature", "n_train_prompts", "n_test_prompts", "n_train_pairs",
+                                   "max_length", "batch_size", "log_interval"),
+                   non_negative=("warmup_steps", "grad_clip"), fractions=("label_flip",),
+                   choices={"tokenizer": TOKENIZERS})
+        if not 0 < self.test_fraction < 1:
+            raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
+
 
 @dataclass
 class Args(PairArgs):
@@ -90,6 +100,10 @@ class Args(PairArgs):
     """Built-in task: demand a score gap of margin * (gold gap) (Llama 2's margin loss); 0 is plain Bradley-Terry."""
     center_coef: float = 0.0
     """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_args(self, positive=("epochs",), non_negative=("lr", "weight_decay", "margin", "center_coef"))
 
 
 def pair_scores(model, batch):
@@ -138,23 +152,21 @@ def prepare_pairs(args, dist, name: str):
     if builtin:
         sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
         policy, ckpt = load_model(sft_path, dist.device)
-        check_tokenizer(ckpt, tokenizer, sft_path)
+        check_model(ckpt, tokenizer, sft_path, args.max_length)
         labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
         train_pairs, test_pairs = builtin_pairs(
             Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
             args.label_temperature, args.max_length - 8, args.seed, dist.is_main, lambda: distributed.barrier(dist))
         if args.n_train_pairs is not None or args.label_flip:
             if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
-                raise ValueError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
+                raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
                                  f"raise --n-train-prompts for more")
-            if not 0.0 <= args.label_flip <= 1.0:
-                raise ValueError(f"--label-flip {args.label_flip}: a share of the pairs, between 0 and 1")
             train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
             if dist.is_main:
                 print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")
         return policy, tokenizer, train_pairs, test_pairs
     if args.n_train_pairs is not None or args.label_flip:
-        raise ValueError("--n-train-pairs and --label-flip apply to the built-in task's pairs, not to --data")
+        raise ArgumentError("--n-train-pairs and --label-flip apply to the built-in task's pairs, not to --data")
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))
@@ -162,24 +174,39 @@ def prepare_pairs(args, dist, name: str):
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
     sft_file = Path(args.sft_dir) / "sft_data.jsonl"
-    if dist.is_main and not (Path(args.sft_dir) / "ckpt.pt").exists():  # SFT on the preferred responses
+    source_file = Path(args.sft_dir) / "source.json"  # which pairs the SFT data came from
+    source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
+              "test_fraction": args.test_fraction}
+    if (Path(args.sft_dir) / "ckpt.pt").exists():
+        made_from = json.loads(source_file.read_text()) if source_file.exists() else None
+        if made_from != source:
+            what = f"made from {made_from['data']} ({made_from})" if made_from else "whose pairs are not recorded"
+            raise ArgumentError(f"--sft-dir {args.sft_dir} holds an SFT policy {what}, not from --data {args.data} "
+                                f"({source}): pass another --sft-dir (and --out-dir), or remove the folder")
+    elif dist.is_main:  # SFT on the preferred responses
         rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
         print(f"SFT data: the {len(rows)} non-empty chosen responses of the training pairs "
               f"({len(train_pairs) - len(rows)} empty ones left out) -> {sft_file}")
         write_jsonl(sft_file, rows)
+        source_file.write_text(json.dumps(source, indent=1))
     distributed.barrier(dist)
     sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
                                 block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
                                 device=args.device)
     policy, ckpt = load_model(sft_path, dist.device)
-    check_tokenizer(ckpt, tokenizer, sft_path)
+    check_model(ckpt, tokenizer, sft_path, args.max_length)
     return policy, tokenizer, train_pairs, test_pairs
 
 
-def check_tokenizer(ckpt, tokenizer, path):
+def check_model(ckpt, tokenizer, path, max_length=None):
+    """A checkpoint fits the run: trained with its tokenizer, and (when given) with room
+    for max_length tokens."""
     if ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
-        raise ValueError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
-                         f"pass --tokenizer {ckpt['tokenizer']} or another --sft-dir")
+        raise ArgumentError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
+                            f"pass --tokenizer {ckpt['tokenizer']} or another checkpoint folder")
+    block_size = ckpt["model_config"]["block_size"]
+    if max_length is not None and max_length > block_size:
+        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
@@ -187,14 +214,14 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "rm")
     if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
-    test_pairs, _ = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
     # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
     gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in kept])
     if dist.is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test; {stats}")
+        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
 
     model = RewardModel.from_policy(policy).to(dist.device)
     del policy
@@ -206,7 +233,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs")
+        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}")
 
     t0 = time.time()
     for step in range(1, total_steps + 1):
@@ -226,6 +253,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             metrics = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                        "margin": (chosen - rejected).mean().item(), "mean_reward": scores.mean().item(),
                        "min_reward": scores.min().item(), "max_reward": scores.max().item(), "lr": lr}
+            metrics = distributed.reduce_metrics(metrics, dist, lowest=["min_reward"], highest=["max_reward"])
             logger.log(step, **metrics)
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
@@ -236,7 +264,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "kind": "reward", "model": model.state_dict(), "model_config": asdict(model.config),
             "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
-        print(f"saved {args.out_dir}/ckpt.pt")
+        print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")
 
@@ -283,4 +311,4 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dic
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

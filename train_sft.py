@@ -19,12 +19,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minalign.cli import parse_args
+from minalign.cli import ArgumentError, check_args, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.rollout import sample_texts
-from minalign.tokenizer import get_tokenizer
+from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Args:
     out_dir: str = "out/sft"
     """Where checkpoints (ckpt.pt) and metrics.jsonl go."""
     resume: bool = False
-    """Continue from out_dir/ckpt.pt (model, optimizer, step and RNG state)."""
+    """Continue from out_dir/ckpt.pt (model and its shape, optimizer, step and RNG state)."""
     val_fraction: float = 0.05
     """Share of --data held out for the validation loss (the built-in task has its own split)."""
     n_layer: int = 4
@@ -85,6 +85,17 @@ class Args:
     compile: bool = False
     """torch.compile the model."""
 
+    def __post_init__(self):
+        check_args(self, positive=("n_layer", "n_head", "n_embd", "batch_size", "max_steps", "stop_at",
+                                   "eval_interval", "eval_examples", "log_interval"),
+                   non_negative=("lr", "warmup_steps", "weight_decay", "grad_clip", "num_samples"),
+                   fractions=("val_fraction", "min_lr_ratio", "dropout"),
+                   choices={"tokenizer": TOKENIZERS, "dtype": ("auto", "float32", "bfloat16")})
+        if self.block_size < 2:
+            raise ArgumentError(f"--block-size {self.block_size}: a token and its successor need at least 2")
+        if self.n_embd % self.n_head:
+            raise ArgumentError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+
 
 def autocast_context(device: str, dtype: str):
     if dtype == "auto":
@@ -120,13 +131,33 @@ def evaluate(model, examples, tokenizer, batch_size, device, ctx):
     return total / max(count, 1)
 
 
+def print_samples(model, tokenizer, prompts, block_size, seed):
+    """A continuation of each prompt, as long as the block leaves room for."""
+    prompts = [p for p in prompts if len(tokenizer.encode(p)) < block_size]  # room for one new token
+    if not prompts:
+        return
+    max_new = block_size - max(len(tokenizer.encode(p)) for p in prompts)
+    for prompt, text in zip(prompts, sample_texts(model, tokenizer, prompts, max_new, seed=seed)):
+        print(f"  sample: {prompt + text!r}")
+
+
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
     if args.batch_size % dist.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
     ctx = autocast_context(dist.device, args.dtype)
     tokenizer = get_tokenizer(args.tokenizer)
+    # The model's shape: from the flags, or on --resume from the checkpoint
+    config = GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    step = 0
+    ckpt_path = f"{args.out_dir}/ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:
+        if ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
+            raise ArgumentError(f"--resume: {ckpt_path} was trained with --tokenizer {ckpt['tokenizer']}")
+        config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
     if args.data is None:
@@ -140,21 +171,16 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
         prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
         prompts = prompts[: args.num_samples]
-    train, stats = data.tokenize_sft(train_raw, tokenizer, args.block_size)
-    val, _ = data.tokenize_sft(val_raw, tokenizer, args.block_size)
+    train, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
+    val, _ = data.tokenize_sft(val_raw, tokenizer, config.block_size)
     val = val[: args.eval_examples]
     if dist.is_main:
         print(f"data: {len(train)} train / {len(val)} val examples; {stats}")
 
     # ---- model and optimizer ----
-    config = GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
     model = GPT(config).to(dist.device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
-    step = 0
-    ckpt_path = f"{args.out_dir}/ckpt.pt"
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
@@ -167,7 +193,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
-    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main)
     batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
 
@@ -206,10 +232,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                 val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx)
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
-                max_new = args.block_size - max(len(tokenizer.encode(p)) for p in prompts)
-                for prompt, text in zip(prompts, sample_texts(model, tokenizer, prompts, max_new, seed=args.seed)):
-                    print(f"  sample: {prompt + text!r}")
                 checkpoint()
+                print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
     return ckpt_path
@@ -239,4 +263,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

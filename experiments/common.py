@@ -62,8 +62,7 @@ def run_stage(name: str, run, stage_args) -> Path:
     """Run one training stage (`run(stage_args)`) unless its folder already holds a
     finished run with the same arguments; returns the folder.
 
-    A stale or half-finished folder is cleared first, so metrics.jsonl (which runs
-    append to) only ever holds one run."""
+    A stale or half-finished folder is cleared first: nothing of an older run is kept."""
     out = Path(stage_args.out_dir)
     done = out / "done.json"
     settings = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored

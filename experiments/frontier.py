@@ -25,7 +25,7 @@ import train_rm
 from experiments.common import (ExperimentArgs, eval_points, frontier_at, pyplot, run_stage, save_figure,
                                 upper_frontier, write_csv)
 from minalign import distributed
-from minalign.cli import parse_args
+from minalign.cli import run
 
 
 @dataclass
@@ -125,4 +125,4 @@ def plot(rows, path):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

@@ -27,7 +27,7 @@ import train_dpo
 import train_ppo
 import train_rm
 from experiments.common import ExperimentArgs, pyplot, run_stage, save_figure, write_csv
-from minalign.cli import parse_args
+from minalign.cli import run
 
 
 @dataclass
@@ -106,4 +106,4 @@ def plot(rows, path):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

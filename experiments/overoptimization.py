@@ -38,7 +38,7 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
                                 run_stage, save_figure, write_csv)
 from minalign import distributed, task
 from minalign.checkpoint import load_model
-from minalign.cli import parse_args
+from minalign.cli import run
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
 
@@ -208,4 +208,4 @@ def plot(args, bon_rows, rl_rows, fits, path):
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run(main, Args)

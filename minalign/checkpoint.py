@@ -6,6 +6,7 @@ to a temporary file and renaming it means a crash mid-write never leaves a torn
 checkpoint behind; `weights_only=True` means loading one never runs pickled code.
 """
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,9 @@ def save_checkpoint(path, checkpoint: dict) -> None:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; give it the mode open() gives
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     except BaseException:
         os.unlink(tmp)
@@ -46,6 +50,24 @@ def load_model(path, device="cpu"):
     model = cls(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+def weights_fingerprint(model) -> str:
+    """A short hash of a model's weights, to tell which model made a cached result."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def file_fingerprint(path) -> str:
+    """A short hash of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -6,15 +6,21 @@
         \"\"\"Peak learning rate.\"\"\"
 
     args = parse_args(Args)   # python train.py --lr 1e-3 ; --help lists every field
+
+An Args class checks its values in __post_init__ with `check_args`, so that a value
+out of range stops the run before any work, with a message that names the flag; the
+check runs for values set in code too.
 """
 
 import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
 import types
 import typing
+from pathlib import Path
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -36,6 +42,10 @@ def field_docs(cls) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _base_type(tp):
@@ -68,22 +78,61 @@ def build_parser(cls, description=None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
         help_text = docs.get(f.name, "")
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
         elif typing.get_origin(tp) is tuple:  # tuple[float, ...]: one or more values after the flag
             item = typing.get_args(tp)[0]
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, nargs="+",
+            parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, nargs="+",
                                 type=_parser_for(item, False), metavar=item.__name__.upper())
         else:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=_parser_for(tp, optional),
+            parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, type=_parser_for(tp, optional),
                                 metavar=tp.__name__.upper())
     return parser
 
 
+class ArgumentError(ValueError):
+    """A value a flag does not accept; parse_args reports it as a usage error."""
+
+
+def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -> None:
+    """Raise ArgumentError, naming the flag, for the first field out of its range:
+    `positive` fields must be > 0, `non_negative` ones >= 0, `fractions` in [0, 1], and
+    `choices` maps a field to the values it may take. An optional left at None passes."""
+    rules = [(positive, lambda v: v > 0, "must be > 0"), (non_negative, lambda v: v >= 0, "must be >= 0"),
+             (fractions, lambda v: 0 <= v <= 1, "must be between 0 and 1")]
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):  # NaN fails every rule
+                raise ArgumentError(f"{flag(name)} {value}: {rule}")
+    for name, allowed in (choices or {}).items():
+        if getattr(args, name) not in allowed:
+            raise ArgumentError(f"{flag(name)} {getattr(args, name)!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
 def parse_args(cls, argv=None):
-    """Parse the command line (or `argv`) into an instance of the dataclass `cls`."""
-    namespace = build_parser(cls).parse_args(argv)
+    """Parse the command line (or `argv`) into an instance of the dataclass `cls`; a value
+    its checks reject exits with the usage line and the reason, as argparse's own errors do."""
+    parser = build_parser(cls)
+    namespace = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ArgumentError as error:
+        parser.error(str(error))
+
+
+def run(main, cls, argv=None) -> None:
+    """main(parse_args(cls, argv)), where a mistake in what the user gave (a value out of
+    range, bad data, a missing file) ends the run with one line that names it and exit
+    status 2, as a usage error does, instead of a traceback. Other errors are bugs and
+    keep their traceback."""
+    from minalign.data import DataError  # data.py imports this module
+
+    args = parse_args(cls, argv)
+    try:
+        main(args)
+    except (ArgumentError, DataError, FileNotFoundError) as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from minalign.cli import ArgumentError
+
 IGNORE_INDEX = -100  # labels that take no part in the loss (cross_entropy's default)
 ASSISTANT = "\n\nAssistant:"  # HH-RLHF's turn marker that ends an implicit prompt
 
@@ -332,11 +334,18 @@ class Batches:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
         if n < batch_size:
-            raise ValueError(f"{n} examples cannot fill one batch of {batch_size}")
+            raise ArgumentError(f"--batch-size {batch_size}: only {n} examples, not enough for one batch")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = n // batch_size
         self._epoch, self._order = None, None
+
+    def describe_left_out(self, what: str = "examples") -> str:
+        """A note for the run's header: how many examples each epoch's short last batch leaves out."""
+        left_out = self.n % self.batch_size
+        if not left_out:
+            return ""
+        return f" ({left_out} of the {self.n} {what} left out of each epoch: a different {left_out} each epoch)"
 
     def order(self, epoch: int) -> list[int]:
         """All example indices in the order of one epoch."""

@@ -64,3 +64,23 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+
+def reduce_metrics(metrics: dict, info: DistInfo, lowest=(), highest=(), summed=()) -> dict:
+    """Metrics of the whole global batch from each rank's share of it (the shares are of
+    equal size): the mean over ranks, but the minimum for the names in `lowest`, the
+    maximum for those in `highest` and the sum for the counts in `summed`. Every rank
+    must call it, with the same names."""
+    if not info.enabled:
+        return metrics
+    device = info.device if info.device.startswith("cuda") else "cpu"
+    averaged = [k for k in metrics if k not in (*lowest, *highest, *summed)]
+    out = {}
+    for names, op, scale in ((averaged, dist.ReduceOp.SUM, 1 / info.world_size), (summed, dist.ReduceOp.SUM, 1),
+                             (lowest, dist.ReduceOp.MIN, 1), (highest, dist.ReduceOp.MAX, 1)):
+        if names:
+            values = torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64, device=device)
+            dist.all_reduce(values, op=op)
+            out.update({k: v * scale for k, v in zip(names, values.tolist())})
+    return {k: out[k] for k in metrics}

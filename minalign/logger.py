@@ -8,13 +8,24 @@ from pathlib import Path
 
 class MetricsLogger:
     """Appends one JSON object per call to `out_dir/metrics.jsonl`; silent when disabled
-    (the non-zero ranks of a distributed run)."""
+    (the non-zero ranks of a distributed run).
 
-    def __init__(self, out_dir, enabled: bool = True):
+    A new run starts the file afresh. A run resumed from a checkpoint at `resume_step`
+    keeps the records up to that step and drops later ones, which the interrupted run
+    logged after its last checkpoint and the resumed run logs again.
+    """
+
+    def __init__(self, out_dir, enabled: bool = True, resume_step: int | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, **metrics) -> None:
         if not self.enabled:

@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 
 from minalign import task
+from minalign.checkpoint import weights_fingerprint
 from minalign.rollout import sample_texts
 
 SAMPLES_PER_PROMPT = 4  # the DPO paper's IMDb setting: 4 completions, all 6 pairs
@@ -129,9 +130,11 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
     pairs_dir = Path(pairs_dir)
     settings = {"n_train_prompts": n_train_prompts, "n_test_prompts": n_test_prompts,
                 "label_temperature": label_temperature, "max_new_tokens": max_new_tokens, "seed": seed,
-                "tokenizer": tokenizer.name}
+                "tokenizer": tokenizer.name, "policy": weights_fingerprint(policy)}
     meta_path = pairs_dir / "meta.json"
     cached = meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == settings
+    if is_main and cached:
+        print(f"== pairs: reusing {pairs_dir} (made by this SFT policy with these settings)")
     if is_main and not cached:
         print(f"== pairs: sampling {SAMPLES_PER_PROMPT} SFT completions per prompt, judging them -> {pairs_dir}")
         meta = {"settings": settings}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from minalign import ops
+from minalign.cli import ArgumentError
 from minalign.data import IGNORE_INDEX, collate_prompts
 
 
@@ -36,6 +37,15 @@ class Rollout:
     def ended(self, eos_id: int) -> torch.Tensor:
         """(B,) True where the response ended with EOS (it did not run out of room)."""
         return ((self.response_ids == eos_id) & self.response_mask).any(1)
+
+
+def check_room(model, tokenizer, prompts: list[str], max_new_tokens: int, flag: str) -> None:
+    """Before any work: the longest prompt and max_new_tokens must fit in the model's block."""
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    block_size = model.config.block_size
+    if longest + max_new_tokens > block_size:
+        raise ArgumentError(f"{flag} {max_new_tokens}: prompts of up to {longest} tokens leave room for "
+                            f"{block_size - longest} in the model's block of {block_size}")
 
 
 @torch.no_grad()

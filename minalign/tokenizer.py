@@ -87,6 +87,9 @@ def write_ranks(ranks: dict[bytes, int], path: Path) -> None:
     path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank))
 
 
+TOKENIZERS = ("builtin", "gpt2")
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = "builtin") -> Tokenizer:
     """"builtin" (the task's own small BPE, no download) or "gpt2" (50,257 + PAD)."""

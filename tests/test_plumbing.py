@@ -96,3 +96,77 @@ def test_cli_inherited_fields_keep_their_help():
     assert parse_args(MoreArgs, ["--beta", "0.5", "--steps", "3"]) == MoreArgs(steps=3, beta=0.5)
     help_text = build_parser(MoreArgs).format_help()
     assert "Peak learning rate." in help_text and "Strength of the constraint." in help_text
+
+
+def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from minalign.cli import ArgumentError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the top
+    scripts = {name: importlib.import_module(name) for name in ("train_sft", "train_rm", "train_dpo", "train_ppo")}
+    cases = [
+        ("train_sft", ["--batch-size", "0"], "--batch-size 0: must be > 0"),
+        ("train_sft", ["--dtype", "bf16"], "--dtype 'bf16': must be one of"),
+        ("train_sft", ["--n-embd", "130"], "--n-embd 130 must be a multiple of --n-head 4"),
+        ("train_sft", ["--lr", "nan"], "--lr nan: must be >= 0"),
+        ("train_rm", ["--label-temperature", "-0.2"], "--label-temperature -0.2: must be > 0"),
+        ("train_rm", ["--test-fraction", "1"], "--test-fraction 1.0"),
+        ("train_dpo", ["--loss-type", "kto"], "--loss-type 'kto': must be one of 'sigmoid', 'ipo', 'hinge', 'robust'"),
+        ("train_dpo", ["--loss-type", "ipo", "--label-smoothing", "0.1"], "--label-smoothing applies to"),
+        ("train_dpo", ["--label-flip", "1.5"], "--label-flip 1.5: must be between 0 and 1"),
+        ("train_ppo", ["--temperature", "0"], "--temperature 0.0: must be > 0"),
+        ("train_ppo", ["--kl-estimator", "k2"], "--kl-estimator 'k2'"),
+        ("train_ppo", ["--lam", "1.1"], "--lam 1.1: must be between 0 and 1"),
+    ]
+    for script, argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(scripts[script].Args, argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, (script, argv)
+    for script in scripts.values():  # the defaults pass
+        assert parse_args(script.Args, []) == script.Args()
+    with pytest.raises(ArgumentError, match="--epochs 0"):  # values set in code are checked too
+        scripts["train_ppo"].Args(epochs=0)
+
+
+def test_metrics_start_afresh_or_resume_where_the_checkpoint_was(tmp_path):
+    old = MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        old.log(step, loss=float(step))
+    MetricsLogger(tmp_path, resume_step=2).log(3, loss=30.0)  # step 3 again, after a checkpoint at 2
+
+    def steps_and_losses():
+        rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows]
+    assert steps_and_losses() == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    MetricsLogger(tmp_path).log(1, loss=5.0)  # a new run
+    assert steps_and_losses() == [(1, 5.0)]
+
+
+def _reduce_in_process(rank, init_file, results):
+    import torch.distributed as torch_dist
+
+    from minalign import distributed
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = distributed.DistInfo(rank=rank, world_size=2)
+    mine = {"loss": 1.0 + rank, "min_reward": -1.0 - rank, "max_reward": 2.0 * rank, "count": 3 + rank}
+    results[rank] = distributed.reduce_metrics(mine, info, lowest=["min_reward"], highest=["max_reward"],
+                                               summed=["count"])
+    torch_dist.destroy_process_group()
+
+
+def test_reduce_metrics_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from minalign import distributed
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_reduce_in_process, args=(str(tmp_path / "init"), results), nprocs=2)
+        expected = {"loss": 1.5, "min_reward": -2.0, "max_reward": 2.0, "count": 7.0}
+        assert results[0] == results[1] == expected
+    alone = {"loss": 1.0}
+    assert distributed.reduce_metrics(alone, distributed.DistInfo()) is alone

@@ -39,3 +39,21 @@ def test_pair_generation_is_deterministic_by_seed():
     assert a == b and a != c
     assert stats["pairs"] + stats["ties_dropped"] == 3 * 6
     assert all(p["prompt"] in prompts for p in a)
+
+
+def test_cached_pairs_are_reused_only_for_the_policy_that_made_them(tmp_path, capsys):
+    from minalign.preferences import builtin_pairs
+
+    tok = get_tokenizer("builtin")
+    policies = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        policies.append(GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32)))
+    settings = dict(tokenizer=tok, n_train_prompts=4, n_test_prompts=2, label_temperature=None, max_new_tokens=8,
+                    seed=3)
+    first = builtin_pairs(tmp_path, policies[0], **settings)
+    assert "sampling" in capsys.readouterr().out
+    assert builtin_pairs(tmp_path, policies[0], **settings) == first
+    assert "reusing" in capsys.readouterr().out
+    other = builtin_pairs(tmp_path, policies[1], **settings)  # another SFT policy: new pairs
+    assert "sampling" in capsys.readouterr().out and other != first

@@ -31,3 +31,17 @@ def test_response_logprobs_are_those_of_the_sampling_distribution(temperature):
         torch.testing.assert_close(out.entropy[i, : len(r)], entropy, atol=2e-5, rtol=1e-5)
         assert (out.token_logps[i, len(r):] == 0).all()
         torch.testing.assert_close(out.sum_logps[i], expected.sum(), atol=1e-4, rtol=1e-5)
+
+
+def test_check_room_names_the_flag_before_any_sampling():
+    from minalign.cli import ArgumentError
+    from minalign.rollout import check_room
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    model = tiny_model()  # a block of 48 tokens
+    prompts = ["The acting was", "I saw it on a rainy afternoon with my friends"]
+    longest = max(len(tok.encode(p)) for p in prompts)
+    check_room(model, tok, prompts, 48 - longest, "--max-new-tokens")  # fits exactly
+    with pytest.raises(ArgumentError, match=f"--max-new-tokens {49 - longest}: prompts of up to {longest} tokens"):
+        check_room(model, tok, prompts, 49 - longest, "--max-new-tokens")

@@ -76,6 +76,7 @@ def test_train_rm_learns_the_pairs(workdir):
     assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= rows[-1].keys()
     ckpt = torch.load(workdir / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "reward" and ckpt["model"]["gain"].item() > 0
+    assert json.loads((workdir / "rm" / "eval.json").read_text())["test_accuracy"] == ckpt["results"]["test_accuracy"]
     cached = [json.loads(l) for l in (workdir / "pairs" / "ranked" / "train.jsonl").read_text().splitlines()]
     assert cached and {"prompt", "chosen", "rejected"} <= cached[0].keys()
 
@@ -85,6 +86,7 @@ def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
                                "--out-dir", str(workdir / "dpo"), "--epochs", "4", "--lr", "1e-3",
                                "--eval-max-new-tokens", "24"])
     assert "win rate" in out and "KL (nats)" in out
+    assert "reusing" in out  # the pairs train_rm made from this SFT policy
     rows = [r for r in metrics(workdir / "dpo" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=0.02)  # policy == reference at the start
     assert sum(r["loss"] for r in rows[-3:]) / 3 < math.log(2) - 0.02
@@ -93,3 +95,24 @@ def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
     assert keys <= rows[-1].keys()
     result = json.loads((workdir / "dpo" / "eval.json").read_text())
     assert 0 <= result["win_rate"] <= 1 and result["n_prompts"] == 16 and len(result["samples"]) == 16
+
+
+def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
+    # The default folders are named after the data file, so two files of one name would
+    # share them: the SFT policy records which pairs it came from.
+    pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        rows = pairs if name == "a" else pairs[::-1]
+        (tmp_path / name / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "ckpt.pt").write_bytes(b"made from a")  # never loaded: the check comes first
+    source = {"data": str((tmp_path / "a" / "pairs.jsonl").resolve()), "sha256": "0" * 16, "seed": 1337,
+              "test_fraction": 0.1}
+    (sft / "source.json").write_text(json.dumps(source))
+    result = subprocess.run([sys.executable, "train_rm.py", "--data", str(tmp_path / "b" / "pairs.jsonl"),
+                             "--sft-dir", str(sft), "--out-dir", str(tmp_path / "rm")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "holds an SFT policy made from" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -1,5 +1,6 @@
 """End-to-end runs of train_sft.py in subprocesses, with a tiny model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,12 +42,20 @@ def test_resume_is_bit_for_bit(tmp_path):
     run([*TINY, "--max-steps", "8", "--out-dir", str(tmp_path / "full")])
     run([*TINY, "--max-steps", "8", "--stop-at", "4", "--out-dir", str(tmp_path / "split")])
     assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 4
-    run([*TINY, "--max-steps", "8", "--resume", "--out-dir", str(tmp_path / "split")])
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
+        f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
+    # the model's shape comes from the checkpoint, whatever the flags say
+    run([*TINY, "--max-steps", "8", "--resume", "--n-layer", "2", "--out-dir", str(tmp_path / "split")])
     full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     split = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert split["step"] == 8
     for name, value in full["model"].items():
         assert torch.equal(value, split["model"][name]), name
+
+    def losses(folder):  # (step, loss) of every training record
+        rows = [json.loads(line) for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert losses("split") == losses("full") == [(s, losses("full")[i][1]) for i, s in enumerate([2, 4, 6, 8])]
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):

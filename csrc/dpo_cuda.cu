@@ -20,7 +20,8 @@
 //
 //   sigmoid: dL/dh = beta (-(1-eps) sigmoid(-z) + eps sigmoid(z))
 //   ipo:     dL/dh = 2 (h - 1/(2 beta))
-//   hinge:   dL/dh = -beta where 1 - z > 0, else 0 (relu's subgradient at its kink is 0)
+//   hinge:   dL/dh = -beta unless 1 - z <= 0 (relu's subgradient at its kink is 0; a NaN
+//            passes it, as in torch.relu's backward)
 //   robust:  dL/dh = beta (-(1-eps) sigmoid(-z) - eps sigmoid(z)) / (1 - 2 eps)
 //
 // Everything is elementwise over [B] float32; B is small (a batch of pairs), so the
@@ -91,7 +92,7 @@ __device__ float dpo_pair_loss(float h, const DpoParams& p) {
       return d * d;
     }
     case kHinge:
-      return fmaxf(1.f - z, 0.f);
+      return 1.f - z <= 0.f ? 0.f : 1.f - z;  // NaN stays NaN, as in torch.relu
     default:  // kRobust
       return (-p.keep * log_sigmoid(z) + p.eps * log_sigmoid(-z)) / p.robust_norm;
   }
@@ -105,7 +106,7 @@ __device__ float dpo_pair_dloss_dh(float h, const DpoParams& p) {
     case kIpo:
       return 2.f * (h - p.ipo_target);
     case kHinge:
-      return (1.f - z > 0.f) ? -p.beta : 0.f;
+      return 1.f - z <= 0.f ? 0.f : -p.beta;
     default:  // kRobust
       return p.beta * (-p.keep * sigmoid(-z) - p.eps * sigmoid(z)) / p.robust_norm;
   }

@@ -113,7 +113,9 @@ void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowSta
   if (block_max > st.ref) {
     if (st.sum != 0.f) {  // rescale the terms so far (also taken when sum is NaN)
       const float c = std::exp(st.ref - block_max);
-      st.xsum = c * (st.xsum + st.sum * (st.ref - block_max));
+      // c t + (c s)(M - M'), not c (t + s (M - M')): s (M - M') overflows to -inf when M
+      // is near float's lowest, and c is then 0; c s stays finite.
+      st.xsum = c * st.xsum + (c * st.sum) * (st.ref - block_max);
       st.sum *= c;
     }
     st.ref = block_max;

@@ -5,7 +5,7 @@
 // label smoothing e, and d/dz log sigmoid(z) = sigmoid(-z):
 //   0 sigmoid: L = -(1-e) log s(z) - e log s(-z)           dL/dh = beta (-(1-e) s(-z) + e s(z))
 //   1 ipo:     L = (h - 1/(2 beta))^2                       dL/dh = 2 (h - 1/(2 beta))
-//   2 hinge:   L = max(0, 1 - z)                            dL/dh = -beta [1 - z > 0]
+//   2 hinge:   L = max(0, 1 - z)                            dL/dh = -beta [not 1 - z <= 0]
 //   3 robust:  L = (-(1-e) log s(z) + e log s(-z)) / (1-2e) dL/dh = beta (-(1-e) s(-z) - e s(z)) / (1-2e)
 // The gradient w.r.t. pi_chosen is dL/dh and w.r.t. pi_rejected -dL/dh; the reference
 // log-probs are constants. Rewards: beta (pi - ref), detached.
@@ -14,11 +14,14 @@
 //   r = e^{logp - old}, pg1 = -A r, pg2 = -A clip(r, 1-eps, 1+eps)
 //   loss = sum m max(pg1, pg2) / n,  clipfrac = sum m [pg2 > pg1] / n,
 //   approx_kl = sum m (logp - old)^2 / (2 n)
-//   dloss/dlogp = m / n * (pg2 > pg1 ? 0 : -A r)   (the clipped branch is flat in logp)
+//   dloss/dlogp = m / n * (w1 + w2 [1-eps < r < 1+eps]) (-A r)
 // Value loss, v_c = old + clip(v - old, -c, c):
 //   loss = sum m max((v-R)^2, (v_c-R)^2) / (2 n),  clipfrac = sum m [(v_c-R)^2 > (v-R)^2] / n
-//   dloss/dv = m / n * ((v-R) if the unclipped term is larger, (v_c-R) [|v-old| <= c] if the
-//   clipped one is, their mean on a tie, as torch.maximum splits the gradient).
+//   dloss/dv = m / n * (w1 (v-R) + w2 (v_c-R) [|v-old| < c])
+// w1, w2 are torch.maximum's backward: all to the larger term, half each on a tie, and
+// 1 each when either is NaN (whose max is NaN, as torch.maximum's, not std::max's). The
+// clip passes a gradient strictly inside its interval (minalign.reference.clamp); the
+// hinge, like torch.relu, passes one wherever 1 - z <= 0 fails, NaN included.
 //
 // All maps are elementwise over a few thousand numbers: serial loops with double sums
 // keep them exact enough and deterministic. Nothing of size [B, T] is materialised
@@ -30,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <utility>
 
 #include "dtype_name.h"
 
@@ -70,7 +74,7 @@ double dpo_loss_of(double h, double beta, int64_t type, double e) {
   switch (type) {
     case 0: return -(1 - e) * log_sigmoid(z) - e * log_sigmoid(-z);
     case 1: return (h - 1 / (2 * beta)) * (h - 1 / (2 * beta));
-    case 2: return std::max(0.0, 1 - z);
+    case 2: return 1 - z <= 0 ? 0.0 : 1 - z;  // NaN stays NaN, as in torch.relu
     default: return (-(1 - e) * log_sigmoid(z) + e * log_sigmoid(-z)) / (1 - 2 * e);
   }
 }
@@ -80,7 +84,7 @@ double dpo_grad_of(double h, double beta, int64_t type, double e) {  // dL/dh
   switch (type) {
     case 0: return beta * (-(1 - e) * sigmoid(-z) + e * sigmoid(z));
     case 1: return 2 * (h - 1 / (2 * beta));
-    case 2: return 1 - z > 0 ? -beta : 0.0;
+    case 2: return 1 - z <= 0 ? 0.0 : -beta;
     default: return beta * (-(1 - e) * sigmoid(-z) - e * sigmoid(z)) / (1 - 2 * e);
   }
 }
@@ -124,6 +128,15 @@ std::tuple<at::Tensor, at::Tensor> dpo_loss_backward_cpu(const at::Tensor& grad_
 
 // ------------------------------------------------------------------------------------ PPO
 
+// torch.maximum: NaN if either argument is (std::max(a, NaN) would return a).
+float maximum(float a, float b) { return (a != a || b != b) ? a + b : std::max(a, b); }
+
+// Weights of torch.maximum(a, b)'s backward for a and for b.
+std::pair<double, double> maximum_weights(float a, float b) {
+  if (a == b) return {0.5, 0.5};
+  return {a < b ? 0.0 : 1.0, b < a ? 0.0 : 1.0};  // with a NaN: 1 and 1
+}
+
 double mask_count(const float* m, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i) s += m[i];
@@ -150,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(const at::Ten
     const float diff = lp[i] - old[i];
     const float r = std::exp(diff);
     const float pg1 = -A[i] * r, pg2 = -A[i] * std::clamp(r, lo, hi);
-    loss += m[i] * double(std::max(pg1, pg2));
+    loss += m[i] * double(maximum(pg1, pg2));
     clipped += m[i] * double(pg2 > pg1);
     kl += m[i] * double(diff) * diff;
   }
@@ -175,11 +188,10 @@ at::Tensor ppo_policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::T
   for (int64_t i = 0; i < n; ++i) {
     const float r = std::exp(lp[i] - old[i]);
     const float pg1 = -A[i] * r, pg2 = -A[i] * std::clamp(r, lo, hi);
-    // max(pg1, pg2) passes its gradient to the larger, half to each on a tie (as
-    // torch.maximum); through pg2 only strictly inside [lo, hi], where the clamp has
-    // slope 1 (0 at the ends: minalign.reference.clamp). Each branch's gradient is -A r.
-    const double to_pg1 = pg1 > pg2 ? 1.0 : pg1 < pg2 ? 0.0 : 0.5;
-    const double to_pg2 = lo < r && r < hi ? 1.0 - to_pg1 : 0.0;
+    // max(pg1, pg2) splits its gradient as torch.maximum does; through pg2 only strictly
+    // inside [lo, hi], where the clamp has slope 1. Each branch's gradient is -A r.
+    const auto [to_pg1, w2] = maximum_weights(pg1, pg2);
+    const double to_pg2 = lo < r && r < hi ? w2 : 0.0;
     out[i] = static_cast<float>(scale * m[i] * (to_pg1 + to_pg2) * (-A[i] * r));
   }
   return grad;
@@ -202,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_value_loss_cpu(const at::Tensor& values, 
   for (int64_t i = 0; i < n; ++i) {
     const float vc = old[i] + std::clamp(v[i] - old[i], -c, c);
     const float l1 = (v[i] - R[i]) * (v[i] - R[i]), l2 = (vc - R[i]) * (vc - R[i]);
-    loss += m[i] * double(std::max(l1, l2));
+    loss += m[i] * double(maximum(l1, l2));
     clipped += m[i] * double(l2 > l1);
   }
   const double count = mask_count(m, n);
@@ -229,7 +241,8 @@ at::Tensor ppo_value_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
     const float l1 = (v[i] - R[i]) * (v[i] - R[i]), l2 = (vc - R[i]) * (vc - R[i]);
     const double unclipped = v[i] - R[i];
     const double clipped = (-c < delta && delta < c) ? double(vc - R[i]) : 0.0;  // see above
-    const double d = l1 > l2 ? unclipped : l2 > l1 ? clipped : 0.5 * (unclipped + clipped);
+    const auto [w1, w2] = maximum_weights(l1, l2);
+    const double d = w1 * unclipped + w2 * clipped;
     out[i] = static_cast<float>(scale * m[i] * d);
   }
   return grad;

@@ -65,7 +65,9 @@ __device__ __forceinline__ void rebase(SoftmaxStats& s, float new_max) {
   }
   const float shift = s.max - new_max;  // < 0
   const float scale = exp2f(shift * kLog2e);
-  if constexpr (kEntropy) s.dot = scale * (s.dot + shift * s.sum);
+  // scale dot + (scale sum) shift: shift * sum alone overflows to -inf when max is near
+  // float's lowest, and scale is then 0
+  if constexpr (kEntropy) s.dot = scale * s.dot + (scale * s.sum) * shift;
   s.sum *= scale;
   s.max = new_max;
 }

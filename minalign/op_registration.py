@@ -7,7 +7,8 @@ itself is added here, in Python:
 - a fake (meta) kernel per op: the shapes and dtypes of its outputs, computed without
   touching data, which is what torch.compile and torch.library.opcheck trace with;
 - the backward of each differentiable op (torch.library.register_autograd), which
-  calls the op's backward kernel. The backward ops have no backward of their own.
+  calls the op's backward kernel. The backward ops have no backward of their own: their
+  autograd raises, so that a gradient of a gradient fails instead of being zero.
 
 minalign.ops imports this module only when the extension is built.
 """
@@ -54,6 +55,9 @@ def _token_logprobs_backward(ctx, grad_logprobs, grad_lse, grad_entropy):
             logits.detach(), labels, lse, entropy, ctx.ignore_index)
     if not ctx.inplace_backward:
         return torch.ops.minalign.token_logprobs_backward(*args), None, None, None, None
+    if torch.is_grad_enabled():  # backward(create_graph=True): the result would have no graph
+        raise RuntimeError("minalign.token_logprobs: inplace_backward=True gives first derivatives only; "
+                           "a backward with create_graph=True needs inplace_backward=False")
     torch.ops.minalign.token_logprobs_backward_(*args)
     # The dispatcher does not count this write; counting it makes any node that saved the
     # logits and runs later (or a second backward) fail instead of reading the gradient.
@@ -148,3 +152,17 @@ torch.library.register_autograd("minalign::ppo_value_loss", _ppo_value_backward,
 @torch.library.register_fake("minalign::gae")
 def _(rewards, values, mask, gamma, lam):
     return torch.empty_like(rewards), torch.empty_like(rewards)
+
+
+# ---------------------------------------------------------------------- no double backward
+
+
+def _refuse_double_backward(op):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"minalign::{op}: the kernels give first derivatives only, so a gradient of this "
+                           f"gradient (double backward) is not supported; minalign.reference's ops support it")
+    return backward
+
+
+for _op in ("token_logprobs_backward", "dpo_loss_backward", "ppo_policy_loss_backward", "ppo_value_loss_backward"):
+    torch.library.register_autograd(f"minalign::{_op}", _refuse_double_backward(_op))

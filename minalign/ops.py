@@ -12,11 +12,15 @@
 
 Each op runs the C++ (CPU) or CUDA kernel of `minalign._C` when the extension is
 built, and otherwise the plain PyTorch version in `minalign.reference`, which is the
-specification (with one warning). Importing `minalign._C` registers the kernels as
+specification (with one warning). Either way an op accepts the same inputs and returns
+float32: the losses and GAE compute in float32 whatever floating dtype they are given.
+The kernels' gradients are first derivatives only: a gradient of a gradient (double
+backward) raises an error rather than coming out silently zero. Importing `minalign._C` registers the kernels as
 torch.ops.minalign.*; `minalign.op_registration` adds their fake (shape-only)
 versions and their autograd, so they also work under torch.compile.
 """
 
+import numbers
 import warnings
 
 import torch
@@ -25,6 +29,7 @@ from torch import Tensor
 from minalign import reference
 from minalign.reference import GAE, DPOLoss, PolicyLoss, SequenceLogprobs, ValueLoss
 
+_IMPORT_ERROR = None
 try:
     from minalign import _C
 except ImportError as error:  # not built, or built against another torch
@@ -71,6 +76,13 @@ def _check_floats(op: str, shape: tuple | None = None, **tensors: Tensor) -> Non
         raise ValueError(f"{op}: empty batch ({first_name} has shape {tuple(first.shape)})")
 
 
+def _check_numbers(op: str, **values) -> None:
+    """Hyperparameters are plain numbers: a tensor would get no gradient from the kernels."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+
+
 # ---------------------------------------------------------------------- log-probs
 
 
@@ -88,7 +100,9 @@ def _check_inplace_backward(op: str, logits: Tensor, what: str = "inplace_backwa
                          f"grad (e.g. a parameter); {instead}")
 
 
-def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor) -> None:
+def _check_logits_and_labels(op: str, logits: Tensor, labels: Tensor, ignore_index: int) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**63 <= ignore_index < 2**63:
+        raise TypeError(f"{op}: ignore_index must be an int64 integer, got {ignore_index!r}")
     if not isinstance(logits, Tensor) or logits.dtype not in _LOGITS_DTYPES:
         raise TypeError(f"{op}: logits must be a float32, bfloat16 or float16 tensor, got {getattr(logits, 'dtype', type(logits))}")
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
@@ -123,14 +137,14 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     logits and runs its backward later fails with PyTorch's "modified by an inplace
     operation" error rather than using wrong values. The PyTorch reference ignores it.
     """
-    _check_logits_and_labels("token_logprobs", logits, labels)
+    _check_logits_and_labels("token_logprobs", logits, labels, ignore_index)
     if inplace_backward:
         _check_inplace_backward("token_logprobs", logits)
     if not _use_kernel(logits):
         return reference.token_logprobs(logits, labels, ignore_index, return_entropy)
     V = logits.shape[-1]
     logprobs, _, entropy = torch.ops.minalign.token_logprobs(
-        logits.view(-1, V), labels.reshape(-1), ignore_index, return_entropy, bool(inplace_backward))
+        logits.view(-1, V), labels.reshape(-1).contiguous(), ignore_index, return_entropy, bool(inplace_backward))
     shape = logits.shape[:-1]
     return (logprobs.view(shape), entropy.view(shape)) if return_entropy else logprobs.view(shape)
 
@@ -156,7 +170,7 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
     weights [...]; ignored rows add nothing whatever their weight.
     """
     op = "weighted_logprob_sum"
-    _check_logits_and_labels(op, logits, labels)
+    _check_logits_and_labels(op, logits, labels, ignore_index)
     if not isinstance(weights, Tensor) or not weights.is_floating_point() or weights.shape != labels.shape:
         raise ValueError(f"{op}: weights must be a floating-point tensor of the labels' shape "
                          f"{tuple(labels.shape)}, got {getattr(weights, 'dtype', type(weights))} "
@@ -165,35 +179,39 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
         raise ValueError(f"{op}: weights are on {weights.device} but logits on {logits.device}")
     if not (logits.requires_grad and torch.is_grad_enabled()):  # nothing to overwrite for
         return (weights.float() * token_logprobs(logits, labels, ignore_index)).sum()
-    if not _use_kernel(logits):
-        return reference.weighted_logprob_sum(logits, labels, weights, ignore_index)
     _check_inplace_backward(op, logits, "the fused forward", "use token_logprobs, or pass logits that are "
                             "not a leaf (a model's output)")
+    if not _use_kernel(logits):
+        return reference.weighted_logprob_sum(logits, labels, weights, ignore_index)
     return _WeightedLogprobSum.apply(logits, labels, weights, ignore_index)
 
 
 class _WeightedLogprobSum(torch.autograd.Function):
-    """Runs the fused kernel in forward; backward hands on the gradient it left in the logits."""
+    """Runs the fused kernel in forward; backward hands on the gradient it left in the
+    logits (and, when the weights require grad, d loss / d w_i = logp_i)."""
 
     @staticmethod
     def forward(ctx, logits, labels, weights, ignore_index):
         V = logits.shape[-1]
         w = weights.detach().float().reshape(-1).contiguous()
-        logprobs = torch.ops.minalign.token_logprobs_fused_(logits.view(-1, V), labels.reshape(-1), w, ignore_index)
+        logprobs = torch.ops.minalign.token_logprobs_fused_(
+            logits.view(-1, V), labels.reshape(-1).contiguous(), w, ignore_index)
         # The dispatcher does not count this write; counting it makes a node that saved the
         # logits before (and runs its backward later) fail instead of reading the gradient.
         torch.autograd.graph.increment_version(logits)
-        ctx.save_for_backward(logits)
+        ctx.save_for_backward(logits, logprobs.view(weights.shape) if ctx.needs_input_grad[2] else None)
         return (w * logprobs).sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the stored gradient has no graph of its own
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors  # d loss / d logits, written by forward
+        grad, logprobs = ctx.saved_tensors  # d loss / d logits, written by forward
         # One more pass over the logits, only when needed (a compiled graph cannot branch
         # on a value, so it always multiplies).
         if torch.compiler.is_compiling() or not bool(grad_loss == 1):
             grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None
+        grad_weights = None if logprobs is None else grad_loss * logprobs
+        return grad.detach(), None, grad_weights, None  # the logits' memory, without their history
 
 
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entropy: bool = False,
@@ -206,11 +224,21 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entro
     inplace_backward=True: backward overwrites the logits with their gradient (see
     token_logprobs).
     """
+    op = "sequence_logprobs"
     if not (isinstance(logits, Tensor) and logits.dim() == 3):
-        raise ValueError(f"sequence_logprobs: logits must be [B, T, V], got shape {tuple(getattr(logits, 'shape', ()))}")
-    if not isinstance(mask, Tensor) or mask.shape != logits.shape[:2]:
-        raise ValueError(f"sequence_logprobs: mask must have shape {tuple(logits.shape[:2])}, got {tuple(getattr(mask, 'shape', ()))}")
-    mask = mask.to(device=logits.device, dtype=torch.float32)
+        raise ValueError(f"{op}: logits must be [B, T, V], got shape {tuple(getattr(logits, 'shape', ()))}")
+    for name, t in (("labels", labels), ("mask", mask)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if t.shape != logits.shape[:2]:  # no broadcasting: a [B, 1] label is a mistake
+            raise ValueError(f"{op}: {name} must have shape {tuple(logits.shape[:2])}, got {tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but logits on {logits.device}")
+    if mask.is_complex():
+        raise TypeError(f"{op}: mask must be bool, integer or floating point, got {mask.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: labels must be an int64 tensor, got {labels.dtype}")
+    mask = mask.detach().float()
     labels = labels.masked_fill(mask == 0, IGNORE_INDEX)  # [B, T]
     out = token_logprobs(logits, labels, IGNORE_INDEX, return_entropy, inplace_backward)
     token_logps, entropy = out if return_entropy else (out, None)
@@ -236,6 +264,7 @@ def dpo_loss(
     length-normalised log-probs to "ipo"); label_smoothing (in [0, 0.5)) applies to
     "sigmoid" and "robust".
     """
+    _check_numbers("dpo_loss", beta=beta, label_smoothing=label_smoothing)
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
@@ -247,9 +276,9 @@ def dpo_loss(
     logps = dict(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     _check_floats("dpo_loss", ("B",), **logps)
+    pc, pr, rc, rr = (t.float().contiguous() for t in logps.values())  # float32, as the kernels compute
     if not _use_kernel(policy_chosen_logps):
-        return reference.dpo_loss(*logps.values(), beta, loss_type, label_smoothing)
-    pc, pr, rc, rr = (t.float().contiguous() for t in logps.values())
+        return reference.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
     losses, chosen, rejected = torch.ops.minalign.dpo_loss(
         pc, pr, rc.detach(), rr.detach(), float(beta), DPO_LOSS_TYPES.index(loss_type), float(label_smoothing))
     return DPOLoss(losses, chosen.detach(), rejected.detach())
@@ -263,13 +292,14 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     """
     _check_floats("ppo_policy_loss", ("B", "T"), logprobs=logprobs, old_logprobs=old_logprobs,
                   advantages=advantages, mask=mask)
+    _check_numbers("ppo_policy_loss", clip_eps=clip_eps)
     if not clip_eps >= 0:
         raise ValueError(f"ppo_policy_loss: clip_eps must be >= 0, got {clip_eps}")
+    inputs = (logprobs.float().contiguous(), old_logprobs.detach().float().contiguous(),
+              advantages.detach().float().contiguous(), mask.detach().float().contiguous())
     if not _use_kernel(logprobs):
-        return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
-    loss, clipfrac, approx_kl = torch.ops.minalign.ppo_policy_loss(
-        logprobs.float().contiguous(), old_logprobs.detach().float().contiguous(),
-        advantages.detach().float().contiguous(), mask.float().contiguous(), float(clip_eps))
+        return reference.ppo_policy_loss(*inputs, clip_eps)
+    loss, clipfrac, approx_kl = torch.ops.minalign.ppo_policy_loss(*inputs, float(clip_eps))
     return PolicyLoss(loss, clipfrac.detach(), approx_kl.detach())
 
 
@@ -279,13 +309,14 @@ def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Te
     See reference.ppo_value_loss for the formulas.
     """
     _check_floats("ppo_value_loss", ("B", "T"), values=values, old_values=old_values, returns=returns, mask=mask)
+    _check_numbers("ppo_value_loss", clip=clip)
     if not clip >= 0:
         raise ValueError(f"ppo_value_loss: clip must be >= 0, got {clip}")
+    inputs = (values.float().contiguous(), old_values.detach().float().contiguous(),
+              returns.detach().float().contiguous(), mask.detach().float().contiguous())
     if not _use_kernel(values):
-        return reference.ppo_value_loss(values, old_values, returns, mask, clip)
-    loss, clipfrac = torch.ops.minalign.ppo_value_loss(
-        values.float().contiguous(), old_values.detach().float().contiguous(),
-        returns.detach().float().contiguous(), mask.float().contiguous(), float(clip))
+        return reference.ppo_value_loss(*inputs, clip)
+    loss, clipfrac = torch.ops.minalign.ppo_value_loss(*inputs, float(clip))
     return ValueLoss(loss, clipfrac.detach())
 
 
@@ -295,11 +326,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     See reference.gae for the recursion; positions where mask is 0 get 0.
     """
     _check_floats("gae", ("B", "T"), rewards=rewards, values=values, mask=mask)
+    _check_numbers("gae", gamma=gamma, lam=lam)
     if not (0 <= gamma <= 1 and 0 <= lam <= 1):
         raise ValueError(f"gae: gamma and lam must be in [0, 1], got {gamma} and {lam}")
+    inputs = tuple(t.detach().float().contiguous() for t in (rewards, values, mask))
     if not _use_kernel(rewards):
-        return reference.gae(rewards, values, mask, gamma, lam)
-    advantages, returns = torch.ops.minalign.gae(
-        rewards.detach().float().contiguous(), values.detach().float().contiguous(),
-        mask.detach().float().contiguous(), float(gamma), float(lam))
+        return reference.gae(*inputs, gamma, lam)
+    advantages, returns = torch.ops.minalign.gae(*inputs, float(gamma), float(lam))
     return GAE(advantages, returns)

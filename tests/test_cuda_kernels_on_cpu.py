@@ -242,6 +242,7 @@ def test_dpo_loss_matches_the_reference(kernels, loss_type, label_smoothing):
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (-20 * torch.rand(n, generator=g) for _ in range(4))
     pc[:5], pr[:5], rc[:5], rr[:5] = -1.0, -3.0, -2.0, -2.0  # beta h = 1 exactly: the hinge's kink
+    pc[5], rr[6] = float("nan"), float("nan")  # NaN stays NaN (fmaxf would drop it from the hinge)
     grad_losses = torch.randn(n, generator=g)
     losses, chosen, rejected, grad_chosen, grad_rejected = (torch.full((n,), 7.0) for _ in range(5))
     kind = ("sigmoid", "ipo", "hinge", "robust").index(loss_type)
@@ -252,11 +253,11 @@ def test_dpo_loss_matches_the_reference(kernels, loss_type, label_smoothing):
     x = [t.clone().requires_grad_() for t in (pc, pr)]
     expected = reference.dpo_loss(*x, rc, rr, beta, loss_type, label_smoothing)
     expected.losses.backward(grad_losses)
-    torch.testing.assert_close(losses, expected.losses.detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(chosen, expected.chosen_rewards)
-    torch.testing.assert_close(rejected, expected.rejected_rewards)
-    torch.testing.assert_close(grad_chosen, x[0].grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grad_rejected, x[1].grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(losses, expected.losses.detach(), atol=1e-6, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(chosen, expected.chosen_rewards, equal_nan=True)
+    torch.testing.assert_close(rejected, expected.rejected_rewards, equal_nan=True)
+    torch.testing.assert_close(grad_chosen, x[0].grad, atol=1e-6, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad_rejected, x[1].grad, atol=1e-6, rtol=1e-5, equal_nan=True)
 
 
 def ppo_inputs(n, seed=0):
@@ -298,3 +299,36 @@ def test_ppo_losses_match_the_reference(kernels, n):
         torch.testing.assert_close(ours, theirs.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(policy_grad, x.grad, atol=1e-9, rtol=1e-5)
     torch.testing.assert_close(value_grad, v.grad, atol=1e-9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_of_rows_that_start_at_the_lowest_float(kernels, dtype):
+    # Rebasing the entropy's sum from a max near float's lowest: shift * sum overflows to
+    # -inf, and its scale is 0; the sum must stay finite, as the reference's does.
+    logits = 3 * torch.randn(4, 20011, generator=torch.Generator().manual_seed(1))
+    logits[:, :9000] = torch.finfo(dtype).min
+    logits = logits.to(dtype)
+    labels = torch.tensor([9000, 12000, 20010, 15000])
+    logprobs, lse, entropy, _ = run_forward(kernels, logits, labels, True)
+    ref_logprobs, _, ref_entropy, _ = reference_values_and_grad(logits, labels, torch.ones(4), torch.ones(4))
+    assert entropy.isfinite().all()
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(logprobs.double(), ref_logprobs, atol=1e-4, rtol=1e-5)
+
+
+def test_ppo_losses_propagate_nan_like_the_reference(kernels):
+    logp, old, adv, mask = ppo_inputs(300)
+    old[10], adv[20] = float("nan"), float("nan")  # an old log-prob / old value, an advantage / return
+    scalars = [torch.full((), 7.0) for _ in range(5)]
+    kernels.ppo_policy_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, *map(ptr, scalars[:3]))
+    kernels.ppo_value_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, *map(ptr, scalars[3:]))
+    grads = torch.full((300,), 7.0), torch.full((300,), 7.0)
+    one = torch.tensor(1.0)
+    kernels.ppo_policy_loss_backward(ptr(one), ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, ptr(grads[0]))
+    kernels.ppo_value_loss_backward(ptr(one), ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, ptr(grads[1]))
+    for i, fn in enumerate((reference.ppo_policy_loss, reference.ppo_value_loss)):
+        x = logp.clone().requires_grad_()
+        expected = fn(x, old, adv, mask, 0.25)
+        expected.loss.backward()
+        torch.testing.assert_close(scalars[3 * i], expected.loss.detach(), equal_nan=True)
+        torch.testing.assert_close(grads[i], x.grad, atol=1e-9, rtol=1e-5, equal_nan=True)

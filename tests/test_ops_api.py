@@ -54,6 +54,16 @@ with warnings.catch_warnings(record=True) as caught:
 assert [str(w.message) for w in caught if "minalign" in str(w.message)].__len__() == 1, caught
 assert torch.equal(a, reference.token_logprobs(logits, labels)) and torch.equal(a, b)
 assert torch.equal(adv, reference.gae(torch.ones(2, 3), torch.zeros(2, 3), mask).advantages)
+# the same contract as the kernels': float32 out, the same refusals
+x = torch.randn(3, dtype=torch.float64)
+assert ops.dpo_loss(x, x - 1, x, x).losses.dtype == torch.float32
+assert ops.ppo_value_loss(mask.double(), mask.double(), mask.double(), mask).loss.dtype == torch.float32
+leaf = logits.clone().requires_grad_()
+try:
+    ops.weighted_logprob_sum(leaf, labels, torch.ones(4))
+    raise AssertionError("a leaf was accepted")
+except ValueError as error:
+    assert "leaf" in str(error)
 print("fallback ok")
 """
 

@@ -103,19 +103,21 @@ def test_max_jumps_between_blocks():
     # the CPU kernel sums relative to the first block's max and raises that reference only
     # when a later block (2,048 logits) goes more than 16 above it: exercise every case
     V = 3 * 2048 + 5
-    logits = torch.randn(5, V)
+    logits = torch.randn(6, V)
     logits[0, 2 * 2048 + 7] = 60.0  # one far larger logit in the third block
     logits[1] = torch.linspace(-300, 300, V)  # every block raises the max
     logits[2, :2048] = float("-inf")  # nothing in the first block
     logits[3, :2048] = float("-inf")
     logits[3, 5] = float("nan")  # a NaN with no finite logit beside it
     logits[4, 4000:] = float("-inf")  # the last blocks empty
-    labels = torch.tensor([2 * 2048 + 7, V - 1, 3000, 3000, 10])
+    logits[5, :2048] = torch.finfo(torch.float32).min  # rescaling the entropy's sum must not overflow
+    labels = torch.tensor([2 * 2048 + 7, V - 1, 3000, 3000, 10, 3000])
     ours = values_and_grads(ops.token_logprobs, logits, labels, True)
     ref = values_and_grads(reference.token_logprobs, logits, labels, True)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, equal_nan=True)
-    assert ours[0][3].isnan() and torch.isfinite(ours[0][[0, 1, 2, 4]]).all()
+    assert ours[0][3].isnan() and torch.isfinite(ours[0][[0, 1, 2, 4, 5]]).all()
+    assert torch.isfinite(ours[1][5]) and torch.isfinite(ours[2][5]).all()  # entropy and gradient
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -271,6 +273,14 @@ def test_bad_inputs_raise_clear_errors(device):
         (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, t([0, 1, 10, 2]))),
         (RuntimeError, "out of range", lambda: ops.token_logprobs(logits, t([0, -1, 3, 2]))),
         (ValueError, "mask must have shape", lambda: ops.sequence_logprobs(logits[None], labels[None], labels)),
+        (ValueError, "labels must have shape", lambda: ops.sequence_logprobs(logits[None], labels[None, :1],
+                                                                                 torch.ones(1, 4, device=device))),
+        (TypeError, "labels must be a tensor", lambda: ops.sequence_logprobs(logits[None], [[0, 1, 2, 3]],
+                                                                                 torch.ones(1, 4, device=device))),
+        (ValueError, "mask is on meta", lambda: ops.sequence_logprobs(logits[None], labels[None],
+                                                                          torch.ones(1, 4, device="meta"))),
+        (TypeError, "ignore_index must be an int64 integer", lambda: ops.token_logprobs(logits, labels, -100.5)),
+        (TypeError, "ignore_index must be an int64 integer", lambda: ops.token_logprobs(logits, labels, 2**63)),
     ]
     for error, words, call in cases:
         with pytest.raises(error, match=words):
@@ -302,3 +312,22 @@ def test_kernel_checks_its_inputs(device):
         torch.ops.minalign.token_logprobs_backward(ones(4), ones(4), logits, labels, lse, None, -100)
     # after all these errors the device still works
     torch.testing.assert_close(op(logits, labels, -100, False)[1], lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_labels_may_be_any_view(device):
+    logits, labels = make_inputs((4,), 10, torch.float32, device, pad_cols=0)
+    strided = torch.stack([labels, labels], 1)[:, 0]  # 1-D, every other element
+    assert not strided.is_contiguous()
+    assert torch.equal(ops.token_logprobs(logits, strided), ops.token_logprobs(logits, labels))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace_backward", [False, True])
+def test_a_gradient_of_the_gradient_raises_instead_of_being_zero(device, inplace_backward):
+    logits, labels = make_inputs((3,), 5, torch.float32, device, pad_cols=0)
+    leaf = logits.clone().requires_grad_()
+    logprobs = ops.token_logprobs(leaf * 1, labels, inplace_backward=inplace_backward)
+    with pytest.raises(RuntimeError, match="double backward|create_graph=True"):
+        (grad,) = torch.autograd.grad(logprobs.sum(), leaf, create_graph=True)
+        torch.autograd.grad((grad ** 2).sum(), leaf)

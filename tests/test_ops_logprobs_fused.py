@@ -243,3 +243,19 @@ def test_offsets_beyond_2_to_the_31(device):
     assert grad[0, 12345].item() == 0 and grad[0, -1].item() == 0  # weight 0
     assert grad[1, -1].item() == pytest.approx(1 - math.exp(5.0) / z1, abs=1e-3)
     assert grad[1, 2**30].item() == pytest.approx(-1 / z1, rel=1e-2)  # past 2^31 from the start
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_get_their_gradient_and_double_backward_raises(device):
+    # d loss / d w_i = log p(label_i), as in the reference; a gradient of the gradient is refused
+    logits, labels = make_inputs((6,), 40, torch.float32, device)
+    weights = weights_for(labels)
+    w = weights.clone().requires_grad_()
+    ops.weighted_logprob_sum(logits.clone().requires_grad_() * 1, labels, w).backward()
+    w_ref = weights.clone().requires_grad_()
+    reference.weighted_logprob_sum(logits.clone().requires_grad_(), labels, w_ref).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
+    leaf = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(ops.weighted_logprob_sum(leaf * 1.5, labels, weights), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice|does not require grad"):
+        torch.autograd.grad((grad ** 2).sum(), leaf)

@@ -224,3 +224,45 @@ def test_dpo_loss_small_beta_limit():
     for beta in (1e-3, 1e-5):
         losses = ops.dpo_loss(pc, pr, rc, rr, beta=beta).losses
         torch.testing.assert_close(losses, math.log(2) - beta * h / 2, atol=beta**2 * h.abs().max() ** 2 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_like_the_reference(device):
+    # torch.relu and torch.maximum keep a NaN (std::max and fmaxf would drop it), and pass
+    # their gradient as autograd does
+    nan = float("nan")
+    logps = [t.clone() for t in dpo_inputs(B=6, device=device)]
+    logps[0][1], logps[2][3] = nan, nan  # a policy and a reference log-prob
+    for loss_type, e in VARIANTS:
+        kw = dict(beta=0.5, loss_type=loss_type, label_smoothing=e)
+        for a, b in zip(dpo_values_and_grads(ops.dpo_loss, logps, **kw),
+                        dpo_values_and_grads(reference.dpo_loss, logps, **kw)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, equal_nan=True)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (0.3 * torch.randn(2, 5, generator=g).to(device) for _ in range(3))
+    mask = torch.ones(2, 5, device=device)
+    b[0, 1], c[1, 2] = nan, nan  # an old log-prob / old value, an advantage / return
+    for fn, ref in ((ops.ppo_policy_loss, reference.ppo_policy_loss), (ops.ppo_value_loss, reference.ppo_value_loss)):
+        x, y = a.clone().requires_grad_(), a.clone().requires_grad_()
+        ours, theirs = fn(x, b, c, mask, 0.2), ref(y, b, c, mask, 0.2)
+        ours.loss.backward()
+        theirs.loss.backward()
+        torch.testing.assert_close(ours.loss, theirs.loss, equal_nan=True)
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_out_numbers_in_and_no_double_backward(device):
+    logps = [t.double() for t in dpo_inputs(B=4, device=device)]
+    assert ops.dpo_loss(*logps).losses.dtype == torch.float32  # as with the reference fallback
+    with pytest.raises(TypeError, match="beta must be a number"):
+        ops.dpo_loss(*logps, beta=torch.tensor(0.1, requires_grad=True))
+    pc = logps[0].float().requires_grad_()
+    (grad,) = torch.autograd.grad(ops.dpo_loss(pc, *logps[1:]).losses.sum(), pc, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad.sum(), pc)
+    x, mask = torch.randn(2, 3, device=device, requires_grad=True), torch.ones(2, 3, device=device)
+    for fn in (ops.ppo_policy_loss, ops.ppo_value_loss):
+        (grad,) = torch.autograd.grad(fn(x, x.detach() + 0.1, x.detach(), mask, 0.2).loss, x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(grad.sum(), x)

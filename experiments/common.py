@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minalign.cli import check_args
+
 
 @dataclass
 class ExperimentArgs:
@@ -44,6 +46,10 @@ class ExperimentArgs:
     """Random seed of every run."""
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
+
+    def __post_init__(self):
+        check_args(self, positive=("n_train_prompts", "n_test_prompts", "max_length", "batch_size",
+                                   "rollout_batch_size", "max_new_tokens"))
 
     def pair_settings(self) -> dict:
         """Keyword arguments of train_rm.Args / train_dpo.Args that these settings fix."""

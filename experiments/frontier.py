@@ -25,7 +25,7 @@ import train_rm
 from experiments.common import (ExperimentArgs, eval_points, frontier_at, pyplot, run_stage, save_figure,
                                 upper_frontier, write_csv)
 from minalign import distributed
-from minalign.cli import run
+from minalign.cli import check_args, run
 
 
 @dataclass
@@ -46,6 +46,11 @@ class Args(ExperimentArgs):
     """PPO updates between evaluations."""
     rm_dir: str = "out/rm"
     """PPO's reward model (trained there on the same pairs if absent; an existing one is used as it is)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_args(self, positive=("dpo_betas", "dpo_epochs", "dpo_eval_interval", "ppo_updates", "ppo_eval_interval"),
+                   non_negative=("ppo_kl_coefs",))
 
 
 def main(args: Args):

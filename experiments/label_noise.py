@@ -27,7 +27,7 @@ import train_dpo
 import train_ppo
 import train_rm
 from experiments.common import ExperimentArgs, pyplot, run_stage, save_figure, write_csv
-from minalign.cli import run
+from minalign.cli import check_args, run
 
 
 @dataclass
@@ -42,6 +42,10 @@ class Args(ExperimentArgs):
     """PPO updates per run."""
     ppo_kl_coef: float = 0.05
     """PPO's KL coefficient."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_args(self, positive=("dpo_beta", "ppo_updates"), non_negative=("ppo_kl_coef",), fractions=("flips",))
 
 
 def main(args: Args):

@@ -38,7 +38,7 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
                                 run_stage, save_figure, write_csv)
 from minalign import distributed, task
 from minalign.checkpoint import load_model
-from minalign.cli import run
+from minalign.cli import check_args, run
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
 
@@ -67,6 +67,11 @@ class Args(ExperimentArgs):
     """Samples per prompt for best-of-n; n runs over the powers of 2 up to it."""
     n_show: int = 3
     """Samples of the most over-optimised policy to show."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_args(self, positive=("pair_counts", "rm_epochs", "ppo_updates", "ppo_eval_interval", "bon_prompts",
+                                   "bon_max_n"), non_negative=("rm_min_steps", "ppo_kl_coef", "ppo_lr", "n_show"))
 
 
 def main(args: Args):

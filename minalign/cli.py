@@ -98,14 +98,16 @@ class ArgumentError(ValueError):
 def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -> None:
     """Raise ArgumentError, naming the flag, for the first field out of its range:
     `positive` fields must be > 0, `non_negative` ones >= 0, `fractions` in [0, 1], and
-    `choices` maps a field to the values it may take. An optional left at None passes."""
+    `choices` maps a field to the values it may take. An optional left at None passes;
+    a tuple's values are checked one by one."""
     rules = [(positive, lambda v: v > 0, "must be > 0"), (non_negative, lambda v: v >= 0, "must be >= 0"),
              (fractions, lambda v: 0 <= v <= 1, "must be between 0 and 1")]
     for names, ok, rule in rules:
         for name in names:
             value = getattr(args, name)
-            if value is not None and not ok(value):  # NaN fails every rule
-                raise ArgumentError(f"{flag(name)} {value}: {rule}")
+            for v in value if isinstance(value, tuple) else (value,):
+                if v is not None and not ok(v):  # NaN fails every rule
+                    raise ArgumentError(f"{flag(name)} {v}: {rule}")
     for name, allowed in (choices or {}).items():
         if getattr(args, name) not in allowed:
             raise ArgumentError(f"{flag(name)} {getattr(args, name)!r}: must be one of {', '.join(map(repr, allowed))}")

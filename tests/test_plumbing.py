@@ -127,6 +127,12 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         assert stop.value.code == 2 and message in capsys.readouterr().err, (script, argv)
     for script in scripts.values():  # the defaults pass
         assert parse_args(script.Args, []) == script.Args()
+    from experiments import frontier, label_noise
+    for cls, argv, message in ((frontier.Args, ["--dpo-betas", "0.1", "-1"], "--dpo-betas -1.0: must be > 0"),
+                               (label_noise.Args, ["--flips", "0", "1.5"], "--flips 1.5: must be between 0 and 1")):
+        with pytest.raises(SystemExit):
+            parse_args(cls, argv)
+        assert message in capsys.readouterr().err
     with pytest.raises(ArgumentError, match="--epochs 0"):  # values set in code are checked too
         scripts["train_ppo"].Args(epochs=0)
 

@@ -199,8 +199,10 @@ def main(args: Args):
         B = len(prompts)
         history = []
         shuffle = torch.Generator().manual_seed(args.seed + update)
-        for _ in range(args.epochs):
-            order = torch.randperm(B, generator=shuffle)  # a new order each epoch
+        order = torch.randperm(B, generator=shuffle)
+        for epoch in range(args.epochs):
+            if epoch and args.minibatch_size < B:  # new minibatches each epoch (one holding all needs none)
+                order = torch.randperm(B, generator=shuffle)
             for i in range(0, B, args.minibatch_size):
                 idx = order[i : i + args.minibatch_size].to(dist.device)
                 mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])

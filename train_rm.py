@@ -160,7 +160,7 @@ def prepare_pairs(args, dist, name: str):
         if args.n_train_pairs is not None or args.label_flip:
             if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
                 raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
-                                 f"raise --n-train-prompts for more")
+                                    f"raise --n-train-prompts for more")
             train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
             if dist.is_main:
                 print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")

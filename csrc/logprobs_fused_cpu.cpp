@@ -1,0 +1,78 @@
+// token_logprobs_fused_: log p(label) of each row and, in the same visit to the row, the
+// gradient of sum_r w_r logp_r written over the logits: w_r ([j = y_r] - p_rj). The row
+// (V = 50,257 float32 is 200 KB) is read from memory once, for its log-sum-exp, then
+// read again from the core's 2 MB L2 and overwritten, so the memory traffic is one read
+// and one write of the logits where a forward and a separate backward need two reads.
+// The second pass computes p = e^{x - lse} again, as the backward does, so the gradient
+// is bit for bit that of token_logprobs and token_logprobs_backward with g = w.
+//
+// Forward and gradient are those of logprobs_cpu.cpp, from softmax_cpu.h.
+
+#include <torch/library.h>
+
+#include "softmax_cpu.h"
+
+namespace minalign {
+namespace {
+
+template <typename T>
+void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index, const float* weights,
+                float* logprobs) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  T* x = logits.mutable_data_ptr<T>();
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
+    float buf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = x + r * V;
+      const int64_t y = labels[r];
+      if (y == ignore_index) {
+        logprobs[r] = 0.f;
+        std::fill(row, row + V, T(0));
+        continue;
+      }
+      RowState st;
+      for (int64_t j = 0; j < V; j += kBlock) {
+        const int64_t n = std::min(kBlock, V - j);
+        fold_block(as_float(row + j, n, buf), n, false, kFloat, st);
+      }
+      const float lse = st.ref + std::log(st.sum);
+      logprobs[r] = static_cast<float>(row[y]) - lse;
+      const float w = weights[r];
+      for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now: no prefetch
+        const int64_t n = std::min(kBlock, V - j);
+        float* o = kFloat ? reinterpret_cast<float*>(row + j) : buf;
+        grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
+        if (j <= y && y < j + n) o[y - j] += w;
+        if constexpr (!kFloat)
+          round_block(buf, n, row + j);
+      }
+    }
+  });
+}
+
+at::Tensor token_logprobs_fused_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& weights,
+                                    int64_t ignore_index) {
+  check_inputs(logits, labels, ignore_index);
+  const int64_t N = logits.size(0);
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "minalign.token_logprobs_fused_: weights must be float32, got ",
+              dtype_name(weights.scalar_type()));
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == N, "minalign.token_logprobs_fused_: weights must have shape [",
+              N, "], got ", weights.sizes());
+  TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous(),
+              "minalign.token_logprobs_fused_: weights must be a contiguous CPU tensor like the logits");
+  at::Tensor logprobs = at::empty({N}, logits.options().dtype(at::kFloat));
+  dispatch_logits(logits.scalar_type(), [&](auto t) {
+    fused_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index, weights.const_data_ptr<float>(),
+                            logprobs.mutable_data_ptr<float>());
+  });
+  return logprobs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(minalign, CPU, m) {
+  m.impl("token_logprobs_fused_", &token_logprobs_fused_cpu);
+}
+
+}  // namespace minalign

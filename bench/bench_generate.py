@@ -14,22 +14,20 @@ import time
 
 import torch
 
+from machine import describe
 from minalign.model import GPT, GPTConfig
 
 
-def time_generate(model, prompts, new_tokens, use_cache, reps):
-    times = []
-    for r in range(reps):
-        gen = torch.Generator(device=prompts.device).manual_seed(r)
-        if prompts.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        tokens, _ = model.generate(prompts, max_new_tokens=new_tokens, use_cache=use_cache, generator=gen)
-        if prompts.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        assert tokens.shape[1] == new_tokens
-    return statistics.median(times)
+def time_generate(model, prompts, new_tokens, use_cache, seed):
+    gen = torch.Generator(device=prompts.device).manual_seed(seed)
+    if prompts.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens, _ = model.generate(prompts, max_new_tokens=new_tokens, use_cache=use_cache, generator=gen)
+    if prompts.device.type == "cuda":
+        torch.cuda.synchronize()
+    assert tokens.shape[1] == new_tokens
+    return time.perf_counter() - t0
 
 
 def main():
@@ -51,10 +49,15 @@ def main():
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(args.device).eval()
     prompts = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len), device=args.device)
-    time_generate(model, prompts, 8, True, 1)  # warm-up
+    for use_cache in (True, False):  # warm-up
+        time_generate(model, prompts, 8, use_cache, 0)
     n = args.batch * args.new_tokens
-    t_cache = time_generate(model, prompts, args.new_tokens, True, args.reps)
-    t_full = time_generate(model, prompts, args.new_tokens, False, args.reps)
+    times = {True: [], False: []}
+    for rep in range(args.reps):  # in turns, so that both see the same machine
+        for use_cache in times:
+            times[use_cache].append(time_generate(model, prompts, args.new_tokens, use_cache, rep))
+    t_cache, t_full = statistics.median(times[True]), statistics.median(times[False])
+    print(describe(args.device))
     print(f"device {args.device}, threads {args.threads}, batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, model {args.n_layer}x{args.n_embd}, V={args.vocab_size}; "
           f"median of {args.reps}")

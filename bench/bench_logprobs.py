@@ -37,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from machine import describe
 from minalign import ops
 
 
@@ -88,7 +89,7 @@ def cross_entropy(logits, labels):
     return -F.cross_entropy(logits, labels, reduction="none")
 
 
-@torch.compile
+@torch.compile(dynamic=False)  # a kernel specialised to each V, as a user with one model gets
 def compiled_gather_minus_logsumexp(logits, labels):
     logits = logits.float()
     return logits.gather(-1, labels[:, None])[:, 0] - torch.logsumexp(logits, -1)
@@ -258,7 +259,7 @@ def main():
         PREPARE[name] = _ModelOutput.apply
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     torch.set_num_threads(args.threads)
-    print(f"minalign extension: {ops.HAS_EXTENSION} (CUDA kernels: {ops.HAS_CUDA_KERNELS}), torch {torch.__version__}")
+    print(describe(device))
     for V in args.V or ([50257, 128256] if cuda else [50257]):
         run(device, dtype, args.N or (16384 if cuda else 2048), V, args.reps or (20 if cuda else 5))
 

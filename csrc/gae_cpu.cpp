@@ -39,7 +39,10 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
               *m = mask.const_data_ptr<float>();
   float *adv = advantages.mutable_data_ptr<float>(), *ret = returns.mutable_data_ptr<float>();
   const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t begin, int64_t end) {
+  // Each task takes at least 65,536 positions (tens of microseconds): a rollout smaller
+  // than that runs on the calling thread, where waking a second one costs more than it
+  // saves, and far more when the other core is busy.
+  at::parallel_for(0, B, std::max<int64_t>(1, 65536 / T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * T;
       float next_value = 0.f, next_adv = 0.f;  // v'_{t+1}, A_{t+1}

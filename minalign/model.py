@@ -237,8 +237,8 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache:
                 hidden = self.hidden_states(seq, mask, cache)[:, -1]  # (B, C)
-            else:
-                hidden = self.hidden_states(seq, mask)[:, -1]  # full recompute of every position
+            else:  # full recompute of every position; plain causal attention when nothing is padded
+                hidden = self.hidden_states(seq, None if bool(mask.all()) else mask)[:, -1]
             logits = self.logits(hidden)[:, : self.config.vocab_size].float()  # (B, V)
             next_token = sample_token(logits, temperature, top_k, top_p, generator)  # (B,)
             next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)

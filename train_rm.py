@@ -43,7 +43,8 @@ class PairArgs:
     tokenizer: str = "builtin"
     """Tokenizer: "builtin" or "gpt2"."""
     out_dir: str | None = None
-    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/<stage>, or out/<stage>-<data name>)."""
+    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/<stage>, with what differs from the
+    default pairs appended: out/rm-t0.5, out/dpo-n1000-flip0.1, out/rm-<data file name>)."""
     sft_dir: str | None = None
     """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
     SFT on the chosen responses of the training pairs)."""
@@ -140,16 +141,30 @@ def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> t
     return torch.cat(scores).cpu()
 
 
+def default_folders(args, name: str) -> tuple[str, str]:
+    """(out_dir, sft_dir): as given, or named after what goes in, so that runs on other
+    pairs never overwrite (or reuse) the default ones: out/rm, out/rm-t0.5 (noisy labels),
+    out/dpo-n1000-flip0.1, out/rm-<data file name> with its own out/sft-<data file name>."""
+    if args.data is None:
+        stem = "" if args.label_temperature is None else f"-t{args.label_temperature:g}"
+        stem += "" if args.n_train_pairs is None else f"-n{args.n_train_pairs}"
+        stem += f"-flip{args.label_flip:g}" if args.label_flip else ""
+        return args.out_dir or f"out/{name}{stem}", args.sft_dir or "out/sft"  # one SFT policy for all
+    stem = "-" + Path(args.data).name.split(".")[0]
+    return args.out_dir or f"out/{name}{stem}", args.sft_dir or f"out/sft{stem}"
+
+
 def prepare_pairs(args, dist, name: str):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
 
     Shared by train_rm.py and train_dpo.py (`name`: "rm" or "dpo", for default folders)."""
     tokenizer = get_tokenizer(args.tokenizer)
     builtin = args.data is None
-    stem = "" if builtin else "-" + Path(args.data).name.split(".")[0]
-    args.out_dir = args.out_dir or f"out/{name}{stem}"
-    args.sft_dir = args.sft_dir or f"out/sft{stem}"
+    args.out_dir, args.sft_dir = default_folders(args, name)
     if builtin:
+        if not (Path(args.sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
+            raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
+                                f"of the SFT policy that would be trained in {args.sft_dir}")
         sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
         policy, ckpt = load_model(sft_path, dist.device)
         check_model(ckpt, tokenizer, sft_path, args.max_length)

@@ -6,10 +6,13 @@ Rank 0 alone prints, writes metrics and saves checkpoints.
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from minalign.cli import ArgumentError
 
 
 @dataclass
@@ -35,6 +38,10 @@ def setup(device: str = "auto") -> DistInfo:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ArgumentError(f"--device {device!r}: must be auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ArgumentError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
     if "RANK" not in os.environ:
         return DistInfo(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

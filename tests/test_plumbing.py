@@ -176,3 +176,15 @@ def test_reduce_metrics_over_two_processes(tmp_path):
         assert results[0] == results[1] == expected
     alone = {"loss": 1.0}
     assert distributed.reduce_metrics(alone, distributed.DistInfo()) is alone
+
+
+def test_device_is_checked_before_any_work():
+    from minalign import distributed
+    from minalign.cli import ArgumentError
+
+    with pytest.raises(ArgumentError, match="--device 'gpu': must be auto, cpu, cuda or cuda:N"):
+        distributed.setup("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArgumentError, match="--device cuda:1: no CUDA device is available"):
+            distributed.setup("cuda:1")
+    assert distributed.setup("cpu").device == "cpu"

@@ -116,3 +116,16 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "holds an SFT policy made from" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_default_folders_say_what_went_in():
+    sys.path.insert(0, str(ROOT))
+    import train_dpo
+    import train_rm
+
+    assert train_rm.default_folders(train_rm.Args(), "rm") == ("out/rm", "out/sft")
+    assert train_rm.default_folders(train_rm.Args(label_temperature=0.5), "rm") == ("out/rm-t0.5", "out/sft")
+    args = train_dpo.Args(n_train_pairs=1000, label_flip=0.1)
+    assert train_rm.default_folders(args, "dpo") == ("out/dpo-n1000-flip0.1", "out/sft")
+    args = train_dpo.Args(data="x/harmless-base-test.jsonl.gz", out_dir="mine")
+    assert train_rm.default_folders(args, "dpo") == ("mine", "out/sft-harmless-base-test")

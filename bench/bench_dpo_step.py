@@ -1,8 +1,9 @@
 """Seconds per DPO optimizer step: minalign's trainer step against a plain PyTorch one.
 
-The shape of the peer figure in ANCHORS.md (HF TRL 1.16 DPOTrainer on 2 CPU threads:
-14.6 s per step): a 4-layer, 256-wide GPT with the GPT-2 vocabulary, 8 pairs per
-step, 256 tokens per sequence (a 128-token prompt, 128-token responses).
+The shape of a figure measured with HF TRL 1.16's DPOTrainer on another 2-core CPU
+(14.6 s per step, median): a 4-layer, 256-wide GPT with the GPT-2 vocabulary, 8 pairs
+per step, up to 256 tokens per sequence (here exactly 256: a 128-token prompt and
+128-token responses).
 
 - minalign: one forward over chosen + rejected, fused log-probs (in-place backward),
   ops.dpo_loss, reference log-probs computed once before training (as train_dpo.py).
@@ -11,9 +12,9 @@ step, 256 tokens per sequence (a 128-token prompt, 128-token responses).
 - plain PyTorch, reference each step: also a forward of the reference model every
   step, as most DPO trainers do (TRL precomputes only when asked to).
 
-The TRL row is the external figure of ANCHORS.md, not run here: real HH-RLHF pairs
-(lengths up to 256, padded per batch) on another 2-core machine, so its ratio is a
-rough one; it is printed only at the default shape.
+The TRL row is that figure, not run here: real HH-RLHF pairs (lengths up to 256,
+padded per batch) on another machine, so its ratio is a rough one; it is printed only
+at the default shape.
 
     python bench/bench_dpo_step.py                 # CPU, 2 threads
 """
@@ -32,7 +33,7 @@ from minalign.data import Example, collate_pairs
 from minalign.dpo import pair_logps, reference_logps
 from minalign.model import GPT, GPTConfig
 
-TRL_SECONDS_PER_STEP = 14.6  # ANCHORS.md: TRL 1.16 DPOTrainer, 2-core CPU (median), HH-RLHF pairs
+TRL_SECONDS_PER_STEP = 14.6  # TRL 1.16 DPOTrainer, another 2-core CPU (median), HH-RLHF pairs
 
 
 def plain_logps(model, input_ids, labels):
@@ -115,8 +116,8 @@ def main():
         s = statistics.median(ts)
         print(f"| {name} | {s:.2f} | {1 / s:.3f} | {s / ours:.2f}x |")
     if (args.pairs, args.prompt_len, args.response_len) == (8, 128, 128):
-        print(f"| HF TRL 1.16 DPOTrainer (ANCHORS.md: HH-RLHF pairs up to 256 tokens, another 2-core machine; "
-              f"not run here) | {TRL_SECONDS_PER_STEP:.2f} | {1 / TRL_SECONDS_PER_STEP:.3f} | "
+        print(f"| HF TRL 1.16 DPOTrainer (measured elsewhere: HH-RLHF pairs up to 256 tokens, another 2-core "
+              f"CPU; not run here) | {TRL_SECONDS_PER_STEP:.2f} | {1 / TRL_SECONDS_PER_STEP:.3f} | "
               f"~{TRL_SECONDS_PER_STEP / ours:.1f}x |")
 
 

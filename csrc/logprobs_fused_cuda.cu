@@ -19,6 +19,9 @@
 // V = 50,257 and 2.80 ms at V = 128,256. The second visit to a row must not go to
 // memory: each block keeps the first part of its row in shared memory as it reads
 // it (all of a bf16 row of V = 50,257), and rereads the rest from L2 right away.
+// That holds while the uncached parts of the rows in flight fit in L2: on an H100
+// (50 MB of L2, 2 blocks on each of 132 multiprocessors) up to about V = 130,000 in
+// bf16; past that, some of the second pass comes from memory again.
 
 #include "softmax_cuda.cuh"
 
@@ -33,10 +36,14 @@ constexpr int kFusedUnroll = 8;  // loads in flight per thread: 2 blocks per SM,
 // read (the whole row when it fits: a bf16 row of V = 50,257 is 100 KB), so the
 // second pass rereads them from the chip, not from memory; the rest of the row,
 // read last in the first pass, is reread first in the second, while it is most
-// likely still in L2. Every element is read and overwritten by the same thread, and
-// the overwrites start only after the block has read the whole row.
+// likely still in L2. The __syncthreads between the passes is what makes the
+// overwrites safe: a vector may be read by one thread and overwritten by another
+// (the uncached part, when the cache is not a whole number of rounds; the label's
+// logit), but only after the whole block has read the whole row. Two blocks share a
+// multiprocessor (their shared memory is sized for it; the launch bounds keep the
+// registers under 128 per thread for it).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels,
                             const float* __restrict__ weights, int64_t V, int64_t ignore_index,
                             int64_t cached_vecs, float* __restrict__ logprobs) {
@@ -85,7 +92,10 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   write_edge_grads(grad, x, x, V, split);
   auto write_grad = [&](const VecT& v, int64_t k) { body[k] = grad(v, split.head + k * kVec); };
   for_each_vector<kUnroll>(body, cached, split.num_vecs, write_grad);  // from L2
-  for (int64_t k = threadIdx.x; k < cached; k += kThreads) write_grad(cache[k], k);
+  for (int64_t k = threadIdx.x; k < cached; k += kThreads) {
+    const VecT v = cache[k];  // one 16-byte shared load (a reference would load each element)
+    write_grad(v, k);
+  }
 }
 
 // Lowers *first_bad_row to the first row whose label is neither ignore_index nor
@@ -122,9 +132,15 @@ namespace {
 // besides). MINALIGN_FUSED_CACHE_KB overrides that, up to what one block may have: a
 // knob for bench/bench_logprobs.py (0 rereads each row from L2; more than the default
 // leaves one block per multiprocessor, with more of a long row cached).
+// The most dynamic shared memory one block of the kernel may have: all a block may opt
+// in to, less 1 KB for its static shared memory.
+int64_t fused_smem_limit() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - 1024;
+}
+
 int64_t fused_cache_bytes(const char* op) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t most = static_cast<int64_t>(prop->sharedMemPerBlockOptin) - 1024;
+  const int64_t most = fused_smem_limit();
   const int64_t two_per_sm = static_cast<int64_t>(prop->sharedMemPerMultiprocessor) / 2 -
                              static_cast<int64_t>(prop->reservedSharedMemPerBlock) - 1024;
   const char* knob = std::getenv("MINALIGN_FUSED_CACHE_KB");
@@ -167,8 +183,10 @@ at::Tensor token_logprobs_fused_cuda(at::Tensor& logits, const at::Tensor& label
     const auto kernel = token_logprobs_fused_kernel<scalar_t>;
     const int64_t cached_vecs = std::min<int64_t>(V / kVec, cache_bytes / 16);  // whole vectors
     const int smem_bytes = static_cast<int>(cached_vecs * 16);
+    // The limit, not this launch's size: the same value from every call and thread, so
+    // that another thread's call between this one's set and launch cannot lower it.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem_bytes));
+                                        static_cast<int>(fused_smem_limit())));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
     kernel<<<static_cast<unsigned>(N), kThreads, smem_bytes, stream>>>(

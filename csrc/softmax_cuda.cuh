@@ -205,23 +205,33 @@ struct RowGrad {
   float ent_shift;    // entropy - lse, so x - lse + entropy == x + ent_shift
   int64_t hot_col;    // the label's column
 
-  __device__ __forceinline__ float operator()(float x, int64_t col) const {
+  // The gradient of a logit x outside the label's column: -p weight.
+  __device__ __forceinline__ float off_label(float x) const {
     const float p = exp2f((x - lse) * kLog2e);
     float weight = g_logprob;
     if constexpr (kEntropy) weight += g_entropy * (x + ent_shift);
-    float g = (p == 0.f) ? 0.f : -p * weight;
+    return (p == 0.f) ? 0.f : -p * weight;
+  }
+
+  __device__ __forceinline__ float operator()(float x, int64_t col) const {
+    float g = off_label(x);
     if (col == hot_col) g += g_logprob;
     return g;
   }
 
-  // The same for the vector of logits `v`, whose first column is col0.
+  // The same for the vector of logits `v`, whose first column is col0, with the same
+  // arithmetic; the label's column is looked for once per vector, not per element.
   template <typename scalar_t, int kVec>
   __device__ __forceinline__ Vec<scalar_t, kVec> operator()(const Vec<scalar_t, kVec>& v,
                                                             int64_t col0) const {
+    const int64_t offset = hot_col - col0;
+    const int hot_j = (offset >= 0 && offset < kVec) ? static_cast<int>(offset) : -1;
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      out.v[j] = static_cast<scalar_t>((*this)(static_cast<float>(v.v[j]), col0 + j));
+      float g = off_label(static_cast<float>(v.v[j]));
+      if (j == hot_j) g += g_logprob;
+      out.v[j] = static_cast<scalar_t>(g);
     }
     return out;
   }

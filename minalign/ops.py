@@ -209,7 +209,7 @@ class _WeightedLogprobSum(torch.autograd.Function):
         # One more pass over the logits, only when needed (a compiled graph cannot branch
         # on a value, so it always multiplies).
         if torch.compiler.is_compiling() or not bool(grad_loss == 1):
-            grad.mul_(grad_loss.to(grad.dtype))
+            grad.mul_(grad_loss)  # in float32, rounded once to the logits' dtype
         grad_weights = None if logprobs is None else grad_loss * logprobs
         return grad.detach(), None, grad_weights, None  # the logits' memory, without their history
 

@@ -136,6 +136,10 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     a leaf that requires grad, or a view of one. Another autograd node that saved the
     logits and runs its backward later fails with PyTorch's "modified by an inplace
     operation" error rather than using wrong values. The PyTorch reference ignores it.
+
+    An out-of-range label raises. On CUDA that costs one wait for the GPU per call (the
+    kernel reports the first bad row, the host reads it); inside a CUDA graph capture
+    the check is skipped.
     """
     _check_logits_and_labels("token_logprobs", logits, labels, ignore_index)
     if inplace_backward:
@@ -167,7 +171,9 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
     a leaf that requires grad, or a view of one. backward scales the stored gradient by
     the upstream one (free when that is 1, as for loss.backward() on this loss alone).
     Without a gradient nothing is overwritten. Shapes: logits [..., V], labels and
-    weights [...]; ignored rows add nothing whatever their weight.
+    weights [...]; ignored rows add nothing whatever their weight. On CUDA the labels
+    are checked by a small kernel before any logit is overwritten, and the host waits
+    for it (one sync per call; skipped inside a CUDA graph capture).
     """
     op = "weighted_logprob_sum"
     _check_logits_and_labels(op, logits, labels, ignore_index)

@@ -2,7 +2,7 @@
 
 Files (plain, or gzipped when the name ends in .gz):
 
-- SFT, .txt: documents separated by blank lines; every token is trained.
+- SFT, .txt: documents separated by blank lines; every token but a document's first is trained.
 - SFT, .jsonl: one {"text": ...} (a document) or {"prompt": ..., "completion": ...}
   per line; the prompt is context only, the loss is on the completion.
 - Pairs, .jsonl: {"prompt", "chosen", "rejected"}, chosen and rejected being
@@ -68,7 +68,7 @@ class DataStats:
     n_skipped_identical_pairs: int = 0  # pairs with chosen == rejected (after truncation)
     n_implicit_prompt_mismatch: int = 0  # implicit-prompt pairs that differ before their
     # last "\n\nAssistant:": split at the last one they share, so a response spans turns
-    n_empty_responses: int = 0  # implicit-prompt responses with no text: kept (EOS)
+    n_empty_responses: int = 0  # responses with no text: kept (their tokens: EOS alone)
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _lines(path: Path):
         try:
             for lineno, raw in enumerate(f, start=1):
                 try:
-                    yield lineno, raw.decode("utf-8")
+                    yield lineno, raw.decode("utf-8-sig")  # -sig: a byte-order mark is not text
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x})") from None
         except (gzip.BadGzipFile, EOFError) as e:  # EOFError: a truncated .gz
@@ -115,20 +115,21 @@ def _records(path: Path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); "
+                            f"expected one JSON object per line") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield where, record
 
 
-def _text(record: dict, key: str, where: str) -> str:
-    """record[key], which must be a non-empty string."""
+def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    """record[key], which must be a string, and not a blank one unless allow_empty."""
     if key not in record:
         raise DataError(f"{where}: missing key {key!r}")
     value = record[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if not allow_empty and not value.strip():
         raise DataError(f"{where}: {key!r} is empty")
     return value
 
@@ -150,7 +151,11 @@ def load_sft(path: str | Path) -> list[dict]:
             examples.append({"text": "\n".join(lines)})
     else:
         for where, record in _records(path):
-            if "text" in record:
+            has_text, has_pair = "text" in record, "prompt" in record or "completion" in record
+            if has_text == has_pair:
+                raise DataError(f"{where}: expected either 'text', or 'prompt' and 'completion'"
+                                f"{' (not both)' if has_text else ''}")
+            if has_text:
                 examples.append({"text": _text(record, "text", where)})
             else:
                 prompt, completion = _text(record, "prompt", where), _text(record, "completion", where)
@@ -183,9 +188,11 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
         raise DataError(f"{path}: preference pairs must be .jsonl (optionally .gz)")
     pairs, stats = [], DataStats()
     for where, record in _records(path):
-        chosen, rejected = _text(record, "chosen", where), _text(record, "rejected", where)
+        # a response may be empty (the model stopped at once: its tokens are just EOS)
+        chosen, rejected = (_text(record, key, where, allow_empty=True) for key in ("chosen", "rejected"))
         if "prompt" in record:
             prompt = _text(record, "prompt", where)
+            stats.n_empty_responses += (not chosen.strip()) + (not rejected.strip())
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             continue
         split = split_implicit_prompt(chosen, rejected)
@@ -345,7 +352,7 @@ class Batches:
         left_out = self.n % self.batch_size
         if not left_out:
             return ""
-        return f" ({left_out} of the {self.n} {what} left out of each epoch: a different {left_out} each epoch)"
+        return f" ({left_out} of the {self.n} {what} left out of each epoch, drawn anew each epoch)"
 
     def order(self, epoch: int) -> list[int]:
         """All example indices in the order of one epoch."""

@@ -7,7 +7,7 @@ The measures of the DPO paper's IMDb experiment (Rafailov et al. 2023, fig. 2):
   prompt under the gold judge (a tie counts one half);
 - KL: the sequence-level KL(pi || pi_ref), estimated from the policy's own samples as
   the mean over samples of sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)];
-- response length in tokens, since optimising a reward often changes it;
+- response length in tokens (EOS included), since optimising a reward often changes it;
 - optionally a reward model's mean score of the same samples: beside the gold reward
   it shows whether the policy pleases the proxy more than the judge (reward hacking).
 
@@ -36,8 +36,9 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
     policy_gen = torch.Generator(device=device).manual_seed(seed)
     ref_gen = torch.Generator(device=device).manual_seed(seed + 1)
     kls, lengths, ref_lengths, policy_texts, ref_texts, rm_scores = [], [], [], [], [], []
-    was_training = policy.training
+    was_training = policy.training, reference.training
     policy.eval()
+    reference.eval()  # both scored without dropout: identical models give KL 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen)
@@ -51,7 +52,8 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
         ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen)
         ref_lengths.append(ref_rollout.response_mask.sum(1).float())
         ref_texts += ref_rollout.response_texts(tokenizer)
-    policy.train(was_training)
+    policy.train(was_training[0])
+    reference.train(was_training[1])
     gold = torch.tensor(judge([p + r for p, r in zip(prompts, policy_texts)]))
     ref_gold = torch.tensor(judge([p + r for p, r in zip(prompts, ref_texts)]))
     wins = (gold > ref_gold).float() + 0.5 * (gold == ref_gold).float()

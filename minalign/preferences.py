@@ -3,7 +3,9 @@
 As in the DPO paper's IMDb experiment (Rafailov et al. 2023, section 6.1): for each
 prompt, sample 4 completions from the SFT policy (full distribution, temperature 1),
 score each with the gold judge, and form all 6 pairs, the higher score chosen. Pairs
-with equal scores carry no preference: they are dropped and counted.
+with equal scores carry no preference: they are dropped and counted. Two equal
+completions make the same pair twice, as sampling them twice says they are likely;
+a completion cut at max_new_tokens is judged, and trained, as the text it is.
 
 With `label_temperature` t the labels are noisy instead, like human annotators: a
 pair (a, b) is labelled "a preferred" with the Bradley-Terry probability
@@ -42,7 +44,8 @@ def label_pairs(prompt: str, completions: list[str], scores: list[float], rng: r
             p_i = 1.0 if scores[i] > scores[j] else 0.0
             i_chosen = p_i == 1.0
         else:  # Bradley-Terry noise
-            p_i = 1.0 / (1.0 + math.exp(-(scores[i] - scores[j]) / label_temperature))
+            # sigmoid(d / t) as 0.5 (1 + tanh(d / 2t)): no overflow for a tiny t
+            p_i = 0.5 * (1.0 + math.tanh((scores[i] - scores[j]) / (2 * label_temperature)))
             i_chosen = rng.random() < p_i
         c, r = (i, j) if i_chosen else (j, i)
         pairs.append({
@@ -123,9 +126,11 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
                   barrier=lambda: None) -> tuple[list[dict], list[dict]]:
     """(train, test) pairs of the built-in task, read from `pairs_dir` or made there.
 
-    Train pairs come from the task's train-split prompts, test pairs from its test
-    split, so evaluation prompts are never trained on. In a distributed run rank 0
-    makes the files while the others wait at `barrier`, then all read them.
+    Train pairs come from the prompts of the task's train-split reviews, test pairs
+    from the test split's: the reviews are disjoint, but their openings (2 to 8 tokens)
+    recur, so most test prompts also open some training review; held-out figures
+    measure unseen reviews and completions, not unseen openings. In a distributed run
+    rank 0 makes the files while the others wait at `barrier`, then all read them.
     """
     pairs_dir = Path(pairs_dir)
     settings = {"n_train_prompts": n_train_prompts, "n_test_prompts": n_test_prompts,
@@ -136,6 +141,7 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
     if is_main and cached:
         print(f"== pairs: reusing {pairs_dir} (made by this SFT policy with these settings)")
     if is_main and not cached:
+        meta_path.unlink(missing_ok=True)  # until the new files are complete, nothing here matches
         print(f"== pairs: sampling {SAMPLES_PER_PROMPT} SFT completions per prompt, judging them -> {pairs_dir}")
         meta = {"settings": settings}
         for split, n, offset in (("train", n_train_prompts, 0), ("test", n_test_prompts, 1)):

@@ -14,7 +14,10 @@ Every sentiment word of the grammar is in VADER's lexicon with the intended sign
 every other word is absent from it, so neutral sentences score exactly 0 (the tests
 check both). VADER also reads the grammar's intensifiers ("very", "really"),
 dampeners ("somewhat"), negations ("not") and contrasts ("but": the clause after it
-weighs more).
+weighs more). It is a word-level model with blind spots a policy can find: its
+negation looks three words back across a full stop ("The ending was not bad. I hated
+it." scores +0.74; 148 of the corpus's reviews are touched by this), and it reads
+English only.
 
 Corpus (one fixed seed, 22,000 distinct reviews): 20,000 train / 1,000 val / 1,000
 test, consecutive slices of one stream, so they are disjoint. Reviews are 1-3
@@ -259,7 +262,11 @@ def _analyzer():
     return SentimentIntensityAnalyzer()  # reads its lexicon once
 
 
+EOS_TEXT = "<|endoftext|>"  # minalign.tokenizer.EOS (a test holds them equal)
+
 def gold_reward(texts: list[str]) -> list[float]:
-    """The gold judge: VADER's compound sentiment of each full text, in [-1, 1]."""
+    """The gold judge: VADER's compound sentiment of each full text, in [-1, 1]. An
+    end-of-text marker written out as text (a decoded EOS) is not part of the review
+    and is left out (VADER would score the review 0 with it)."""
     analyzer = _analyzer()
-    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+    return [analyzer.polarity_scores(t.replace(EOS_TEXT, " "))["compound"] for t in texts]

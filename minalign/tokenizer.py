@@ -9,7 +9,7 @@ Both are byte-level BPE run by tiktoken, with two special tokens:
 `encode` treats text as data: "<|endoftext|>" written inside a review or a chat log
 is encoded as the ordinary characters it is made of, never as the special token
 (tiktoken's `encode_ordinary`), so user data cannot end a sequence early, and
-`decode(encode(text)) == text` for every string.
+`decode(encode(text)) == text` for every valid Unicode string.
 
 "builtin" is trained by `python -m minalign.tokenizer` on the train reviews of
 `minalign.task` and shipped as `assets/builtin.tiktoken` (one "base64(token) rank"

@@ -234,3 +234,21 @@ def test_hh_rlhf_harmless_base(shared_data):
     assert all(len(c.input_ids) <= 128 and len(r.input_ids) <= 128 for c, r in tokenized)
     assert stats.n_prompt_truncated > 0
     assert stats.n_implicit_prompt_mismatch == 5 and stats.n_examples == len(tokenized)
+
+
+def test_empty_responses_byte_order_marks_and_ambiguous_records(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('\ufeff{"prompt": "The plot", "chosen": " was good.", "rejected": ""}\n', encoding="utf-8")
+    loaded, stats = load_pairs(pairs)  # the mark is not text; an empty response is EOS alone
+    assert loaded == [{"prompt": "The plot", "chosen": " was good.", "rejected": ""}]
+    assert stats.n_empty_responses == 1
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"text": "a", "prompt": "b", "completion": "c"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:1: expected either 'text', or 'prompt' and 'completion' \(not both\)"):
+        load_sft(sft)
+    sft.write_text('{"body": "a"}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:1: expected either 'text', or 'prompt' and 'completion'$"):
+        load_sft(sft)
+    sft.write_text('[{"text": "a"},\n {"text": "b"}]\n')
+    with pytest.raises(DataError, match="expected one JSON object per line"):
+        load_sft(sft)

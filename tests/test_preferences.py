@@ -57,3 +57,32 @@ def test_cached_pairs_are_reused_only_for_the_policy_that_made_them(tmp_path, ca
     assert "reusing" in capsys.readouterr().out
     other = builtin_pairs(tmp_path, policies[1], **settings)  # another SFT policy: new pairs
     assert "sampling" in capsys.readouterr().out and other != first
+
+
+def test_tiny_label_temperatures_do_not_overflow():
+    (pair,), _ = label_pairs("p", ["a", "b"], [-0.9, 0.9], random.Random(0), label_temperature=1e-4)
+    assert pair["chosen"] == "b" and pair["p_chosen"] == 1.0
+
+
+def test_an_interrupted_regeneration_leaves_no_matching_cache(tmp_path, monkeypatch):
+    import json
+
+    from minalign import preferences
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    settings = dict(tokenizer=tok, n_test_prompts=2, label_temperature=None, max_new_tokens=8, seed=3)
+    preferences.builtin_pairs(tmp_path, policy, n_train_prompts=4, **settings)
+    old_meta = json.loads((tmp_path / "meta.json").read_text())
+    real = preferences.make_pairs
+
+    def fail_on_test(policy, tokenizer, prompts, *args, **kwargs):
+        if len(prompts) == 2:  # the test split: die after train.jsonl was rewritten
+            raise KeyboardInterrupt
+        return real(policy, tokenizer, prompts, *args, **kwargs)
+    monkeypatch.setattr(preferences, "make_pairs", fail_on_test)
+    with pytest.raises(KeyboardInterrupt):
+        preferences.builtin_pairs(tmp_path, policy, n_train_prompts=5, **settings)
+    assert not (tmp_path / "meta.json").exists()  # the first settings no longer match a half-new cache
+    assert old_meta["settings"]["n_train_prompts"] == 4

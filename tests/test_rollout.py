@@ -45,3 +45,20 @@ def test_check_room_names_the_flag_before_any_sampling():
     check_room(model, tok, prompts, 48 - longest, "--max-new-tokens")  # fits exactly
     with pytest.raises(ArgumentError, match=f"--max-new-tokens {49 - longest}: prompts of up to {longest} tokens"):
         check_room(model, tok, prompts, 49 - longest, "--max-new-tokens")
+
+
+def test_evaluation_scores_both_models_without_dropout():
+    import copy
+
+    from minalign.evaluate import evaluate_policy
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.5))
+    reference = copy.deepcopy(policy).train()  # left in training mode by its caller
+    policy.train()
+    result = evaluate_policy(policy, reference, tok, ["The plot was", "I saw it"], max_new_tokens=6)
+    assert result["kl"] == 0.0  # the same weights: the same distribution
+    assert policy.training and reference.training  # modes restored

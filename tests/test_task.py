@@ -85,3 +85,11 @@ def test_prompts(name):
     assert len(set(lengths)) > 3  # lengths vary
     for prompt, review in zip(prompts, task.reviews("test", 200)):
         assert review.startswith(prompt)
+
+
+def test_gold_reward_leaves_out_a_decoded_eos():
+    from minalign.tokenizer import EOS
+
+    assert task.EOS_TEXT == EOS
+    assert task.gold_reward(["The acting was good." + EOS]) == task.gold_reward(["The acting was good."])
+    assert task.gold_reward(["The acting was good."])[0] > 0.4

@@ -252,3 +252,15 @@ def test_empty_responses_byte_order_marks_and_ambiguous_records(tmp_path):
     sft.write_text('[{"text": "a"},\n {"text": "b"}]\n')
     with pytest.raises(DataError, match="expected one JSON object per line"):
         load_sft(sft)
+
+
+def test_pairs_are_truncated_by_their_longer_response():
+    # the prompt keeps its end, at least half the budget; the responses share the rest
+    prompt = " ".join(f"w{i}" for i in range(40))
+    raw = [{"prompt": prompt, "chosen": " good.", "rejected": " bad" * 30}]
+    [(chosen, rejected)], stats = tokenize_pairs(raw, tok, max_length=24)
+    assert chosen.n_prompt == rejected.n_prompt == 12  # max(24 - longest, 24 // 2)
+    assert chosen.input_ids[:12] == tok.encode(prompt)[-12:]
+    assert chosen.input_ids[12:] == tok.encode(" good.") + [tok.eos_id]  # short enough to keep whole
+    assert len(rejected.input_ids) == 24 and tok.eos_id not in rejected.input_ids
+    assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 1)

@@ -109,12 +109,14 @@ def test_eos_stops_rows_and_masks_after_eos():
     model = tiny_model(seed=4, scale=4.0)
     ids, mask = left_pad([[5, 9], [8, 1, 3]])
     greedy, _ = model.generate(ids, mask, max_new_tokens=20, temperature=0)
-    eos = int(greedy[0, 3])  # make row 0's 4th greedy token the EOS
+    # an EOS that row 0 emits early and row 1 not for a while, so row 1 goes on after row 0 ends
+    eos = next(int(t) for t in greedy[0, :6] if int(t) not in greedy[1, :12].tolist())
     tokens, rmask = model.generate(ids, mask, max_new_tokens=20, temperature=0, eos_token_id=eos, pad_token_id=V - 1)
     first_eos = (tokens[0] == eos).nonzero()[0].item()
-    assert first_eos <= 3
+    assert first_eos < 6 and tokens.shape[1] >= first_eos + 4  # generation went on for row 1
     assert rmask[0, : first_eos + 1].all() and not rmask[0, first_eos + 1:].any()
-    assert (tokens[0, first_eos + 1:] == V - 1).all()
+    assert (tokens[0, first_eos + 1:] == V - 1).all()  # row 0 is padded after its EOS
+    assert rmask[1, : first_eos + 4].all() and (tokens[1, : first_eos + 4] == greedy[1, : first_eos + 4]).all()
 
 
 def test_generation_stops_when_all_rows_end():
@@ -171,3 +173,11 @@ def test_disable_dropout_makes_train_mode_deterministic():
         torch.testing.assert_close(in_train_mode, output(), atol=0, rtol=0)
     assert reward_model.config.dropout == 0.0
     assert config.dropout == 0.0  # what a checkpoint of the model records
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_the_tempered_distribution(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    picks = sample_token(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
+    torch.testing.assert_close(frequencies, (logits[0] / temperature).softmax(-1), atol=0.012, rtol=0)

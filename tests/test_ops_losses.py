@@ -255,6 +255,9 @@ def test_nan_propagates_like_the_reference(device):
 def test_float32_out_numbers_in_and_no_double_backward(device):
     logps = [t.double() for t in dpo_inputs(B=4, device=device)]
     assert ops.dpo_loss(*logps).losses.dtype == torch.float32  # as with the reference fallback
+    half = [t.bfloat16() for t in logps]  # 16-bit inputs are widened, not computed in 16 bits
+    torch.testing.assert_close(ops.dpo_loss(*half, loss_type="ipo").losses,
+                               reference.dpo_loss(*(t.float() for t in half), loss_type="ipo").losses)
     with pytest.raises(TypeError, match="beta must be a number"):
         ops.dpo_loss(*logps, beta=torch.tensor(0.1, requires_grad=True))
     pc = logps[0].float().requires_grad_()
@@ -266,3 +269,11 @@ def test_float32_out_numbers_in_and_no_double_backward(device):
         (grad,) = torch.autograd.grad(fn(x, x.detach() + 0.1, x.detach(), mask, 0.2).loss, x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(grad.sum(), x)
+
+
+@pytest.mark.parametrize("fn", [ops.dpo_loss, reference.dpo_loss])
+def test_reference_log_probs_get_no_gradient(fn):
+    pc, pr, rc, rr = (t.clone().requires_grad_() for t in dpo_inputs(B=5))
+    fn(pc, pr, rc, rr).losses.sum().backward()
+    assert rc.grad is None and rr.grad is None  # constants of the loss
+    assert pc.grad is not None and pr.grad is not None

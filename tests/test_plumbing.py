@@ -1,6 +1,7 @@
 """The pieces every script shares: command lines, checkpoints, schedules, metrics."""
 
 import json
+import pickle
 from dataclasses import dataclass
 
 import pytest
@@ -61,7 +62,7 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
 def test_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"obj": Args()}, path)  # an arbitrary Python object needs unpickling code
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")

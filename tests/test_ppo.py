@@ -119,3 +119,71 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
     assert strip(a) == strip(b)  # seeded runs repeat exactly on the CPU
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert {"gold_reward", "win_rate", "kl", "response_length"} <= result.keys()
+
+
+def _score_rollout_setup(seed=0):
+    """Tiny policy, a different reference, a reward model and a rollout with one row that never ends."""
+    sys.path.insert(0, str(ROOT))
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel
+    from minalign.rollout import Rollout
+
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=24)
+    policy, reference, reward_model = GPT(config).eval(), GPT(config).eval(), RewardModel(config).eval()
+    eos = 7
+    prompt_ids = torch.tensor([[3, 4, 5], [0, 8, 9]])
+    prompt_mask = torch.tensor([[True, True, True], [False, True, True]])
+    response_ids = torch.tensor([[11, 12, eos, 0], [13, 14, 15, 16]])  # row 1 runs out of room
+    response_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    return policy, reference, reward_model, Rollout(prompt_ids, prompt_mask, response_ids, response_mask), eos
+
+
+def test_score_rollout_by_hand():
+    import train_ppo
+    from minalign.rollout import response_logprobs
+
+    policy, reference, reward_model, rollout, eos = _score_rollout_setup()
+    args = train_ppo.Args(kl_coef=0.3, missing_eos_score=-1.0)
+    old_logps, values, advantages, returns, stats = train_ppo.score_rollout(
+        policy, reference, reward_model, reward_model, rollout, args, 0.3, eos)
+    mask = rollout.response_mask
+    kl = (response_logprobs(policy, rollout).token_logps - response_logprobs(reference, rollout).token_logps) * mask
+    rm = reward_model(rollout.sequences, rollout.attention_mask)
+    scores = torch.stack([rm[0], torch.tensor(-1.0)])  # the unfinished row gets missing_eos_score
+    assert stats["objective/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-5)
+    assert stats["objective/scores"] == pytest.approx(scores.mean().item(), abs=1e-5)
+    assert stats["objective/rlhf_reward"] == pytest.approx((scores - 0.3 * kl.sum(1)).mean().item(), abs=1e-5)
+    assert stats["val/num_eos_tokens"] == 1
+    real = advantages[mask]
+    assert real.mean().item() == pytest.approx(0, abs=1e-5) and real.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+    assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+
+
+def test_critic_values_are_those_of_the_states_before_each_response_token():
+    import train_ppo
+
+    _, _, critic, rollout, _ = _score_rollout_setup(seed=1)
+    values = train_ppo.response_values(critic, rollout)  # (B, N)
+    for b in range(2):
+        keep = rollout.prompt_mask[b]
+        ids = torch.cat([rollout.prompt_ids[b][keep], rollout.response_ids[b]])[None]  # unpadded
+        P = int(keep.sum())
+        alone = critic(ids, torch.ones_like(ids, dtype=torch.bool), per_token=True)[0]  # (P + N,)
+        torch.testing.assert_close(values[b], alone[P - 1 : P - 1 + values.shape[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_explained_variance_and_the_kl_controller_by_hand():
+    from minalign.ppo import explained_variance
+
+    returns = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert explained_variance(returns + torch.tensor([[1.0, -1.0, 1.0, 0.0]]), returns, mask) == pytest.approx(
+        1 - (8 / 9) / (2 / 3))
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    ctl.update(60.0, 10)  # far above the target: the error is clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 1000))
+    ctl.update(0.0, 10)  # far below: -0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 1000) * (1 - 0.2 * 10 / 1000))

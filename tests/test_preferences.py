@@ -86,3 +86,19 @@ def test_an_interrupted_regeneration_leaves_no_matching_cache(tmp_path, monkeypa
         preferences.builtin_pairs(tmp_path, policy, n_train_prompts=5, **settings)
     assert not (tmp_path / "meta.json").exists()  # the first settings no longer match a half-new cache
     assert old_meta["settings"]["n_train_prompts"] == 4
+
+
+def test_each_pair_is_made_of_its_own_prompts_completions(monkeypatch):
+    from minalign import preferences
+
+    def fake_sample_texts(policy, tokenizer, prompts, max_new_tokens, batch_size, seed=0, **kw):
+        return [f" <{p}> #{seed + i}" for i, p in enumerate(prompts)]  # each completion names its prompt
+    monkeypatch.setattr(preferences, "sample_texts", fake_sample_texts)
+    monkeypatch.setattr(preferences.task, "gold_reward", lambda texts: [float(len(t) % 7) + 0.01 * i
+                                                                          for i, t in enumerate(texts)])
+    prompts = ["The acting was", "I saw it on a", "This film"]
+    pairs, stats = make_pairs(None, None, prompts, n_samples=4, max_new_tokens=8, seed=5)
+    assert stats["pairs"] + stats["ties_dropped"] == 3 * 6
+    for pair in pairs:
+        assert f"<{pair['prompt']}>" in pair["chosen"] and f"<{pair['prompt']}>" in pair["rejected"]
+        assert pair["chosen_gold"] > pair["rejected_gold"]

@@ -62,3 +62,27 @@ def test_evaluation_scores_both_models_without_dropout():
     result = evaluate_policy(policy, reference, tok, ["The plot was", "I saw it"], max_new_tokens=6)
     assert result["kl"] == 0.0  # the same weights: the same distribution
     assert policy.training and reference.training  # modes restored
+
+
+def test_evaluation_counts_ties_half_and_kl_from_the_policys_side():
+    import copy
+
+    from minalign.evaluate import evaluate_policy
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    sharper = copy.deepcopy(reference)
+    with torch.no_grad():
+        sharper.wte.weight.mul_(3.0)  # a policy far from the reference
+    prompts = ["The plot was", "I saw it", "This film"]
+    tie = evaluate_policy(sharper, reference, tok, prompts, max_new_tokens=6, judge=lambda texts: [0.0] * len(texts))
+    assert tie["win_rate"] == 0.5  # every comparison a tie
+    assert tie["kl"] > 0.1  # KL(pi || pi_ref) on pi's samples: positive (the opposite sign would be negative)
+    by_length = evaluate_policy(sharper, reference, tok, prompts, max_new_tokens=6,
+                                judge=lambda texts: [float(len(t)) for t in texts])
+    wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0
+            for s in by_length["samples"]]
+    assert by_length["win_rate"] == pytest.approx(sum(wins) / 3)

@@ -129,3 +129,34 @@ def test_default_folders_say_what_went_in():
     assert train_rm.default_folders(args, "dpo") == ("out/dpo-n1000-flip0.1", "out/sft")
     args = train_dpo.Args(data="x/harmless-base-test.jsonl.gz", out_dir="mine")
     assert train_rm.default_folders(args, "dpo") == ("mine", "out/sft-harmless-base-test")
+
+
+def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
+    sys.path.insert(0, str(ROOT))
+    import train_dpo
+
+    from minalign import ops
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    raw = [{"prompt": "The plot was", "chosen": " great.", "rejected": " dull and far too long."},
+           {"prompt": "I saw it", "chosen": " twice and loved it.", "rejected": " once."}]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    batch = data.collate_pairs(pairs, tok.pad_id)
+    ref = torch.tensor([[-30.0, -40.0, -3.0, -4.0], [-20.0, -10.0, -2.5, -2.0]])  # sums, then means
+    chosen, rejected = pair_logps(model, batch)
+    for loss_type, cols, kind in (("ipo", [2, 3], "mean_logps"), ("sigmoid", [0, 1], "sum_logps")):
+        out, _, _ = train_dpo.pair_loss(model, batch, ref, train_dpo.Args(loss_type=loss_type, beta=0.5))
+        expected = ops.dpo_loss(getattr(chosen, kind), getattr(rejected, kind), ref[:, cols[0]], ref[:, cols[1]],
+                                0.5, loss_type)
+        torch.testing.assert_close(out.losses, expected.losses.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_data_ends_the_run_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a review"}\n{"text": 3}\n')
+    result = subprocess.run([sys.executable, "train_sft.py", "--data", str(bad), "--out-dir", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"train_sft.py: error: {bad}:2: 'text' must be a string, got int"

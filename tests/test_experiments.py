@@ -140,6 +140,7 @@ def work(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_frontier_tiny_run(work):
     args = ["--rm-dir", str(work / "rm"), "--dpo-betas", "0.1", "1", "--dpo-epochs", "1", "--dpo-eval-interval", "4",
             "--ppo-kl-coefs", "0.05", "--ppo-updates", "2", "--ppo-eval-interval", "1"]
@@ -159,6 +160,7 @@ def test_frontier_tiny_run(work):
     assert again.count("done before, reusing") == 3 and read_csv(folder / "frontier.csv") == rows
 
 
+@pytest.mark.slow
 def test_overoptimization_tiny_run(work):
     out = run("overoptimization", work, ["--pair-counts", "48", "96", "--rm-min-steps", "3", "--ppo-updates", "2",
                                          "--ppo-eval-interval", "1", "--bon-prompts", "2", "--bon-max-n", "8"])
@@ -177,6 +179,7 @@ def test_overoptimization_tiny_run(work):
     assert (folder / "overoptimization.png").exists() == has_matplotlib()
 
 
+@pytest.mark.slow
 def test_label_noise_tiny_run(work):
     out = run("label_noise", work, ["--flips", "0", "0.5", "--ppo-updates", "1"])
     rows = read_csv(work / "exp" / "label_noise" / "label_noise.csv")

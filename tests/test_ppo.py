@@ -101,6 +101,7 @@ def workdir(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path):
     a = run_ppo(workdir, tmp_path / "a", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01", "--eval-interval", "6")
     scores = [r["objective/scores"] for r in a if "objective/scores" in r]

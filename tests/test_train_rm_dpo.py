@@ -66,6 +66,7 @@ SMALL = ["--n-train-prompts", "40", "--n-test-prompts", "16", "--max-length", "4
          "--log-interval", "1", "--warmup-steps", "2"]
 
 
+@pytest.mark.slow
 def test_train_rm_learns_the_pairs(workdir):
     out = run("train_rm.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
                               "--out-dir", str(workdir / "rm"), "--epochs", "4", "--lr", "1e-3"])
@@ -81,6 +82,7 @@ def test_train_rm_learns_the_pairs(workdir):
     assert cached and {"prompt", "chosen", "rejected"} <= cached[0].keys()
 
 
+@pytest.mark.slow
 def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
     out = run("train_dpo.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
                                "--out-dir", str(workdir / "dpo"), "--epochs", "4", "--lr", "1e-3",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from minalign.checkpoint import load_checkpoint
@@ -28,6 +29,7 @@ def run(args, nproc=1):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_smoke_run_learns_and_writes_outputs(tmp_path):
     out = run([*TINY, "--max-steps", "30", "--lr", "3e-3", "--out-dir", str(tmp_path)])
     assert "val loss" in out and "sample:" in out and "eta" in out
@@ -38,6 +40,7 @@ def test_smoke_run_learns_and_writes_outputs(tmp_path):
     assert ckpt["step"] == 30 and ckpt["model_config"]["n_layer"] == 1
 
 
+@pytest.mark.slow
 def test_resume_is_bit_for_bit(tmp_path):
     run([*TINY, "--max-steps", "8", "--out-dir", str(tmp_path / "full")])
     run([*TINY, "--max-steps", "8", "--stop-at", "4", "--out-dir", str(tmp_path / "split")])
@@ -58,6 +61,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert losses("split") == losses("full") == [(s, losses("full")[i][1]) for i, s in enumerate([2, 4, 6, 8])]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     run([*TINY, "--max-steps", "4", "--out-dir", str(tmp_path / "one")])
     run([*TINY, "--max-steps", "4", "--out-dir", str(tmp_path / "two")], nproc=2)

@@ -122,7 +122,8 @@ def main(args: Args):
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     if args.data is None:  # the gold evaluation samples; make sure it can before training
         eval_prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
-        check_room(policy, tokenizer, eval_prompts, args.eval_max_new_tokens, "--eval-max-new-tokens")
+        check_room(policy.config.block_size, tokenizer, eval_prompts, args.eval_max_new_tokens,
+                   "--eval-max-new-tokens")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
     test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
     if dist.is_main:

@@ -156,6 +156,9 @@ def main(args: Args):
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
+    train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
+    if not (Path(args.sft_dir) / "ckpt.pt").exists():  # refused now, not after training one that has no room
+        check_room(train_sft.Args().block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
     policy, sft_ckpt = load_model(sft_path, dist.device)
@@ -168,8 +171,7 @@ def main(args: Args):
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     policy.train()
 
-    train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
-    check_room(policy, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
+    check_room(policy.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=args.lr, weight_decay=0.0)
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic

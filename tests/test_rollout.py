@@ -42,9 +42,9 @@ def test_check_room_names_the_flag_before_any_sampling():
     model = tiny_model()  # a block of 48 tokens
     prompts = ["The acting was", "I saw it on a rainy afternoon with my friends"]
     longest = max(len(tok.encode(p)) for p in prompts)
-    check_room(model, tok, prompts, 48 - longest, "--max-new-tokens")  # fits exactly
+    check_room(model.config.block_size, tok, prompts, 48 - longest, "--max-new-tokens")  # fits exactly
     with pytest.raises(ArgumentError, match=f"--max-new-tokens {49 - longest}: prompts of up to {longest} tokens"):
-        check_room(model, tok, prompts, 49 - longest, "--max-new-tokens")
+        check_room(model.config.block_size, tok, prompts, 49 - longest, "--max-new-tokens")
 
 
 def test_evaluation_scores_both_models_without_dropout():

@@ -285,7 +285,7 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:  # None or 0: no top-k
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:

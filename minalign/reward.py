@@ -1,19 +1,21 @@
 """Reward model: a GPT trunk with a scalar head, trained on preference pairs.
 
 The score of a sequence is a linear function of the trunk's final hidden state at its
-last real token (the EOS), so it sees the whole prompt and response and does not
-depend on padding. Training uses the Bradley-Terry model of preferences,
+last real token (the EOS, unless the response was cut short), so it sees the whole
+prompt and response and does not depend on padding. Training uses the Bradley-Terry model of preferences,
 
     P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)),
 
 and minimises its negative log-likelihood (Christiano et al. 2017; Ouyang et al. 2022).
-After training the scores are normalised to mean 0 and standard deviation 1 over
-samples of the SFT policy (Ziegler et al. 2019), so that the KL penalty's beta in PPO
+After training the scores are normalised to mean 0 and standard deviation 1 over the
+training pairs' responses (on the built-in task, samples of the SFT policy; Ziegler et
+al. 2019), so that the KL penalty's beta in PPO
 means the same thing whatever the reward model's scale.
 
 The same class serves as PPO's critic: `values` reads the head at every position.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -29,7 +31,7 @@ class RewardModel(nn.Module):
         self.config = config
         self.trunk = GPT(config)
         self.head = nn.Linear(config.n_embd, 1)
-        # init N(0, 1/sqrt(d + 1)), bias 0: scores start O(1) (Stiennon et al. 2020)
+        # weights of standard deviation 1/sqrt(d + 1), bias 0: scores start O(1) (Stiennon et al. 2020)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
         # score normalisation, fitted after training: score = gain * raw + offset
@@ -39,7 +41,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_policy(cls, policy: GPT) -> "RewardModel":
         """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT model)."""
-        model = cls(policy.config)
+        model = cls(dataclasses.replace(policy.config))  # its own config: disable_dropout edits it
         model.trunk.load_state_dict(policy.state_dict())
         return model
 
@@ -58,16 +60,19 @@ class RewardModel(nn.Module):
         values = self.values(input_ids, attention_mask)  # (B, T)
         if per_token:
             return values
+        if not attention_mask.bool().any(1).all():
+            raise ValueError("RewardModel: a sequence with no real token (its attention_mask row is all False)")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = torch.where(attention_mask.bool(), positions, -1).max(1).values  # (B,)
         return values.gather(1, last[:, None]).squeeze(1)
 
     @torch.no_grad()
-    def fit_normalisation(self, raw_scores: torch.Tensor) -> None:
-        """Set gain and offset so that `raw_scores` (unnormalised) get mean 0 and std 1."""
-        mean, std = raw_scores.float().mean(), raw_scores.float().std().clamp(min=1e-6)
-        self.gain.fill_(1.0 / std.item())
-        self.offset.fill_(-mean.item() / std.item())
+    def fit_normalisation(self, scores: torch.Tensor) -> None:
+        """Rescale so that `scores`, as the model gives them now, get mean 0 and std 1
+        (a second fit refines the first: s' = (gain raw + offset - mean) / std)."""
+        mean, std = scores.float().mean().item(), scores.float().std().clamp(min=1e-6).item()
+        self.gain.fill_(self.gain.item() / std)
+        self.offset.fill_((self.offset.item() - mean) / std)
 
 
 def bradley_terry_loss(chosen_scores, rejected_scores, margin=None, center_coef=0.0):

@@ -64,3 +64,7 @@ def test_normalisation_gives_mean_zero_std_one():
     assert torch.equal(scores.argsort(), raw.argsort())  # an increasing map: ranking kept
     state = rm.state_dict()
     assert "gain" in state and "offset" in state  # saved with the checkpoint
+    rm.fit_normalisation(scores)  # fitting again, on what it gives now, changes nothing
+    torch.testing.assert_close(rm(seqs, mask).detach(), scores, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no real token"):
+        rm(seqs[:2], torch.tensor([[True] * 6, [False] * 6]))

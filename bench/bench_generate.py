@@ -50,7 +50,7 @@ def main():
     model = GPT(config).to(args.device).eval()
     prompts = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len), device=args.device)
     for use_cache in (True, False):  # warm-up
-        time_generate(model, prompts, 8, use_cache, 0)
+        time_generate(model, prompts, min(8, args.new_tokens), use_cache, 0)
     n = args.batch * args.new_tokens
     times = {True: [], False: []}
     for rep in range(args.reps):  # in turns, so that both see the same machine

@@ -15,9 +15,11 @@ built, and otherwise the plain PyTorch version in `minalign.reference`, which is
 specification (with one warning). Either way an op accepts the same inputs and returns
 float32: the losses and GAE compute in float32 whatever floating dtype they are given.
 The kernels' gradients are first derivatives only: a gradient of a gradient (double
-backward) raises an error rather than coming out silently zero. Importing `minalign._C` registers the kernels as
-torch.ops.minalign.*; `minalign.op_registration` adds their fake (shape-only)
-versions and their autograd, so they also work under torch.compile.
+backward) raises an error rather than coming out silently zero.
+
+Importing `minalign._C` registers the kernels as torch.ops.minalign.*;
+`minalign.op_registration` adds their fake (shape-only) versions and their autograd,
+so they also work under torch.compile.
 """
 
 import numbers

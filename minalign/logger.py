@@ -23,8 +23,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, **metrics) -> None:
@@ -34,6 +33,15 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line that is not a record (one
+    torn by a crash mid-write), so that a resume drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(v):

@@ -142,6 +142,8 @@ def test_metrics_start_afresh_or_resume_where_the_checkpoint_was(tmp_path):
     old = MetricsLogger(tmp_path)
     for step in (1, 2, 3):
         old.log(step, loss=float(step))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # torn by a crash mid-write
     MetricsLogger(tmp_path, resume_step=2).log(3, loss=30.0)  # step 3 again, after a checkpoint at 2
 
     def steps_and_losses():

@@ -7,7 +7,9 @@
 //   A_t     = m_t (delta_t + gamma lam A_{t+1})
 //   R_t     = A_t + v'_t            (the returns the value head regresses on)
 // The recursion runs along t, so rows are independent: one task per block of rows,
-// each a single backward sweep holding v'_{t+1} and A_{t+1} in registers.
+// each a backward sweep holding v'_{t+1} and A_{t+1} in registers. Each step of a row
+// waits for the one before (two dependent multiply-adds), so a task sweeps kRows rows
+// at once, in lockstep, to keep the core busy while each chain waits.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +19,26 @@
 
 namespace minalign {
 namespace {
+
+constexpr int kRows = 8;
+
+// The recursion above for kN consecutive rows of length T, from their first elements.
+template <int kN>
+void sweep_rows(const float* r, const float* v, const float* m, float* adv, float* ret, int64_t T, float g,
+                float gl) {
+  float next_value[kN] = {}, next_adv[kN] = {};  // v'_{t+1}, A_{t+1} of each row
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for (int k = 0; k < kN; ++k) {
+      const int64_t i = k * T + t;
+      const float value = v[i] * m[i];
+      const float delta = r[i] * m[i] + g * next_value[k] - value;
+      next_adv[k] = m[i] * (delta + gl * next_adv[k]);
+      adv[i] = next_adv[k];
+      ret[i] = next_adv[k] + value;
+      next_value[k] = value;
+    }
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, double gamma, double lam) {
@@ -43,19 +65,12 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   // than that runs on the calling thread, where waking a second one costs more than it
   // saves, and far more when the other core is busy.
   at::parallel_for(0, B, std::max<int64_t>(1, 65536 / T), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * T;
-      float next_value = 0.f, next_adv = 0.f;  // v'_{t+1}, A_{t+1}
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t i = row + t;
-        const float value = v[i] * m[i];
-        const float delta = r[i] * m[i] + g * next_value - value;
-        next_adv = m[i] * (delta + gl * next_adv);
-        adv[i] = next_adv;
-        ret[i] = next_adv + value;
-        next_value = value;
-      }
+    int64_t b = begin;
+    for (; b + kRows <= end; b += kRows) {
+      const int64_t o = b * T;  // int64: B * T may exceed 2^31
+      sweep_rows<kRows>(r + o, v + o, m + o, adv + o, ret + o, T, g, gl);
     }
+    for (; b < end; ++b) sweep_rows<1>(r + b * T, v + b * T, m + b * T, adv + b * T, ret + b * T, T, g, gl);
   });
   return {advantages, returns};
 }

@@ -50,7 +50,7 @@ def test_gae_matches_an_explicit_loop(B, T, seed, gamma, lam):
 @pytest.mark.parametrize("device", DEVICES)
 # T a multiple of 4 takes the GPU's 16-byte loads; rows longer than 1,024 steps are
 # scanned tile by tile (1,024 steps per tile), with the value carried between tiles
-@pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (64, 512), (5, 1024), (3, 3077), (4, 4100)])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (13, 33), (64, 512), (5, 1024), (3, 3077), (4, 4100)])
 def test_gae_matches_reference(device, B, T):
     rewards, values, mask = rollout(B, T, device=device)
     for a, b in zip(ops.gae(rewards, values, mask, 0.99, 0.95), reference.gae(rewards, values, mask, 0.99, 0.95)):

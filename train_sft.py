@@ -36,8 +36,9 @@ class Args:
     {"prompt","completion"} per line, optionally .gz. None: the built-in review task."""
     tokenizer: str = "builtin"
     """Tokenizer: "builtin" (the review task's own BPE) or "gpt2"."""
-    out_dir: str = "out/sft"
-    """Where checkpoints (ckpt.pt) and metrics.jsonl go."""
+    out_dir: str | None = None
+    """Where checkpoints (ckpt.pt) and metrics.jsonl go (default out/sft, where the later
+    stages look for their starting policy; with --data, out/sft-<data file name>)."""
     resume: bool = False
     """Continue from out_dir/ckpt.pt (model and its shape, optimizer, step and RNG state)."""
     val_fraction: float = 0.05
@@ -95,6 +96,8 @@ class Args:
             raise ArgumentError(f"--block-size {self.block_size}: a token and its successor need at least 2")
         if self.n_embd % self.n_head:
             raise ArgumentError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+        if self.out_dir is None:
+            self.out_dir = "out/sft" if self.data is None else "out/sft-" + Path(self.data).name.split(".")[0]
 
 
 def autocast_context(device: str, dtype: str):
@@ -246,6 +249,10 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = load_checkpoint(path)
+        wanted, found = overrides.get("data"), ckpt["args"].get("data")
+        if (wanted and Path(wanted).resolve()) != (found and Path(found).resolve()):
+            raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "
+                                f"{wanted or 'the built-in task'}: pass another --sft-dir, or remove the folder")
         if ckpt["step"] >= ckpt["args"]["max_steps"]:
             return str(path)
         args = Args(**{**ckpt["args"], "resume": True, "stop_at": None})

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 
 import pytest
 import torch
@@ -234,6 +235,23 @@ def test_hh_rlhf_harmless_base(shared_data):
     assert all(len(c.input_ids) <= 128 and len(r.input_ids) <= 128 for c, r in tokenized)
     assert stats.n_prompt_truncated > 0
     assert stats.n_implicit_prompt_mismatch == 5 and stats.n_examples == len(tokenized)
+
+
+def test_tiny_shakespeare_documents_and_windows(shared_data):
+    path = shared_data / "text" / "tinyshakespeare.txt"
+    text = path.read_text()
+    docs = load_sft(path)
+    # one document per speech, nothing dropped or changed
+    assert [d["text"] for d in docs] == re.split(r"\n\n+", text.strip("\n"))
+    assert len(docs) == 7222
+    gpt2 = get_tokenizer("gpt2")
+    examples, stats = tokenize_sft(docs[:400], gpt2, max_length=32)
+    assert stats.n_documents_split > 100
+    for i, doc in enumerate(docs[:400]):
+        windows = [e.input_ids for e in examples if e.source == i]
+        assert all(len(w) <= 32 for w in windows)
+        # consecutive windows share one token; together they are the whole document
+        assert windows[0] + sum((w[1:] for w in windows[1:]), []) == gpt2.encode(doc["text"]) + [gpt2.eos_id]
 
 
 def test_empty_responses_byte_order_marks_and_ambiguous_records(tmp_path):

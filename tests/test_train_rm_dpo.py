@@ -120,6 +120,28 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_sft_policy_trained_on_other_data_is_not_reused(tmp_path):
+    # `python train_sft.py --data shakespeare.txt` writes to out/sft, where the later
+    # stages look for the built-in task's policy
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError
+
+    assert train_sft.Args().out_dir == "out/sft"  # and by default it no longer does
+    assert train_sft.Args(data="data/shakespeare.txt").out_dir == "out/sft-shakespeare"
+    text = str(tmp_path / "shakespeare.txt")
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"args": {"data": text, "max_steps": 5}, "step": 5})
+    with pytest.raises(ArgumentError, match=r"trained on .*shakespeare.txt, not on the built-in task"):
+        train_sft.ensure(str(tmp_path / "sft"), None)
+    with pytest.raises(ArgumentError, match=r"trained on .*shakespeare.txt, not on .*other.jsonl"):
+        train_sft.ensure(str(tmp_path / "sft"), None, data=str(tmp_path / "other.jsonl"))
+    assert train_sft.ensure(str(tmp_path / "sft"), None, data=text) == str(tmp_path / "sft" / "ckpt.pt")
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"args": {"data": None, "max_steps": 5}, "step": 5})
+    assert train_sft.ensure(str(tmp_path / "sft"), None) == str(tmp_path / "sft" / "ckpt.pt")
+
+
 def test_default_folders_say_what_went_in():
     sys.path.insert(0, str(ROOT))
     import train_dpo

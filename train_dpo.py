@@ -15,16 +15,17 @@ written to out/dpo/eval.json.
 import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minalign import data, distributed, ops, task
+from minalign import data, distributed, ops
 from minalign.checkpoint import save_checkpoint
 from minalign.cli import ArgumentError, check_args, run
 from minalign.dpo import pair_logps, reference_logps
-from minalign.evaluate import evaluate_policy, format_table, write_eval
+from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -35,6 +36,8 @@ from train_rm import PairArgs, prepare_pairs
 @dataclass
 class Args(PairArgs):
     """Train a policy with DPO on preference pairs (the built-in task by default)."""
+
+    stage: ClassVar[str] = "dpo"
 
     beta: float = 0.1
     """Strength of the implicit KL constraint: small beta lets the policy move further."""
@@ -75,14 +78,15 @@ def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
     }
 
 
-def pair_loss(model, batch, ref, args):
-    """DPO-family loss of a pair batch given the reference log-probs `ref` [B, 4]."""
+def pair_loss(model, batch, ref_logps, beta: float, loss_type: str, label_smoothing: float):
+    """DPO-family loss of a pair batch. `ref_logps` [B, 4] holds the reference's chosen
+    sum, rejected sum, chosen mean and rejected mean log-probs (dpo.reference_logps)."""
     chosen, rejected = pair_logps(model, batch)
-    if args.loss_type == "ipo":  # per-token log-probs: TRL's convention, see reference.dpo_loss
-        policy, reference = (chosen.mean_logps, rejected.mean_logps), (ref[:, 2], ref[:, 3])
+    if loss_type == "ipo":  # per-token log-probs: TRL's convention, see reference.dpo_loss
+        policy_pair, ref_pair = (chosen.mean_logps, rejected.mean_logps), (ref_logps[:, 2], ref_logps[:, 3])
     else:
-        policy, reference = (chosen.sum_logps, rejected.sum_logps), (ref[:, 0], ref[:, 1])
-    out = ops.dpo_loss(*policy, *reference, args.beta, args.loss_type, args.label_smoothing)
+        policy_pair, ref_pair = (chosen.sum_logps, rejected.sum_logps), (ref_logps[:, 0], ref_logps[:, 1])
+    out = ops.dpo_loss(*policy_pair, *ref_pair, beta, loss_type, label_smoothing)
     return out, chosen, rejected
 
 
@@ -92,7 +96,8 @@ def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> 
     rows = []
     for start in range(0, len(pairs), batch_size):
         batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
-        out, chosen, rejected = pair_loss(model, batch, ref[start : start + batch_size].to(device), args)
+        out, chosen, rejected = pair_loss(model, batch, ref[start : start + batch_size].to(device), args.beta,
+                                          args.loss_type, args.label_smoothing)
         rows.append((len(batch["chosen_input_ids"]), dpo_metrics(out, chosen, rejected, "eval/")))
     model.train()
     n = sum(k for k, _ in rows)
@@ -102,7 +107,7 @@ def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> 
 def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -> dict:
     """Built-in task: the policy's samples on held-out prompts against the reference's,
     judged by the gold judge (`reference` is kept on the CPU between evaluations)."""
-    prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
+    prompts = held_out_prompts(tokenizer, args.n_test_prompts, args.seed)
     result = evaluate_policy(policy, reference.to(device), tokenizer, prompts, args.eval_max_new_tokens,
                              seed=args.seed)
     reference.cpu()
@@ -116,12 +121,12 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
-    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "dpo")
+    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     if args.data is None:  # the gold evaluation samples; make sure it can before training
-        eval_prompts = task.prompts("test", tokenizer, n=args.n_test_prompts, seed=args.seed + 11)
+        eval_prompts = held_out_prompts(tokenizer, args.n_test_prompts, args.seed)
         check_room(policy.config.block_size, tokenizer, eval_prompts, args.eval_max_new_tokens,
                    "--eval-max-new-tokens")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
@@ -158,7 +163,8 @@ def main(args: Args):
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
         batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
-        out, chosen, rejected = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args)
+        out, chosen, rejected = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args.beta,
+                                          args.loss_type, args.label_smoothing)
         loss = out.losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,9 +193,7 @@ def main(args: Args):
             gold = gold_eval(policy, reference, tokenizer, args, dist.device)
             results.update(gold)
             print(format_table("DPO", gold))
-            for s in gold["samples"][:3]:
-                print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
-                      f"\n    DPO ({s['gold']:+.2f}): {s['response']!r}")
+            print(format_samples("DPO", gold))
         logger.log(total_steps, **{(k if k.startswith("eval/") else f"eval/{k}"): v
                                    for k, v in results.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, results)}")

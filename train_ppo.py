@@ -14,6 +14,7 @@ import copy
 import math
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,11 +26,11 @@ import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import load_model, save_checkpoint
 from minalign.cli import ArgumentError, check_args, run
-from minalign.evaluate import evaluate_policy, format_table, write_eval
+from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.ppo import AdaptiveKLController, explained_variance, kl_estimate, masked_mean, masked_whiten, token_rewards
-from minalign.rollout import Rollout, check_room, response_logprobs, sample
+from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
@@ -80,7 +81,10 @@ class Args:
     value_clip: float = 0.2
     """Value clipping."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Coefficient of the value loss in the summed loss. Policy and critic are separate
+    models under Adam, which is blind to a gradient's scale, so this only sets where the
+    critic's clipping engages (a value-loss gradient norm of grad_clip / vf_coef), as in
+    TRL; with CleanRL's shared trunk it weighs the two losses against each other."""
     grad_clip: float = 1.0
     """Clip each model's gradient norm to this (0: no clipping)."""
     eval_prompts: int = 200
@@ -103,30 +107,23 @@ class Args:
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
 
 
-def response_values(critic, rollout: Rollout):
-    """Critic values [B, N] of the states before each response token."""
-    P, N = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    values = critic(rollout.sequences, rollout.attention_mask, per_token=True)  # (B, P+N)
-    return values[:, P - 1 : P + N - 1]
-
-
 @torch.no_grad()
 def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, eos_id):
     """Everything PPO needs from a rollout before updating: old log-probs, values,
     rewards, advantages, returns, and the statistics."""
-    mask = rollout.response_mask
-    old = response_logprobs(policy, rollout, return_entropy=True, temperature=args.temperature)
+    mask = rollout.response_mask  # (B, N): the response tokens, EOS included
+    old = response_logprobs(policy, rollout, return_entropy=True, temperature=args.temperature)  # (B, N) each
     ref = response_logprobs(reference, rollout, temperature=args.temperature)
-    values = response_values(critic, rollout) * mask
+    values = response_values(critic, rollout) * mask  # (B, N)
     scores = reward_model(rollout.sequences, rollout.attention_mask)  # (B,) at each row's last real token
-    ended = rollout.ended(eos_id)
+    ended = rollout.ended(eos_id)  # (B,)
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
-    kl = kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask
-    rewards = token_rewards(scores, kl, mask, beta)
-    advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)
+    kl = kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask  # (B, N)
+    rewards = token_rewards(scores, kl, mask, beta)  # (B, N): -beta kl_t, plus the score at the end
+    advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)  # (B, N) each
     advantages = masked_whiten(advantages, mask)
-    seq_kl = kl.sum(1)
+    seq_kl = kl.sum(1)  # (B,)
     stats = {
         "objective/kl": seq_kl.mean().item(),
         "objective/entropy": (old.entropy * mask).sum(1).mean().item(),
@@ -141,7 +138,7 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
 
 def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update) -> dict:
     """Gold reward, reward-model score, win rate and KL on the held-out prompts, logged as eval/*."""
-    prompts = task.prompts("test", tokenizer, n=args.eval_prompts, seed=args.seed + 11)
+    prompts = held_out_prompts(tokenizer, args.eval_prompts, args.seed)
     result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
                              reward_model=reward_model)
     logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
@@ -172,6 +169,9 @@ def main(args: Args):
     policy.train()
 
     check_room(policy.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
+    # One AdamW over both models, at torch's default betas (0.9, 0.999) and no weight decay,
+    # as TRL's PPO trainer; Adam normalises each parameter's step, so the summed loss below
+    # trains each model on its own loss.
     optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=args.lr, weight_decay=0.0)
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic
@@ -187,6 +187,8 @@ def main(args: Args):
 
     for update in range(1, args.updates + 1):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
+        # walk through the training prompts in order, wrapping around; each rank takes its
+        # own consecutive slice, and the modulus keeps the slice inside the list
         start = ((update - 1) * args.rollout_batch_size + dist.rank * per_rank) % (len(train_prompts) - per_rank)
         prompts = train_prompts[start : start + per_rank]
         t_roll = time.time()
@@ -199,7 +201,7 @@ def main(args: Args):
 
         # ---- PPO: several epochs of minibatches over this rollout ----
         B = len(prompts)
-        history = []
+        history = defaultdict(list)  # per minibatch, averaged over the update
         shuffle = torch.Generator().manual_seed(args.seed + update)
         order = torch.randperm(B, generator=shuffle)
         for epoch in range(args.epochs):
@@ -219,14 +221,16 @@ def main(args: Args):
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf)
                 optimizer.step()
                 ratio = masked_mean(torch.exp(new.token_logps.detach() - old_logps[idx]), mask[idx])
-                history.append([pg.loss.item(), vf.loss.item(), pg.clipfrac.item(), pg.approx_kl.item(),
-                                vf.clipfrac.item(), ratio.item()])
-        means = torch.tensor(history).mean(0).tolist()
+                for name, value in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
+                                    ("policy/clipfrac_avg", pg.clipfrac), ("policy/approxkl_avg", pg.approx_kl),
+                                    ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", ratio)):
+                    history[name].append(value.item())
+        stats.update({name: sum(values) / len(values) for name, values in history.items()})
         stats.update({
-            "loss/policy_avg": means[0], "loss/value_avg": means[1], "policy/clipfrac_avg": means[2],
-            "policy/approxkl_avg": means[3], "val/clipfrac_avg": means[4], "val/ratio": means[5],
             "losses/explained_variance": explained_variance(old_values, returns, mask),
-            "kl_coef": kl_ctl.value, "rollout_tokens_per_s": roll_tokens / rollout_seconds, "eps": update * args.rollout_batch_size / (time.time() - t0),  # episodes per second
+            "kl_coef": kl_ctl.value,
+            "rollout_tokens_per_s": roll_tokens / rollout_seconds,
+            "eps": update * args.rollout_batch_size / (time.time() - t0),  # TRL's name: episodes per second
         })
         # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
@@ -256,9 +260,7 @@ def main(args: Args):
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
         result["train_seconds"] = train_seconds
         print(format_table("PPO", result))
-        for s in result["samples"][:3]:
-            print(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
-                  f"\n    PPO ({s['gold']:+.2f}): {s['response']!r}")
+        print(format_samples("PPO", result))
         print(f"wrote {write_eval(args.out_dir, result)}")
     distributed.cleanup(dist)
 

@@ -1,4 +1,4 @@
-"""Reward modelling: learn a scalar score from preference pairs (the first stage of RLHF).
+"""Reward modelling: learn a scalar score from preference pairs (RLHF's second stage, after SFT).
 
 With no arguments it works on the built-in task end to end: it trains the SFT policy
 if out/sft holds none, samples and judges preference pairs if out/pairs holds none,
@@ -14,6 +14,7 @@ correlation of its scores with the gold judge.
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ from minalign.tokenizer import TOKENIZERS, get_tokenizer
 class PairArgs:
     """Where the preference pairs come from, and the run settings train_rm.py and
     train_dpo.py share."""
+
+    stage: ClassVar[str]  # "rm" or "dpo": names the default folders
 
     data: str | None = None
     """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
@@ -85,11 +88,14 @@ class PairArgs:
                    choices={"tokenizer": TOKENIZERS})
         if not 0 < self.test_fraction < 1:
             raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
+        self.out_dir, self.sft_dir = default_folders(self)
 
 
 @dataclass
 class Args(PairArgs):
     """Train a reward model on preference pairs (the built-in task by default)."""
+
+    stage: ClassVar[str] = "rm"
 
     epochs: float = 4.0
     """Passes over the training pairs."""
@@ -141,26 +147,26 @@ def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> t
     return torch.cat(scores).cpu()
 
 
-def default_folders(args, name: str) -> tuple[str, str]:
-    """(out_dir, sft_dir): as given, or named after what goes in, so that runs on other
-    pairs never overwrite (or reuse) the default ones: out/rm, out/rm-t0.5 (noisy labels),
-    out/dpo-n1000-flip0.1, out/rm-<data file name> with its own out/sft-<data file name>."""
+def default_folders(args: PairArgs) -> tuple[str, str]:
+    """(out_dir, sft_dir): as given, or named after the stage and what goes in, so that
+    runs on other pairs never overwrite (or reuse) the default ones: out/rm, out/rm-t0.5
+    (noisy labels), out/dpo-n1000-flip0.1, out/rm-<data file name> with its own
+    out/sft-<data file name>."""
+    name = args.stage
     if args.data is None:
         stem = "" if args.label_temperature is None else f"-t{args.label_temperature:g}"
         stem += "" if args.n_train_pairs is None else f"-n{args.n_train_pairs}"
         stem += f"-flip{args.label_flip:g}" if args.label_flip else ""
         return args.out_dir or f"out/{name}{stem}", args.sft_dir or "out/sft"  # one SFT policy for all
-    stem = "-" + Path(args.data).name.split(".")[0]
+    stem = f"-{data.data_name(args.data)}"
     return args.out_dir or f"out/{name}{stem}", args.sft_dir or f"out/sft{stem}"
 
 
-def prepare_pairs(args, dist, name: str):
+def prepare_pairs(args: PairArgs, dist):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
-
-    Shared by train_rm.py and train_dpo.py (`name`: "rm" or "dpo", for default folders)."""
+    Shared by train_rm.py and train_dpo.py."""
     tokenizer = get_tokenizer(args.tokenizer)
     builtin = args.data is None
-    args.out_dir, args.sft_dir = default_folders(args, name)
     if builtin:
         if not (Path(args.sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
             raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
@@ -171,7 +177,7 @@ def prepare_pairs(args, dist, name: str):
         labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
         train_pairs, test_pairs = builtin_pairs(
             Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
-            args.label_temperature, args.max_length - 8, args.seed, dist.is_main, lambda: distributed.barrier(dist))
+            args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main, lambda: distributed.barrier(dist))
         if args.n_train_pairs is not None or args.label_flip:
             if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
                 raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
@@ -224,10 +230,35 @@ def check_model(ckpt, tokenizer, path, max_length=None):
         raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
 
 
+def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dict:
+    """Held-out accuracy; score normalisation; on the built-in task, agreement with the gold judge."""
+    results = {}
+    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, dist.device)
+    if args.data is None and args.label_temperature is not None:
+        results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
+        results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
+    # Normalise over SFT samples: the pairs' responses are exactly that on the built-in task
+    # (and the human-written responses on real data).
+    texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
+    raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
+    model.fit_normalisation(raw)
+    if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
+        policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
+        prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
+        responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
+        texts = [p + r for p, r in zip(prompts, responses)]
+        rm = score_texts(model, tokenizer, texts, args.max_length, dist.device)
+        gold = torch.tensor(task.gold_reward(texts))
+        results["gold_correlation"] = torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
+    for k, v in results.items():
+        print(f"{k}: {v:.4f}")
+    return results
+
+
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
     torch.manual_seed(args.seed)
-    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist, "rm")
+    policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
@@ -298,31 +329,6 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     train(args, dist)
     distributed.cleanup(dist)
-
-
-def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dict:
-    """Held-out accuracy; score normalisation; on the built-in task, agreement with the gold judge."""
-    results = {}
-    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, dist.device)
-    if args.data is None and args.label_temperature is not None:
-        results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
-        results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
-    # Normalise over SFT samples: the pairs' responses are exactly that on the built-in task
-    # (and the human-written responses on real data).
-    texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
-    raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
-    model.fit_normalisation(raw)
-    if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
-        policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
-        prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
-        responses = sample_texts(policy, tokenizer, prompts, args.max_length - 8, seed=args.seed + 7)
-        texts = [p + r for p, r in zip(prompts, responses)]
-        rm = score_texts(model, tokenizer, texts, args.max_length, dist.device)
-        gold = torch.tensor(task.gold_reward(texts))
-        results["gold_correlation"] = torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
-    for k, v in results.items():
-        print(f"{k}: {v:.4f}")
-    return results
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class Args:
         if self.n_embd % self.n_head:
             raise ArgumentError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
         if self.out_dir is None:
-            self.out_dir = "out/sft" if self.data is None else "out/sft-" + Path(self.data).name.split(".")[0]
+            self.out_dir = "out/sft" if self.data is None else f"out/sft-{data.data_name(self.data)}"
 
 
 def autocast_context(device: str, dtype: str):

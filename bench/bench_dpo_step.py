@@ -110,7 +110,7 @@ def main():
     print(describe("cpu"))
     print(f"DPO step, CPU {args.threads} threads: 4 layers x 256 wide, V=50,257, {args.pairs} pairs of {T} tokens; "
           f"median of {args.reps}; all but the last take the reference log-probs computed once")
-    print(f"| implementation | s/step | steps/s | vs minalign |\n| --- | ---: | ---: | ---: |")
+    print("| implementation | s/step | steps/s | vs minalign |\n| --- | ---: | ---: | ---: |")
     ours = statistics.median(times["minalign (train_dpo.py step)"])
     for name, ts in times.items():
         s = statistics.median(ts)

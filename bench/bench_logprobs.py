@@ -230,9 +230,9 @@ def run(device, dtype, N, V, reps):
     ours = {name: ms for name, _, ms, _ in rows if name.startswith("minalign")}
     inplace, fused = ours.get("minalign, inplace_backward=True"), ours.get("minalign.ops.weighted_logprob_sum")
     ratio = lambda ms, base: "n/a" if base is None else f"{ms / base:.2f}x"
-    print(f"| implementation | forward ms | fwd+bwd ms | vs minalign in-place | vs weighted_logprob_sum | "
-          f"roofline fraction | peak extra MiB |")
-    print(f"| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| implementation | forward ms | fwd+bwd ms | vs minalign in-place | vs weighted_logprob_sum | "
+          "roofline fraction | peak extra MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, fwd_ms, ms, peak in rows:
         mem = "n/a" if peak is None else f"{peak / 2**20:,.0f}"
         print(f"| {name} | {fwd_ms:.1f} | {ms:.1f} | {ratio(ms, inplace)} | {ratio(ms, fused)} | "

@@ -38,6 +38,7 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
                                 run_stage, save_figure, write_csv)
 from minalign import distributed, task
 from minalign.checkpoint import load_model
+from minalign.evaluate import held_out_prompts
 from minalign.cli import check_args, run
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
@@ -125,7 +126,7 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
         device = distributed.setup(args.device).device
         tokenizer = get_tokenizer("builtin")
         policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", device)
-        prompts = task.prompts("test", tokenizer, n=args.bon_prompts, seed=args.seed + 11)
+        prompts = held_out_prompts(tokenizer, args.bon_prompts, args.seed)
         texts = []
         for k, prompt in enumerate(prompts):
             responses = sample_texts(policy, tokenizer, [prompt] * args.bon_max_n, args.max_new_tokens,

@@ -1,7 +1,8 @@
 """Checkpoints: one plain dict per file, written atomically, read with weights_only=True.
 
-A checkpoint holds what a run needs to continue bit for bit: model and optimizer
-state, the model config, the run's arguments, the step and the RNG state. Writing
+A checkpoint holds the model's weights and config, the run's arguments and its step;
+an SFT checkpoint also holds what `--resume` needs to continue bit for bit, the
+optimizer and RNG state. Writing
 to a temporary file and renaming it means a crash mid-write never leaves a torn
 checkpoint behind; `weights_only=True` means loading one never runs pickled code.
 """

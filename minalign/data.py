@@ -134,6 +134,12 @@ def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
     return value
 
 
+def data_name(path: str | Path) -> str:
+    """A data file's name without its folder and suffixes ("a/hh.jsonl.gz" -> "hh"): the
+    scripts name their default output folders after it."""
+    return Path(path).name.split(".")[0]
+
+
 def load_sft(path: str | Path) -> list[dict]:
     """SFT examples from a .txt or .jsonl file (plain or .gz): a list of {"text"} and
     {"prompt", "completion"} dicts, as in the JSONL format (a .txt document is a "text")."""

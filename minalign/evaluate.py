@@ -24,6 +24,12 @@ from minalign import task
 from minalign.rollout import response_logprobs, sample
 
 
+def held_out_prompts(tokenizer, n: int, seed: int) -> list[str]:
+    """The built-in task's evaluation prompts: n openings of test-split reviews, the
+    same for every script given the same seed, so their tables compare."""
+    return task.prompts("test", tokenizer, n=n, seed=seed + 11)  # + 11: not the training prompts' draw
+
+
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0,
                     judge=task.gold_reward, reward_model=None) -> dict:
@@ -81,6 +87,12 @@ def format_table(name: str, result: dict) -> str:
     ours = (f"{name:<10}{result['gold_reward']:>13.3f}{result['win_rate']:>10.3f}"
             f"{result['kl']:>11.2f}{result['response_length']:>8.1f}")
     return "\n".join([f"held-out prompts: {result['n_prompts']}", header, ref, ours])
+
+
+def format_samples(name: str, result: dict, n: int = 3) -> str:
+    """The first n prompts with the reference's and the policy's responses, gold-scored."""
+    return "\n".join(f"  prompt {s['prompt']!r}\n    SFT ({s['ref_gold']:+.2f}): {s['ref_response']!r}"
+                     f"\n    {name} ({s['gold']:+.2f}): {s['response']!r}" for s in result["samples"][:n])
 
 
 def write_eval(out_dir, result: dict) -> Path:

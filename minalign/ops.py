@@ -12,7 +12,7 @@
 
 Each op runs the C++ (CPU) or CUDA kernel of `minalign._C` when the extension is
 built, and otherwise the plain PyTorch version in `minalign.reference`, which is the
-specification (with one warning). Either way an op accepts the same inputs and returns
+specification (warning once that it does). Either way an op accepts the same inputs and returns
 float32: the losses and GAE compute in float32 whatever floating dtype they are given.
 The kernels' gradients are first derivatives only: a gradient of a gradient (double
 backward) raises an error rather than coming out silently zero.
@@ -185,7 +185,7 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
                          f"{tuple(getattr(weights, 'shape', ()))}")
     if weights.device != logits.device:
         raise ValueError(f"{op}: weights are on {weights.device} but logits on {logits.device}")
-    if not (logits.requires_grad and torch.is_grad_enabled()):  # nothing to overwrite for
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # no backward will run: no gradient to write
         return (weights.float() * token_logprobs(logits, labels, ignore_index)).sum()
     _check_inplace_backward(op, logits, "the fused forward", "use token_logprobs, or pass logits that are "
                             "not a leaf (a model's output)")

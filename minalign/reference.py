@@ -115,7 +115,7 @@ def dpo_loss(
       robust:  (-(1-e) log s(beta h) + e log s(-beta h)) / (1 - 2e)
                                                              rDPO, Chowdhury et al. 2024
     IPO's eq. 17 is written with sequence log-probs; train_dpo.py passes length-normalised
-    (mean) ones for IPO, as TRL does, so that beta's target 1/(2 beta) is per token
+    (mean) ones for IPO, as TRL does, so that the target margin 1/(2 beta) is per token
     instead of growing with the response's length.
     Rewards: beta (pi - ref) for the chosen and the rejected answers, detached. The
     reference log-probs are constants: no gradient flows into them.
@@ -156,6 +156,8 @@ def ppo_policy_loss(
         loss = masked_mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))
         clipfrac = masked_mean([the clipped term is larger]),  approx_kl = masked_mean((logp - old_logp)^2) / 2
     with masked_mean(x) = sum(x m) / max(sum(m), 1). Gradient w.r.t. logprobs only.
+    approx_kl is Schulman's k2 estimator, TRL's policy/approxkl; CleanRL logs k3,
+    (r - 1) - log r, so the two differ.
     """
     mask = mask.float()
     n = mask.sum().clamp(min=1)

@@ -98,3 +98,11 @@ def response_logprobs(model, rollout: Rollout, return_entropy: bool = False,
     out = ops.sequence_logprobs(logits, labels, mask, return_entropy)
     entropy = None if out.entropy is None else out.entropy[:, P - 1 : P + N - 1]
     return ops.SequenceLogprobs(out.token_logps[:, P - 1 : P + N - 1], out.sum_logps, out.mean_logps, entropy)
+
+
+def response_values(critic, rollout: Rollout) -> torch.Tensor:
+    """A critic's values [B, N] of the states before each response token: position
+    P-1+j has seen the prompt and response tokens before j, as in response_logprobs."""
+    P, N = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    values = critic(rollout.sequences, rollout.attention_mask, per_token=True)  # (B, P+N)
+    return values[:, P - 1 : P + N - 1]

@@ -235,8 +235,11 @@ def reviews(split: str, n: int | None = None) -> list[str]:
     return out
 
 
+MAX_PROMPT_TOKENS = 8  # the longest prompt: a block of max_length leaves the rest for the response
+
+
 def prompts(split: str, tokenizer, n: int | None = None, seed: int = 0,
-            min_tokens: int = 2, max_tokens: int = 8) -> list[str]:
+            min_tokens: int = 2, max_tokens: int = MAX_PROMPT_TOKENS) -> list[str]:
     """Review openings to complete: the first k tokens of each review, k drawn in
     [min_tokens, max_tokens] by `seed`, decoded back to text.
 

@@ -67,7 +67,7 @@ def test_logits_hold_the_gradient_and_savers_fail(device):
     weights = weights_for(labels)
     leaf = logits.clone().requires_grad_()
     x = leaf * 1
-    loss = ops.weighted_logprob_sum(x, labels, weights)
+    ops.weighted_logprob_sum(x, labels, weights)  # writes the gradient over x
     _, ref_grad = reference_value_and_grad(logits, labels, weights)
     torch.testing.assert_close(x.detach(), ref_grad, atol=1e-6, rtol=1e-5)  # overwritten in forward
     # a node that saved the logits before the call fails loudly instead of reading the gradient

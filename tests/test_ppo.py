@@ -162,10 +162,10 @@ def test_score_rollout_by_hand():
 
 
 def test_critic_values_are_those_of_the_states_before_each_response_token():
-    import train_ppo
+    from minalign.rollout import response_values
 
     _, _, critic, rollout, _ = _score_rollout_setup(seed=1)
-    values = train_ppo.response_values(critic, rollout)  # (B, N)
+    values = response_values(critic, rollout)  # (B, N)
     for b in range(2):
         keep = rollout.prompt_mask[b]
         ids = torch.cat([rollout.prompt_ids[b][keep], rollout.response_ids[b]])[None]  # unpadded

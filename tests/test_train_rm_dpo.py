@@ -147,12 +147,12 @@ def test_default_folders_say_what_went_in():
     import train_dpo
     import train_rm
 
-    assert train_rm.default_folders(train_rm.Args(), "rm") == ("out/rm", "out/sft")
-    assert train_rm.default_folders(train_rm.Args(label_temperature=0.5), "rm") == ("out/rm-t0.5", "out/sft")
-    args = train_dpo.Args(n_train_pairs=1000, label_flip=0.1)
-    assert train_rm.default_folders(args, "dpo") == ("out/dpo-n1000-flip0.1", "out/sft")
+    folders = lambda args: (args.out_dir, args.sft_dir)
+    assert folders(train_rm.Args()) == ("out/rm", "out/sft")
+    assert folders(train_rm.Args(label_temperature=0.5)) == ("out/rm-t0.5", "out/sft")
+    assert folders(train_dpo.Args(n_train_pairs=1000, label_flip=0.1)) == ("out/dpo-n1000-flip0.1", "out/sft")
     args = train_dpo.Args(data="x/harmless-base-test.jsonl.gz", out_dir="mine")
-    assert train_rm.default_folders(args, "dpo") == ("mine", "out/sft-harmless-base-test")
+    assert folders(args) == ("mine", "out/sft-harmless-base-test")
 
 
 def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
@@ -171,7 +171,7 @@ def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
     ref = torch.tensor([[-30.0, -40.0, -3.0, -4.0], [-20.0, -10.0, -2.5, -2.0]])  # sums, then means
     chosen, rejected = pair_logps(model, batch)
     for loss_type, cols, kind in (("ipo", [2, 3], "mean_logps"), ("sigmoid", [0, 1], "sum_logps")):
-        out, _, _ = train_dpo.pair_loss(model, batch, ref, train_dpo.Args(loss_type=loss_type, beta=0.5))
+        out, _, _ = train_dpo.pair_loss(model, batch, ref, 0.5, loss_type, 0.0)
         expected = ops.dpo_loss(getattr(chosen, kind), getattr(rejected, kind), ref[:, cols[0]], ref[:, cols[1]],
                                 0.5, loss_type)
         torch.testing.assert_close(out.losses, expected.losses.detach(), atol=1e-5, rtol=1e-5)

@@ -83,8 +83,8 @@ class Args:
     vf_coef: float = 0.1
     """Coefficient of the value loss in the summed loss. Policy and critic are separate
     models under Adam, which is blind to a gradient's scale, so this only sets where the
-    critic's clipping engages (a value-loss gradient norm of grad_clip / vf_coef), as in
-    TRL; with CleanRL's shared trunk it weighs the two losses against each other."""
+    critic's clipping engages (at a value-loss gradient norm of grad_clip / vf_coef); with
+    CleanRL's shared trunk it weighs the two losses against each other."""
     grad_clip: float = 1.0
     """Clip each model's gradient norm to this (0: no clipping)."""
     eval_prompts: int = 200

@@ -30,7 +30,7 @@ from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.rollout import check_room
-from train_rm import PairArgs, prepare_pairs
+from train_rm import PairArgs, prepare_pairs  # the pairs and the SFT policy, made as for the reward model
 
 
 @dataclass

@@ -185,7 +185,7 @@ def main(args: Args):
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": total_steps, "tokenizer": tokenizer.name})
+            "step": total_steps, "tokenizer": tokenizer.name, "stage": "dpo"})
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         results["train_seconds"] = train_seconds
         print("held-out pairs: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items() if k.startswith("eval/")))

@@ -256,7 +256,7 @@ def main(args: Args):
         train_seconds = time.time() - t0
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": args.updates, "tokenizer": tokenizer.name})
+            "step": args.updates, "tokenizer": tokenizer.name, "stage": "ppo"})
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
         result["train_seconds"] = train_seconds
         print(format_table("PPO", result))

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, task
-from minalign.checkpoint import file_fingerprint, load_model, save_checkpoint
+from minalign.checkpoint import check_stage, file_fingerprint, load_checkpoint, load_model, save_checkpoint
 from minalign.cli import ArgumentError, check_args, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -308,7 +308,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         results["train_seconds"] = time.time() - t0
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "kind": "reward", "model": model.state_dict(), "model_config": asdict(model.config),
+            "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
             "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
         print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
@@ -319,6 +319,7 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     """The reward-model checkpoint in out_dir, trained (Args defaults plus `overrides`) if absent."""
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
+        check_stage(load_checkpoint(path), path, "rm", f"--rm-dir {out_dir}")
         return str(path)
     if dist.is_main:
         print(f"== reward model: none in {out_dir}; training one")

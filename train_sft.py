@@ -12,14 +12,14 @@ import math
 import time
 from pathlib import Path
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
-from minalign.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minalign.cli import ArgumentError, check_args, run
+from minalign.checkpoint import check_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minalign.cli import ArgumentError, check_args, flag, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -40,7 +40,9 @@ class Args:
     """Where checkpoints (ckpt.pt) and metrics.jsonl go (default out/sft, where the later
     stages look for their starting policy; with --data, out/sft-<data file name>)."""
     resume: bool = False
-    """Continue from out_dir/ckpt.pt (model and its shape, optimizer, step and RNG state)."""
+    """Continue the run in out_dir/ckpt.pt bit for bit: its settings (model shape, data,
+    schedule), optimizer, step and RNG state; only --stop-at, --device, --compile and the
+    logging may be given anew."""
     val_fraction: float = 0.05
     """Share of --data held out for the validation loss (the built-in task has its own split)."""
     n_layer: int = 4
@@ -100,6 +102,23 @@ class Args:
             self.out_dir = "out/sft" if self.data is None else f"out/sft-{data.data_name(self.data)}"
 
 
+# What a resumed run may set anew; every other setting continues as the checkpoint's run.
+RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "log_interval", "num_samples", "compile")
+
+
+def resumed_args(args: Args, saved: dict) -> Args:
+    """The settings of the run a checkpoint continues (`saved`: its args), for --resume.
+    A flag given a value other than its default and the checkpoint's is refused: the run
+    would not continue as it started."""
+    defaults = {f.name: f.default for f in fields(Args)}
+    kept = {k: v for k, v in saved.items() if k in defaults and k not in RESUME_MAY_CHANGE}
+    changed = [k for k, v in kept.items() if getattr(args, k) not in (v, defaults[k])]
+    if changed:
+        raise ArgumentError(f"--resume continues the run in {args.out_dir} with its own settings: "
+                            + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {kept[k]})" for k in changed))
+    return replace(args, **kept)
+
+
 def autocast_context(device: str, dtype: str):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
@@ -146,20 +165,20 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
+    step = 0
+    ckpt_path = f"{args.out_dir}/ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:  # the run goes on with the checkpoint's settings and model shape
+        check_stage(ckpt, ckpt_path, "sft", "--resume")
+        args = resumed_args(args, ckpt["args"])
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
     ctx = autocast_context(dist.device, args.dtype)
     tokenizer = get_tokenizer(args.tokenizer)
-    # The model's shape: from the flags, or on --resume from the checkpoint
     config = GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-    step = 0
-    ckpt_path = f"{args.out_dir}/ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None:
-        if ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
-            raise ArgumentError(f"--resume: {ckpt_path} was trained with --tokenizer {ckpt['tokenizer']}")
         config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
@@ -197,13 +216,13 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
-    progress = Progress(args.max_steps, enabled=dist.is_main)
+    progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
     batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": asdict(config), "args": asdict(args), "step": step,
-                                    "rng": rng_state(), "tokenizer": tokenizer.name})
+                                    "rng": rng_state(), "tokenizer": tokenizer.name, "stage": "sft"})
 
     # ---- training loop ----
     tokens_seen, t0 = 0, time.time()
@@ -249,6 +268,7 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = load_checkpoint(path)
+        check_stage(ckpt, path, "sft", f"--sft-dir {out_dir}")
         wanted, found = overrides.get("data"), ckpt["args"].get("data")
         if (wanted and Path(wanted).resolve()) != (found and Path(found).resolve()):
             raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "

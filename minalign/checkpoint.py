@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from minalign.cli import ArgumentError
+
 
 def save_checkpoint(path, checkpoint: dict) -> None:
     path = Path(path)
@@ -37,7 +39,30 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or objects that need unpickling code
+        if "Unsupported global" in str(error):
+            raise ArgumentError(f"{path} holds Python objects besides tensors and plain values, which "
+                                f"loading with weights_only=True refuses (it never runs pickled code)") from None
+        raise ArgumentError(f"{path} is not a readable checkpoint: truncated, or not written by torch.save "
+                            f"({type(error).__name__})") from None
+
+
+STAGES = {"sft": "an SFT policy", "rm": "a reward model", "dpo": "a DPO policy", "ppo": "a PPO policy"}
+
+
+def check_stage(ckpt: dict, path, stage: str, flag: str) -> None:
+    """Refuse, naming the flag, a checkpoint that another stage wrote (a reward model where
+    the SFT policy belongs, say), before anything is built on it."""
+    # checkpoints written before the stage was recorded: the reward model's kind, SFT's max_steps
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "args"} <= ckpt.keys():
+        raise ArgumentError(f"{flag}: {path} is not a checkpoint of these scripts (no model, model_config, args)")
+    found = ckpt.get("stage") or ("rm" if ckpt.get("kind") == "reward" else "sft" if "max_steps" in ckpt["args"]
+                                  else None)
+    if found != stage:
+        what = STAGES.get(found, "a model of unknown stage")
+        raise ArgumentError(f"{flag}: {path} holds {what}, not {STAGES[stage]}")
 
 
 def load_model(path, device="cpu"):

@@ -55,14 +55,15 @@ def _plain(v):
 class Progress:
     """A one-line status: step, the given metrics, throughput and time left."""
 
-    def __init__(self, total_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, enabled: bool = True, start_step: int = 0):
         self.total = total_steps
         self.enabled = enabled
         self.start = time.time()
+        self.start_step = start_step  # a resumed run's first step: the rate counts from there
 
     def line(self, step: int, **metrics) -> str:
         elapsed = time.time() - self.start
-        done = max(step, 1)
+        done = max(step - self.start_step, 1)
         eta = elapsed / done * (self.total - step)
         parts = [f"step {step:>5}/{self.total}"]
         for k, v in metrics.items():

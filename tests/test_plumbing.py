@@ -1,14 +1,13 @@
 """The pieces every script shares: command lines, checkpoints, schedules, metrics."""
 
 import json
-import pickle
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from minalign.checkpoint import load_checkpoint, save_checkpoint
-from minalign.cli import build_parser, parse_args
+from minalign.cli import ArgumentError, build_parser, parse_args
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
 
@@ -62,7 +61,10 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
 def test_checkpoint_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"obj": Args()}, path)  # an arbitrary Python object needs unpickling code
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ArgumentError, match="weights_only=True refuses"):
+        load_checkpoint(path)
+    path.write_bytes(b"\x00" * 10)
+    with pytest.raises(ArgumentError, match="evil.pt is not a readable checkpoint"):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")

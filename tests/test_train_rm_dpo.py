@@ -132,14 +132,22 @@ def test_an_sft_policy_trained_on_other_data_is_not_reused(tmp_path):
     assert train_sft.Args().out_dir == "out/sft"  # and by default it no longer does
     assert train_sft.Args(data="data/shakespeare.txt").out_dir == "out/sft-shakespeare"
     text = str(tmp_path / "shakespeare.txt")
-    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"args": {"data": text, "max_steps": 5}, "step": 5})
+    fake = {"model": {}, "model_config": {}, "step": 5, "stage": "sft"}
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**fake, "args": {"data": text, "max_steps": 5}})
     with pytest.raises(ArgumentError, match=r"trained on .*shakespeare.txt, not on the built-in task"):
         train_sft.ensure(str(tmp_path / "sft"), None)
     with pytest.raises(ArgumentError, match=r"trained on .*shakespeare.txt, not on .*other.jsonl"):
         train_sft.ensure(str(tmp_path / "sft"), None, data=str(tmp_path / "other.jsonl"))
     assert train_sft.ensure(str(tmp_path / "sft"), None, data=text) == str(tmp_path / "sft" / "ckpt.pt")
-    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"args": {"data": None, "max_steps": 5}, "step": 5})
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**fake, "args": {"data": None, "max_steps": 5}})
     assert train_sft.ensure(str(tmp_path / "sft"), None) == str(tmp_path / "sft" / "ckpt.pt")
+    # a checkpoint of another stage, or none at all, is refused by name
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**fake, "stage": "dpo", "args": {"data": None}})
+    with pytest.raises(ArgumentError, match=r"--sft-dir .*: .*ckpt.pt holds a DPO policy, not an SFT policy"):
+        train_sft.ensure(str(tmp_path / "sft"), None)
+    (tmp_path / "sft" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ArgumentError, match=r"ckpt.pt is not a readable checkpoint"):
+        train_sft.ensure(str(tmp_path / "sft"), None)
 
 
 def test_default_folders_say_what_went_in():

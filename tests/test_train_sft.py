@@ -47,8 +47,13 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 4
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
         f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
-    # the model's shape comes from the checkpoint, whatever the flags say
-    run([*TINY, "--max-steps", "8", "--resume", "--n-layer", "2", "--out-dir", str(tmp_path / "split")])
+    # the run goes on as it was started: a setting given anew is refused, one left out is the checkpoint's
+    refused = subprocess.run([sys.executable, "train_sft.py", *TINY, "--resume", "--n-layer", "2", "--lr", "0.1",
+                              "--out-dir", str(tmp_path / "split")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "--n-layer 2 (it has 1), --lr 0.1 (it has 0.002)" in refused.stderr
+    out = run([*TINY, "--resume", "--out-dir", str(tmp_path / "split")])  # --max-steps 8 from the checkpoint
+    assert "step     6/8" in out
     full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     split = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert split["step"] == 8

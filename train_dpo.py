@@ -30,7 +30,7 @@ from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.rollout import check_room
-from train_rm import PairArgs, prepare_pairs  # the pairs and the SFT policy, made as for the reward model
+from train_rm import PairArgs, prepare_pairs, tokenize_splits  # made as for the reward model
 
 
 @dataclass
@@ -129,10 +129,7 @@ def main(args: Args):
         eval_prompts = held_out_prompts(tokenizer, args.n_test_prompts, args.seed)
         check_room(policy.config.block_size, tokenizer, eval_prompts, args.eval_max_new_tokens,
                    "--eval-max-new-tokens")
-    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
-    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
-    if dist.is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
+    train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
     # from it, so compute them once and keep only the policy in memory while training.

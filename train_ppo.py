@@ -105,6 +105,10 @@ class Args:
                                    "log_interval"),
                    non_negative=("lr", "kl_coef", "value_clip", "vf_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
+        if self.rollout_batch_size >= task.SPLITS["train"]:  # each update takes a new slice of the prompts
+            raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
+                                f"{task.SPLITS['train']:,} training prompts")
+        task.check_counts(self, test=("eval_prompts",))
 
 
 @torch.no_grad()

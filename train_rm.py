@@ -88,6 +88,8 @@ class PairArgs:
                    choices={"tokenizer": TOKENIZERS})
         if not 0 < self.test_fraction < 1:
             raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
+        if self.data is None:
+            task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
         self.out_dir, self.sft_dir = default_folders(self)
 
 
@@ -230,8 +232,25 @@ def check_model(ckpt, tokenizer, path, max_length=None):
         raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
 
 
-def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dict:
-    """Held-out accuracy; score normalisation; on the built-in task, agreement with the gold judge."""
+def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
+    """Token pairs of both splits, with what was truncated or skipped printed; a split
+    left empty (every pair identical once truncated) is refused."""
+    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
+    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    if is_main:
+        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
+    for name, pairs, raw in (("training", train_pairs, train_raw), ("held-out", test_pairs, test_raw)):
+        if not pairs:
+            hint = "; raise --test-fraction" if args.data and name == "held-out" else ""
+            raise data.DataError(f"{args.data or 'the built-in pairs'}: none of the {len(raw)} {name} pairs is "
+                                 f"left: chosen and rejected are the same within --max-length {args.max_length}"
+                                 f"{hint}")
+    return train_pairs, test_pairs
+
+
+def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) -> dict:
+    """Held-out accuracy; score normalisation, then `save(results)`; on the built-in task,
+    agreement with the gold judge."""
     results = {}
     results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, dist.device)
     if args.data is None and args.label_temperature is not None:
@@ -242,6 +261,7 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist) -> dic
     texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
     raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
     model.fit_normalisation(raw)
+    save(results)  # the finished model first: a failure in the slower check below loses nothing
     if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
         policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
         prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
@@ -261,13 +281,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
-    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
-    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
+    train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
     gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in kept])
-    if dist.is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
 
     model = RewardModel.from_policy(policy).to(dist.device)
     del policy
@@ -303,13 +320,17 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             logger.log(step, **metrics)
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
+    train_seconds = time.time() - t0
     if dist.is_main:
-        results = finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist)
-        results["train_seconds"] = time.time() - t0
+        def save(results):
+            save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+                "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
+                "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
+
+        results = finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save)
+        results["train_seconds"] = train_seconds
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
-        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
-            "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
+        save(results)
         print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minalign import task
 from minalign.cli import check_args
 
 
@@ -50,6 +51,7 @@ class ExperimentArgs:
     def __post_init__(self):
         check_args(self, positive=("n_train_prompts", "n_test_prompts", "max_length", "batch_size",
                                    "rollout_batch_size", "max_new_tokens"))
+        task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
 
     def pair_settings(self) -> dict:
         """Keyword arguments of train_rm.Args / train_dpo.Args that these settings fix."""

@@ -32,6 +32,8 @@ import functools
 import random
 import re
 
+from minalign.cli import ArgumentError, flag
+
 # ---------------------------------------------------------------------------------
 # The grammar. A review has a tone; each tone draws its sentences from the pools below.
 
@@ -236,6 +238,21 @@ def reviews(split: str, n: int | None = None) -> list[str]:
 
 
 MAX_PROMPT_TOKENS = 8  # the longest prompt: a block of max_length leaves the rest for the response
+
+
+def check_counts(args, train=(), test=(), max_length=()) -> None:
+    """Refuse, naming the flag, a run the built-in task cannot feed: more prompts than a
+    split has reviews (`train`, `test`: names of fields counting prompts of that split),
+    or a `max_length` field that leaves no room after the longest prompt."""
+    for names, split in ((train, "train"), (test, "test")):
+        for name in names:
+            if getattr(args, name) is not None and getattr(args, name) > SPLITS[split]:
+                raise ArgumentError(f"{flag(name)} {getattr(args, name)}: the built-in task's {split} split "
+                                    f"has {SPLITS[split]:,} reviews")
+    for name in max_length:
+        if getattr(args, name) <= MAX_PROMPT_TOKENS:
+            raise ArgumentError(f"{flag(name)} {getattr(args, name)}: the built-in task's prompts take up to "
+                                f"{MAX_PROMPT_TOKENS} tokens, and a response needs at least one more")
 
 
 def prompts(split: str, tokenizer, n: int | None = None, seed: int = 0,

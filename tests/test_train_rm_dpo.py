@@ -192,3 +192,36 @@ def test_bad_data_ends_the_run_with_one_line(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"train_sft.py: error: {bad}:2: 'text' must be a string, got int"
+
+
+def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
+    sys.path.insert(0, str(ROOT))
+    import train_dpo
+    import train_ppo
+
+    from minalign.cli import ArgumentError
+
+    for cls, kwargs, message in (
+            (train_dpo.Args, {"n_test_prompts": 1001}, "--n-test-prompts 1001: the built-in task's test split has 1,000"),
+            (train_dpo.Args, {"n_train_prompts": 20_001}, "--n-train-prompts 20001: .* train split has 20,000"),
+            (train_dpo.Args, {"max_length": 8}, "--max-length 8: .* up to 8 tokens"),
+            (train_ppo.Args, {"eval_prompts": 1001}, "--eval-prompts 1001"),
+            (train_ppo.Args, {"rollout_batch_size": 20_000}, "--rollout-batch-size 20000: must be below")):
+        with pytest.raises(ArgumentError, match=message):
+            cls(**kwargs)
+    assert train_dpo.Args(n_test_prompts=1000, max_length=9).n_test_prompts == 1000  # the limits themselves pass
+    assert train_dpo.Args(data="pairs.jsonl", max_length=4).max_length == 4  # --data brings its own prompts
+
+
+def test_a_split_left_empty_by_tokenizing_is_refused():
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+
+    tok = get_tokenizer("builtin")
+    train_raw = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad."}]
+    test_raw = [{"prompt": "The plot", "chosen": " was good and long", "rejected": " was good and dull"}]
+    args = train_rm.Args(data="p.jsonl", max_length=5)  # the test pair differs only past 5 tokens
+    with pytest.raises(data.DataError, match=r"p.jsonl: none of the 1 held-out pairs is left.*--test-fraction"):
+        train_rm.tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
+    train_pairs, test_pairs = train_rm.tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
+    assert len(train_pairs) == len(test_pairs) == 1

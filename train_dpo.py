@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops
 from minalign.checkpoint import save_checkpoint
-from minalign.cli import ArgumentError, check_args, run
+from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -173,6 +173,7 @@ def main(args: Args):
                        "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0)}
             metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)
+            check_finite(step, loss=metrics["loss"])
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:

@@ -25,7 +25,7 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, run
+from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -247,6 +247,7 @@ def main(args: Args):
                           "try --kl-estimator k3 or a larger --rollout-batch-size", stacklevel=1)
             negative_kl_warned = True
         logger.log(update, **stats)
+        check_finite(update, **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
         if update % args.log_interval == 0 or update == args.updates:
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import check_stage, file_fingerprint, load_checkpoint, load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, run
+from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -318,6 +318,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                        "min_reward": scores.min().item(), "max_reward": scores.max().item(), "lr": lr}
             metrics = distributed.reduce_metrics(metrics, dist, lowest=["min_reward"], highest=["max_reward"])
             logger.log(step, **metrics)
+            check_finite(step, loss=metrics["loss"])
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
     train_seconds = time.time() - t0

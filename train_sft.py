@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import check_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minalign.cli import ArgumentError, check_args, flag, run
+from minalign.cli import ArgumentError, check_args, check_finite, flag, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -94,6 +94,8 @@ class Args:
                    non_negative=("lr", "warmup_steps", "weight_decay", "grad_clip", "num_samples"),
                    fractions=("val_fraction", "min_lr_ratio", "dropout"),
                    choices={"tokenizer": TOKENIZERS, "dtype": ("auto", "float32", "bfloat16")})
+        if self.val_fraction >= 1:
+            raise ArgumentError(f"--val-fraction {self.val_fraction}: must be below 1, to leave data to train on")
         if self.block_size < 2:
             raise ArgumentError(f"--block-size {self.block_size}: a token and its successor need at least 2")
         if self.n_embd % self.n_head:
@@ -248,6 +250,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             train_loss = distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
             tok_per_s = tokens_seen / (time.time() - t0)
             logger.log(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_per_s)
+            check_finite(step, loss=train_loss)
             progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})
         if step % args.eval_interval == 0 or step == last_step:
             if dist.is_main:

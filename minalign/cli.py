@@ -16,6 +16,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -95,6 +96,17 @@ class ArgumentError(ValueError):
     """A value a flag does not accept; parse_args reports it as a usage error."""
 
 
+class Diverged(Exception):
+    """A loss or statistic came out NaN or infinite: the run stops rather than save such weights."""
+
+
+def check_finite(step: int, **values: float) -> None:
+    """Raise Diverged, naming the step and the values, if any of them is NaN or infinite."""
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise Diverged(f"step {step}: {', '.join(bad)}: training diverged; a lower --lr may help")
+
+
 def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -> None:
     """Raise ArgumentError, naming the flag, for the first field out of its range:
     `positive` fields must be > 0, `non_negative` ones >= 0, `fractions` in [0, 1], and
@@ -108,6 +120,8 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
             for v in value if isinstance(value, tuple) else (value,):
                 if v is not None and not ok(v):  # NaN fails every rule
                     raise ArgumentError(f"{flag(name)} {v}: {rule}")
+                if isinstance(v, float) and math.isinf(v):
+                    raise ArgumentError(f"{flag(name)} {v}: must be finite")
     for name, allowed in (choices or {}).items():
         if getattr(args, name) not in allowed:
             raise ArgumentError(f"{flag(name)} {getattr(args, name)!r}: must be one of {', '.join(map(repr, allowed))}")
@@ -135,6 +149,6 @@ def run(main, cls, argv=None) -> None:
     args = parse_args(cls, argv)
     try:
         main(args)
-    except (ArgumentError, DataError, FileNotFoundError) as error:
+    except (ArgumentError, DataError, Diverged, FileNotFoundError) as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)

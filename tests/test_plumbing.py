@@ -115,6 +115,9 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         ("train_sft", ["--dtype", "bf16"], "--dtype 'bf16': must be one of"),
         ("train_sft", ["--n-embd", "130"], "--n-embd 130 must be a multiple of --n-head 4"),
         ("train_sft", ["--lr", "nan"], "--lr nan: must be >= 0"),
+        ("train_sft", ["--lr", "inf"], "--lr inf: must be finite"),
+        ("train_sft", ["--val-fraction", "1"], "--val-fraction 1.0: must be below 1"),
+        ("train_ppo", ["--kl-coef", "inf"], "--kl-coef inf: must be finite"),
         ("train_rm", ["--label-temperature", "-0.2"], "--label-temperature -0.2: must be > 0"),
         ("train_rm", ["--test-fraction", "1"], "--test-fraction 1.0"),
         ("train_dpo", ["--loss-type", "kto"], "--loss-type 'kto': must be one of 'sigmoid', 'ipo', 'hinge', 'robust'"),
@@ -138,6 +141,14 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(ArgumentError, match="--epochs 0"):  # values set in code are checked too
         scripts["train_ppo"].Args(epochs=0)
+
+
+def test_a_loss_gone_nan_or_infinite_stops_the_run():
+    from minalign.cli import Diverged, check_finite
+
+    check_finite(3, loss=1.5, kl=-0.2)
+    with pytest.raises(Diverged, match=r"step 7: loss nan, kl inf: training diverged"):
+        check_finite(7, loss=float("nan"), kl=float("inf"), ok=0.0)
 
 
 def test_metrics_start_afresh_or_resume_where_the_checkpoint_was(tmp_path):

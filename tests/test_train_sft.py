@@ -66,6 +66,14 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert losses("split") == losses("full") == [(s, losses("full")[i][1]) for i, s in enumerate([2, 4, 6, 8])]
 
 
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
+    cmd = [sys.executable, "train_sft.py", *TINY, "--max-steps", "4", "--lr", "1e30", "--out-dir", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "step 2: loss nan: training diverged" in result.stderr
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     run([*TINY, "--max-steps", "4", "--out-dir", str(tmp_path / "one")])

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops
 from minalign.checkpoint import save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, run
+from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -120,6 +120,7 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 
 def main(args: Args):
     dist = distributed.setup(args.device)
+    check_out_dir(args.out_dir)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy

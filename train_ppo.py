@@ -25,7 +25,7 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, run
+from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -153,6 +153,7 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 
 def main(args: Args):
     dist = distributed.setup(args.device)
+    check_out_dir(args.out_dir)
     if args.rollout_batch_size % dist.world_size:
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import check_stage, file_fingerprint, load_checkpoint, load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, run
+from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -277,6 +277,7 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
+    check_out_dir(args.out_dir)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     if args.batch_size % dist.world_size:

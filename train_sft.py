@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import check_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minalign.cli import ArgumentError, check_args, check_finite, flag, run
+from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, flag, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -167,6 +167,7 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
+    check_out_dir(args.out_dir)
     step = 0
     ckpt_path = f"{args.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None

@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import math
 import sys
+import tempfile
 import textwrap
 import types
 import typing
@@ -107,6 +108,19 @@ def check_finite(step: int, **values: float) -> None:
         raise Diverged(f"step {step}: {', '.join(bad)}: training diverged; a lower --lr may help")
 
 
+def check_out_dir(path) -> None:
+    """Make the output folder, and refuse (naming --out-dir) one that cannot be made or
+    written to, before any work rather than at the first checkpoint."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ArgumentError(f"--out-dir {path}: a file, not a folder")
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"--out-dir {path}: cannot write there ({error.strerror or error})") from None
+
+
 def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -> None:
     """Raise ArgumentError, naming the flag, for the first field out of its range:
     `positive` fields must be > 0, `non_negative` ones >= 0, `fractions` in [0, 1], and
@@ -141,14 +155,15 @@ def parse_args(cls, argv=None):
 
 def run(main, cls, argv=None) -> None:
     """main(parse_args(cls, argv)), where a mistake in what the user gave (a value out of
-    range, bad data, a missing file) ends the run with one line that names it and exit
-    status 2, as a usage error does, instead of a traceback. Other errors are bugs and
-    keep their traceback."""
+    range, bad data, a missing or unreadable file, a run that diverged) ends the run with
+    one line that names it and exit status 2, as a usage error does, instead of a
+    traceback. Other errors are bugs and keep their traceback."""
     from minalign.data import DataError  # data.py imports this module
 
     args = parse_args(cls, argv)
     try:
         main(args)
-    except (ArgumentError, DataError, Diverged, FileNotFoundError) as error:
+    except (ArgumentError, DataError, Diverged, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as error:
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         sys.exit(2)

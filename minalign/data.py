@@ -85,6 +85,8 @@ class Example:
 def _lines(path: Path):
     """Yield (line number, text) for each line of a plain or gzipped UTF-8 file."""
     opener = gzip.open if path.name.endswith(".gz") else open
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file")
     with opener(path, "rb") as f:
         lineno = 0
         try:

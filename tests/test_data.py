@@ -237,6 +237,12 @@ def test_hh_rlhf_harmless_base(shared_data):
     assert stats.n_implicit_prompt_mismatch == 5 and stats.n_examples == len(tokenized)
 
 
+def test_a_folder_given_as_data_is_named(tmp_path):
+    (tmp_path / "pairs.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"pairs.jsonl: a folder, not a data file"):
+        load_pairs(tmp_path / "pairs.jsonl")
+
+
 def test_tiny_shakespeare_documents_and_windows(shared_data):
     path = shared_data / "text" / "tinyshakespeare.txt"
     text = path.read_text()

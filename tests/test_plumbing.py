@@ -204,3 +204,15 @@ def test_device_is_checked_before_any_work():
         with pytest.raises(ArgumentError, match="--device cuda:1: no CUDA device is available"):
             distributed.setup("cuda:1")
     assert distributed.setup("cpu").device == "cpu"
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    from minalign.cli import ArgumentError, check_out_dir
+
+    check_out_dir(tmp_path / "new" / "run")
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ArgumentError, match=r"--out-dir .*file: a file, not a folder"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(ArgumentError, match=r"--out-dir .*file/run: cannot write there \(Not a directory\)"):
+        check_out_dir(tmp_path / "file" / "run")

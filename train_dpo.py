@@ -178,7 +178,9 @@ def main(args: Args):
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:
+            t_eval = time.time()
             gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
+            t0 += time.time() - t_eval  # steps_per_s and train_seconds count training alone
     train_seconds = time.time() - t0
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing

@@ -256,7 +256,9 @@ def main(args: Args):
                            ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates and dist.is_main:
+            t_eval = time.time()
             held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
+            t0 += time.time() - t_eval  # eps and train_seconds count training alone
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         train_seconds = time.time() - t0

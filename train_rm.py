@@ -13,7 +13,7 @@ correlation of its scores with the gold judge.
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 from pathlib import Path
 
@@ -200,12 +200,21 @@ def prepare_pairs(args: PairArgs, dist):
     source_file = Path(args.sft_dir) / "source.json"  # which pairs the SFT data came from
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}
+    given = args.sft_dir != default_folders(replace(args, sft_dir=None))[1]  # --sft-dir named by the user
     if (Path(args.sft_dir) / "ckpt.pt").exists():
         made_from = json.loads(source_file.read_text()) if source_file.exists() else None
-        if made_from != source:
-            what = f"made from {made_from['data']} ({made_from})" if made_from else "whose pairs are not recorded"
-            raise ArgumentError(f"--sft-dir {args.sft_dir} holds an SFT policy {what}, not from --data {args.data} "
-                                f"({source}): pass another --sft-dir (and --out-dir), or remove the folder")
+        if made_from is None and given:  # the user's own SFT policy: taken as it is
+            sft_path = Path(args.sft_dir) / "ckpt.pt"
+            check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {args.sft_dir}")
+            policy, ckpt = load_model(sft_path, dist.device)
+            check_model(ckpt, tokenizer, sft_path, args.max_length)
+            return policy, tokenizer, train_pairs, test_pairs
+        if made_from != source:  # the SFT data must be this run's training pairs: no held-out pair in it
+            why = (", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
+                             if made_from.get(k) != v) if made_from else "its pairs are not recorded")
+            raise ArgumentError(f"--sft-dir {args.sft_dir} holds an SFT policy trained on the chosen responses of "
+                                f"other training pairs ({why}): pass another --sft-dir (and --out-dir), or remove "
+                                f"the folder")
     elif dist.is_main:  # SFT on the preferred responses
         rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
         print(f"SFT data: the {len(rows)} non-empty chosen responses of the training pairs "
@@ -213,9 +222,13 @@ def prepare_pairs(args: PairArgs, dist):
         write_jsonl(sft_file, rows)
         source_file.write_text(json.dumps(source, indent=1))
     distributed.barrier(dist)
-    sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
-                                block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
-                                device=args.device)
+    try:
+        sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
+                                    block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
+                                    device=args.device)
+    except ArgumentError as error:  # its settings are this function's, not the user's flags
+        raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs)} training pairs "
+                            f"({sft_file}): {error}") from None
     policy, ckpt = load_model(sft_path, dist.device)
     check_model(ckpt, tokenizer, sft_path, args.max_length)
     return policy, tokenizer, train_pairs, test_pairs

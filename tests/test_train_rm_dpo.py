@@ -116,7 +116,7 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
     result = subprocess.run([sys.executable, "train_rm.py", "--data", str(tmp_path / "b" / "pairs.jsonl"),
                              "--sft-dir", str(sft), "--out-dir", str(tmp_path / "rm")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "holds an SFT policy made from" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "trained on the chosen responses of other training pairs (data " in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 
@@ -225,3 +225,26 @@ def test_a_split_left_empty_by_tokenizing_is_refused():
         train_rm.tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
     train_pairs, test_pairs = train_rm.tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
     assert len(train_pairs) == len(test_pairs) == 1
+
+
+def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    model = GPT(GPTConfig(vocab_size=get_tokenizer("builtin").vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          block_size=64))
+    ckpt = {"model": model.state_dict(), "model_config": vars(model.config), "args": {"data": "mine.txt"},
+            "step": 1, "stage": "sft", "tokenizer": "builtin"}
+    save_checkpoint(tmp_path / "mine" / "ckpt.pt", ckpt)
+    args = train_rm.Args(data=str(tmp_path / "pairs.jsonl"), sft_dir=str(tmp_path / "mine"))
+    policy, _, train_raw, test_raw = train_rm.prepare_pairs(args, DistInfo())  # no SFT run: it is used as given
+    assert torch.equal(policy.wte.weight, model.wte.weight) and len(train_raw) + len(test_raw) == 20
+    save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
+    with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):
+        train_rm.prepare_pairs(args, DistInfo())

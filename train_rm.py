@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import check_stage, file_fingerprint, load_checkpoint, load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
+from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, flag, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -188,8 +188,10 @@ def prepare_pairs(args: PairArgs, dist):
             if dist.is_main:
                 print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")
         return policy, tokenizer, train_pairs, test_pairs
-    if args.n_train_pairs is not None or args.label_flip:
-        raise ArgumentError("--n-train-pairs and --label-flip apply to the built-in task's pairs, not to --data")
+    builtin_only = [flag(k) for k in ("n_train_pairs", "label_temperature") if getattr(args, k) is not None]
+    builtin_only += [flag(k) for k in ("label_flip", "margin", "eval_interval") if getattr(args, k, 0)]
+    if builtin_only:
+        raise ArgumentError(f"{', '.join(builtin_only)}: for the built-in task only, not with --data")
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))

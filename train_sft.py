@@ -197,10 +197,12 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
         prompts = prompts[: args.num_samples]
     train, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
-    val, _ = data.tokenize_sft(val_raw, tokenizer, config.block_size)
-    val = val[: args.eval_examples]
+    val, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
     if dist.is_main:
-        print(f"data: {len(train)} train / {len(val)} val examples; {stats}")
+        print(f"data: {len(train)} train / {len(val)} val examples"
+              f"{f' (the first {args.eval_examples} evaluated)' if len(val) > args.eval_examples else ''}"
+              f"\n  train: {stats}\n  val: {val_stats}")
+    val = val[: args.eval_examples]
 
     # ---- model and optimizer ----
     model = GPT(config).to(dist.device)
@@ -221,6 +223,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
     batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
+    if dist.is_main and batches.describe_left_out():
+        print(f"batches of {args.batch_size}{batches.describe_left_out()}")
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

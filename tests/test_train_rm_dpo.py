@@ -211,6 +211,14 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
             cls(**kwargs)
     assert train_dpo.Args(n_test_prompts=1000, max_length=9).n_test_prompts == 1000  # the limits themselves pass
     assert train_dpo.Args(data="pairs.jsonl", max_length=4).max_length == 4  # --data brings its own prompts
+    import train_rm
+
+    from minalign.distributed import DistInfo
+    for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, label_temperature=0.5),
+                           "--label-temperature, --margin: for the built-in task only"),
+                          (train_dpo.Args(data="p.jsonl", eval_interval=5), "--eval-interval: for the built-in")):
+        with pytest.raises(ArgumentError, match=message):  # before the file is even read
+            train_rm.prepare_pairs(args, DistInfo())
 
 
 def test_a_split_left_empty_by_tokenizing_is_refused():

@@ -135,7 +135,7 @@ def main(args: Args):
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
     # from it, so compute them once and keep only the policy in memory while training.
     t_ref = time.time()
-    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id)  # (n, 4)
+    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, verbose=dist.is_main)  # (n, 4)
     ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id)
     reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
     if dist.is_main:

@@ -274,12 +274,14 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
     # Normalise over SFT samples: the pairs' responses are exactly that on the built-in task
     # (and the human-written responses on real data).
     texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
+    print(f"normalising the scores over {len(texts)} responses of the training pairs", flush=True)
     raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
     model.fit_normalisation(raw)
     save(results)  # the finished model first: a failure in the slower check below loses nothing
     if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
         policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
         prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
+        print(f"agreement with the gold judge on {len(prompts)} fresh SFT samples", flush=True)
         responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
         texts = [p + r for p, r in zip(prompts, responses)]
         rm = score_texts(model, tokenizer, texts, args.max_length, dist.device)

@@ -35,10 +35,10 @@ def pair_logps(model, batch) -> tuple[ops.SequenceLogprobs, ops.SequenceLogprobs
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, batch_size=32) -> torch.Tensor:
+def reference_logps(model, pairs, pad_id, batch_size=32, verbose=False) -> torch.Tensor:
     """[n_pairs, 4] reference log-probs of every pair: chosen sum, rejected sum,
     chosen mean, rejected mean. Computed once before training, so the reference model
-    need not stay in memory (it is the frozen SFT model)."""
+    need not stay in memory (it is the frozen SFT model). `verbose` prints progress."""
     device = model.wte.weight.device
     was_training = model.training
     model.eval()
@@ -47,5 +47,8 @@ def reference_logps(model, pairs, pad_id, batch_size=32) -> torch.Tensor:
         batch = collate_pairs(pairs[start : start + batch_size], pad_id, device)
         chosen, rejected = pair_logps(model, batch)
         rows.append(torch.stack([chosen.sum_logps, rejected.sum_logps, chosen.mean_logps, rejected.mean_logps], 1))
+        done = start + len(batch["chosen_input_ids"])
+        if verbose and (done == len(pairs) or done // batch_size % max(1, len(pairs) // batch_size // 10) == 0):
+            print(f"  reference log-probs: {done}/{len(pairs)} pairs", flush=True)
     model.train(was_training)
     return torch.cat(rows).cpu()

@@ -67,7 +67,7 @@ class Progress:
         eta = elapsed / done * (self.total - step)
         parts = [f"step {step:>5}/{self.total}"]
         for k, v in metrics.items():
-            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+            parts.append(f"{k} {v + 0.0:.4g}" if isinstance(v, float) else f"{k} {v}")  # + 0.0: no "-0"
         parts.append(f"elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}")
         return " | ".join(parts)
 

@@ -22,8 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops
-from minalign.checkpoint import save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
+from minalign.checkpoint import check_out_dir, check_weights_finite, save_checkpoint
+from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -120,7 +120,7 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 
 def main(args: Args):
     dist = distributed.setup(args.device)
-    check_out_dir(args.out_dir)
+    check_out_dir(args.out_dir, stage="dpo")
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
@@ -152,8 +152,8 @@ def main(args: Args):
         print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs"
               f"{batches.describe_left_out('pairs')}")
 
-    gold_evals = args.eval_interval and args.data is None and dist.is_main
-    if gold_evals:
+    gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
+    if gold_evals and dist.is_main:
         gold_eval(policy, reference, tokenizer, args, dist.device, logger, 0)
     t0 = time.time()
     for step in range(1, total_steps + 1):
@@ -179,9 +179,12 @@ def main(args: Args):
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:
             t_eval = time.time()
-            gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
-            t0 += time.time() - t_eval  # steps_per_s and train_seconds count training alone
+            if dist.is_main:
+                gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
+            distributed.barrier(dist)
+            t0 += time.time() - t_eval  # steps_per_s and train_seconds count training alone, on every rank
     train_seconds = time.time() - t0
+    check_weights_finite(policy, total_steps)
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {

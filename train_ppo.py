@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_rm
 import train_sft
 from minalign import distributed, ops, task
-from minalign.checkpoint import load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, run
+from minalign.checkpoint import check_out_dir, check_weights_finite, load_model, save_checkpoint
+from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -109,6 +109,8 @@ class Args:
             raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
                                 f"{task.SPLITS['train']:,} training prompts")
         task.check_counts(self, test=("eval_prompts",))
+        if self.missing_eos_score is not None and not math.isfinite(self.missing_eos_score):
+            raise ArgumentError(f"--missing-eos-score {self.missing_eos_score}: must be finite")
 
 
 @torch.no_grad()
@@ -153,7 +155,8 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 
 def main(args: Args):
     dist = distributed.setup(args.device)
-    check_out_dir(args.out_dir)
+    check_out_dir(args.out_dir, stage="ppo")
+    check_out_dir(args.rm_dir, "--rm-dir", stage="rm")  # now, not after training the SFT policy
     if args.rollout_batch_size % dist.world_size:
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
@@ -248,17 +251,21 @@ def main(args: Args):
                           "try --kl-estimator k3 or a larger --rollout-batch-size", stacklevel=1)
             negative_kl_warned = True
         logger.log(update, **stats)
-        check_finite(update, **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
+        check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
+        check_weights_finite(policy, update, "update")  # the next rollout samples from them
+        check_weights_finite(critic, update, "update")
         if update % args.log_interval == 0 or update == args.updates:
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),
                            kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
                            ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
-        if args.eval_interval and update % args.eval_interval == 0 and update < args.updates and dist.is_main:
+        if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             t_eval = time.time()
-            held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
-            t0 += time.time() - t_eval  # eps and train_seconds count training alone
+            if dist.is_main:
+                held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
+            distributed.barrier(dist)
+            t0 += time.time() - t_eval  # eps and train_seconds count training alone, on every rank
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         train_seconds = time.time() - t0

@@ -13,7 +13,7 @@ correlation of its scores with the gold judge.
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, task
-from minalign.checkpoint import check_stage, file_fingerprint, load_checkpoint, load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, flag, run
+from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, load_checkpoint,
+                                 load_model, save_checkpoint)
+from minalign.cli import ArgumentError, check_args, check_finite, flag, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -202,18 +203,19 @@ def prepare_pairs(args: PairArgs, dist):
     source_file = Path(args.sft_dir) / "source.json"  # which pairs the SFT data came from
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}
-    given = args.sft_dir != default_folders(replace(args, sft_dir=None))[1]  # --sft-dir named by the user
     if (Path(args.sft_dir) / "ckpt.pt").exists():
         made_from = json.loads(source_file.read_text()) if source_file.exists() else None
-        if made_from is None and given:  # the user's own SFT policy: taken as it is
+        if made_from is None:  # not made here from pairs: the user's own SFT policy, taken as it is
             sft_path = Path(args.sft_dir) / "ckpt.pt"
             check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {args.sft_dir}")
             policy, ckpt = load_model(sft_path, dist.device)
             check_model(ckpt, tokenizer, sft_path, args.max_length)
+            if dist.is_main:
+                print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data')})")
             return policy, tokenizer, train_pairs, test_pairs
         if made_from != source:  # the SFT data must be this run's training pairs: no held-out pair in it
-            why = (", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
-                             if made_from.get(k) != v) if made_from else "its pairs are not recorded")
+            why = ", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
+                            if made_from.get(k) != v)
             raise ArgumentError(f"--sft-dir {args.sft_dir} holds an SFT policy trained on the chosen responses of "
                                 f"other training pairs ({why}): pass another --sft-dir (and --out-dir), or remove "
                                 f"the folder")
@@ -294,7 +296,7 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
-    check_out_dir(args.out_dir)
+    check_out_dir(args.out_dir, stage="rm")
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     if args.batch_size % dist.world_size:
@@ -340,6 +342,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
     train_seconds = time.time() - t0
+    check_weights_finite(model, total_steps)
     if dist.is_main:
         def save(results):
             save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
@@ -357,9 +360,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
 
 def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     """The reward-model checkpoint in out_dir, trained (Args defaults plus `overrides`) if absent."""
+    check_out_dir(out_dir, "--rm-dir", stage="rm")
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
-        check_stage(load_checkpoint(path), path, "rm", f"--rm-dir {out_dir}")
         return str(path)
     if dist.is_main:
         print(f"== reward model: none in {out_dir}; training one")

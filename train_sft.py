@@ -18,8 +18,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
-from minalign.checkpoint import check_stage, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minalign.cli import ArgumentError, check_args, check_finite, check_out_dir, flag, run
+from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, load_checkpoint, rng_state,
+                                 save_checkpoint, set_rng_state)
+from minalign.cli import ArgumentError, check_args, check_finite, flag, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -41,8 +42,9 @@ class Args:
     stages look for their starting policy; with --data, out/sft-<data file name>)."""
     resume: bool = False
     """Continue the run in out_dir/ckpt.pt bit for bit: its settings (model shape, data,
-    schedule), optimizer, step and RNG state; only --stop-at, --device, --compile and the
-    logging may be given anew."""
+    schedule), optimizer, step and RNG state. A flag left at its default takes the
+    checkpoint's value; one given another is refused, but for --stop-at, --device,
+    --compile and how often to log and evaluate."""
     val_fraction: float = 0.05
     """Share of --data held out for the validation loss (the built-in task has its own split)."""
     n_layer: int = 4
@@ -105,7 +107,8 @@ class Args:
 
 
 # What a resumed run may set anew; every other setting continues as the checkpoint's run.
-RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "log_interval", "num_samples", "compile")
+RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_interval", "eval_interval",
+                     "eval_examples", "num_samples")
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
@@ -167,7 +170,7 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
-    check_out_dir(args.out_dir)
+    check_out_dir(args.out_dir, stage="sft")
     step = 0
     ckpt_path = f"{args.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -258,10 +261,12 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             check_finite(step, loss=train_loss)
             progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})
         if step % args.eval_interval == 0 or step == last_step:
+            check_weights_finite(model, step)  # every rank alike: the weights are the same everywhere
             if dist.is_main:
                 val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx)
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
+                check_finite(step, val_loss=val_loss)
                 checkpoint()
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main:
@@ -273,10 +278,10 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     """The SFT checkpoint in out_dir: reused when complete, resumed when a run was cut
     short, trained (with Args defaults plus `overrides`) when absent. For the later
     stages, which start from it."""
+    check_out_dir(out_dir, "--sft-dir", stage="sft")
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = load_checkpoint(path)
-        check_stage(ckpt, path, "sft", f"--sft-dir {out_dir}")
         wanted, found = overrides.get("data"), ckpt["args"].get("data")
         if (wanted and Path(wanted).resolve()) != (found and Path(found).resolve()):
             raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minalign.cli import ArgumentError
+from minalign.cli import ArgumentError, Diverged
 
 
 def save_checkpoint(path, checkpoint: dict) -> None:
@@ -108,3 +108,30 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> None:
+    """Make an output folder, refusing (naming the flag) before any work one that cannot
+    be written, or whose checkpoint another stage wrote (a reward model is never saved
+    over the SFT policy it came from)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArgumentError(f"{flag} {path}: a file, not a folder")
+    if stage is not None and (path / "ckpt.pt").exists():
+        try:
+            check_stage(load_checkpoint(path / "ckpt.pt"), path / "ckpt.pt", stage, f"{flag} {path}")
+        except ArgumentError as error:
+            raise ArgumentError(str(error) if str(error).startswith(flag) else f"{flag} {path}: {error}") from None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+
+
+def check_weights_finite(model, step: int, counter: str = "step") -> None:
+    """Raise Diverged if a weight is NaN or infinite: such a model is never saved."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged(f"{counter} {step}: the weights hold NaN or infinite values: training diverged; "
+                       f"a lower --lr may help")

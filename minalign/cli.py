@@ -18,7 +18,6 @@ import dataclasses
 import inspect
 import math
 import sys
-import tempfile
 import textwrap
 import types
 import typing
@@ -101,24 +100,12 @@ class Diverged(Exception):
     """A loss or statistic came out NaN or infinite: the run stops rather than save such weights."""
 
 
-def check_finite(step: int, **values: float) -> None:
-    """Raise Diverged, naming the step and the values, if any of them is NaN or infinite."""
+def check_finite(step: int, counter: str = "step", **values: float) -> None:
+    """Raise Diverged, naming the step (or update: `counter`) and the values, if any of
+    them is NaN or infinite."""
     bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad:
-        raise Diverged(f"step {step}: {', '.join(bad)}: training diverged; a lower --lr may help")
-
-
-def check_out_dir(path) -> None:
-    """Make the output folder, and refuse (naming --out-dir) one that cannot be made or
-    written to, before any work rather than at the first checkpoint."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise ArgumentError(f"--out-dir {path}: a file, not a folder")
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as error:
-        raise ArgumentError(f"--out-dir {path}: cannot write there ({error.strerror or error})") from None
+        raise Diverged(f"{counter} {step}: {', '.join(bad)}: training diverged; a lower --lr may help")
 
 
 def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -> None:

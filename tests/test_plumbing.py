@@ -118,6 +118,7 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         ("train_sft", ["--lr", "inf"], "--lr inf: must be finite"),
         ("train_sft", ["--val-fraction", "1"], "--val-fraction 1.0: must be below 1"),
         ("train_ppo", ["--kl-coef", "inf"], "--kl-coef inf: must be finite"),
+        ("train_ppo", ["--missing-eos-score", "nan"], "--missing-eos-score nan: must be finite"),
         ("train_rm", ["--label-temperature", "-0.2"], "--label-temperature -0.2: must be > 0"),
         ("train_rm", ["--test-fraction", "1"], "--test-fraction 1.0"),
         ("train_dpo", ["--loss-type", "kto"], "--loss-type 'kto': must be one of 'sigmoid', 'ipo', 'hinge', 'robust'"),
@@ -149,6 +150,8 @@ def test_a_loss_gone_nan_or_infinite_stops_the_run():
     check_finite(3, loss=1.5, kl=-0.2)
     with pytest.raises(Diverged, match=r"step 7: loss nan, kl inf: training diverged"):
         check_finite(7, loss=float("nan"), kl=float("inf"), ok=0.0)
+    with pytest.raises(Diverged, match=r"update 2: kl nan"):
+        check_finite(2, "update", kl=float("nan"))
 
 
 def test_metrics_start_afresh_or_resume_where_the_checkpoint_was(tmp_path):
@@ -207,7 +210,7 @@ def test_device_is_checked_before_any_work():
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
-    from minalign.cli import ArgumentError, check_out_dir
+    from minalign.checkpoint import check_out_dir
 
     check_out_dir(tmp_path / "new" / "run")
     assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
@@ -216,3 +219,24 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
         check_out_dir(tmp_path / "file")
     with pytest.raises(ArgumentError, match=r"--out-dir .*file/run: cannot write there \(Not a directory\)"):
         check_out_dir(tmp_path / "file" / "run")
+    # a folder whose checkpoint another stage wrote: nothing is saved over it
+    fake = {"model": {}, "model_config": {}, "args": {"max_steps": 5}, "step": 5}
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", fake)  # from before checkpoints named their stage
+    check_out_dir(tmp_path / "sft", stage="sft")
+    with pytest.raises(ArgumentError, match=r"--rm-dir .*sft: .*ckpt.pt holds an SFT policy, not a reward model"):
+        check_out_dir(tmp_path / "sft", "--rm-dir", stage="rm")
+    (tmp_path / "sft" / "ckpt.pt").write_text("junk")
+    with pytest.raises(ArgumentError, match=r"--out-dir .*sft: .*ckpt.pt is not a readable checkpoint"):
+        check_out_dir(tmp_path / "sft", stage="sft")
+
+
+def test_weights_gone_nan_or_infinite_are_never_saved():
+    from minalign.checkpoint import check_weights_finite
+    from minalign.cli import Diverged
+
+    model = torch.nn.Linear(3, 2)
+    check_weights_finite(model, 4)
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    with pytest.raises(Diverged, match="update 9: the weights hold NaN or infinite values"):
+        check_weights_finite(model, 9, "update")

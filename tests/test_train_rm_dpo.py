@@ -235,7 +235,7 @@ def test_a_split_left_empty_by_tokenizing_is_refused():
     assert len(train_pairs) == len(test_pairs) == 1
 
 
-def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path):
+def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train_rm
 
@@ -253,6 +253,11 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path):
     args = train_rm.Args(data=str(tmp_path / "pairs.jsonl"), sft_dir=str(tmp_path / "mine"))
     policy, _, train_raw, test_raw = train_rm.prepare_pairs(args, DistInfo())  # no SFT run: it is used as given
     assert torch.equal(policy.wte.weight, model.wte.weight) and len(train_raw) + len(test_raw) == 20
+    # so is one in the default folder, as `train_sft.py --data pairs.txt` leaves it
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(tmp_path / "out" / "sft-pairs" / "ckpt.pt", ckpt)
+    policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl"), DistInfo())
+    assert torch.equal(policy.wte.weight, model.wte.weight)
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):
         train_rm.prepare_pairs(args, DistInfo())

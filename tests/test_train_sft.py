@@ -67,11 +67,14 @@ def test_resume_is_bit_for_bit(tmp_path):
 
 
 def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
-    cmd = [sys.executable, "train_sft.py", *TINY, "--max-steps", "4", "--lr", "1e30", "--out-dir", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "step 2: loss nan: training diverged" in result.stderr
-    assert not (tmp_path / "ckpt.pt").exists()
+    for interval, message in (("1000", "step 2: loss nan: training diverged"),  # caught at a progress line
+                              ("1", "step 1: val_loss nan: training diverged")):  # or at a checkpoint
+        cmd = [sys.executable, "train_sft.py", *TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", interval,
+               "--out-dir", str(tmp_path)]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr
+        assert not (tmp_path / "ckpt.pt").exists()
 
 
 @pytest.mark.slow

@@ -52,14 +52,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 STAGES = {"sft": "an SFT policy", "rm": "a reward model", "dpo": "a DPO policy", "ppo": "a PPO policy"}
 
 
+def _legacy_stage(ckpt: dict) -> str | None:
+    """The stage of a checkpoint written before checkpoints recorded it, from a flag only
+    that stage has."""
+    if ckpt.get("kind") == "reward":
+        return "rm"
+    for stage, only_flag in (("sft", "max_steps"), ("dpo", "loss_type"), ("ppo", "kl_coef")):
+        if only_flag in ckpt["args"]:
+            return stage
+    return None
+
+
 def check_stage(ckpt: dict, path, stage: str, flag: str) -> None:
     """Refuse, naming the flag, a checkpoint that another stage wrote (a reward model where
     the SFT policy belongs, say), before anything is built on it."""
-    # checkpoints written before the stage was recorded: the reward model's kind, SFT's max_steps
     if not isinstance(ckpt, dict) or not {"model", "model_config", "args"} <= ckpt.keys():
         raise ArgumentError(f"{flag}: {path} is not a checkpoint of these scripts (no model, model_config, args)")
-    found = ckpt.get("stage") or ("rm" if ckpt.get("kind") == "reward" else "sft" if "max_steps" in ckpt["args"]
-                                  else None)
+    found = ckpt.get("stage") or _legacy_stage(ckpt)
     if found != stage:
         what = STAGES.get(found, "a model of unknown stage")
         raise ArgumentError(f"{flag}: {path} holds {what}, not {STAGES[stage]}")

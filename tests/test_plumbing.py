@@ -223,6 +223,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     fake = {"model": {}, "model_config": {}, "args": {"max_steps": 5}, "step": 5}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", fake)  # from before checkpoints named their stage
     check_out_dir(tmp_path / "sft", stage="sft")
+    for stage, args in (("dpo", {"loss_type": "sigmoid"}), ("ppo", {"kl_coef": 0.05})):
+        save_checkpoint(tmp_path / stage / "ckpt.pt", {**fake, "args": args})
+        check_out_dir(tmp_path / stage, stage=stage)
     with pytest.raises(ArgumentError, match=r"--rm-dir .*sft: .*ckpt.pt holds an SFT policy, not a reward model"):
         check_out_dir(tmp_path / "sft", "--rm-dir", stage="rm")
     (tmp_path / "sft" / "ckpt.pt").write_text("junk")

@@ -30,7 +30,7 @@ from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.rollout import check_room
-from train_rm import PairArgs, prepare_pairs, tokenize_splits  # made as for the reward model
+from train_rm import PairArgs, prepare_pairs, tokenize_splits  # shared with train_rm.py
 
 
 @dataclass
@@ -153,9 +153,9 @@ def main(args: Args):
               f"{batches.describe_left_out('pairs')}")
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
-    if gold_evals and dist.is_main:
-        gold_eval(policy, reference, tokenizer, args, dist.device, logger, 0)
-    t0 = time.time()
+    if gold_evals:
+        distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device, logger, 0)
+    t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of steps_per_s and train_seconds
     for step in range(1, total_steps + 1):
         lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
         set_lr(optimizer, lr)
@@ -171,20 +171,18 @@ def main(args: Args):
         if step % args.log_interval == 0 or step == total_steps:
             lengths = (batch["chosen_labels"] != -100).sum(1).float().mean().item()
             metrics = {**dpo_metrics(out, chosen, rejected), "response_length": lengths,
-                       "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0)}
+                       "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0 - eval_seconds)}
             metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:
-            t_eval = time.time()
-            if dist.is_main:
-                gold_eval(policy, reference, tokenizer, args, dist.device, logger, step)
-            distributed.barrier(dist)
-            t0 += time.time() - t_eval  # steps_per_s and train_seconds count training alone, on every rank
-    train_seconds = time.time() - t0
-    check_weights_finite(policy, total_steps)
+            check_weights_finite(step, "step", policy)  # it samples from them
+            eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
+                                                logger, step)
+    train_seconds = time.time() - t0 - eval_seconds
+    check_weights_finite(total_steps, "step", policy)
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {

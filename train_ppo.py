@@ -105,7 +105,7 @@ class Args:
                                    "log_interval"),
                    non_negative=("lr", "kl_coef", "value_clip", "vf_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
-        if self.rollout_batch_size >= task.SPLITS["train"]:  # each update takes a new slice of the prompts
+        if self.rollout_batch_size >= task.SPLITS["train"]:  # a slice of the prompts must fit, with room to move
             raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
                                 f"{task.SPLITS['train']:,} training prompts")
         task.check_counts(self, test=("eval_prompts",))
@@ -189,14 +189,14 @@ def main(args: Args):
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
     per_rank = args.rollout_batch_size // dist.world_size
     negative_kl_warned = False
-    if args.eval_interval and dist.is_main:
-        held_out_eval(policy, reference, reward_model, tokenizer, args, logger, 0)
-    t0 = time.time()
+    if args.eval_interval:
+        distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args, logger, 0)
+    t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of eps and train_seconds
 
     for update in range(1, args.updates + 1):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
-        # walk through the training prompts in order, wrapping around; each rank takes its
-        # own consecutive slice, and the modulus keeps the slice inside the list
+        # successive updates take successive slices of the training prompts, each rank its
+        # own; the modulus starts over before a slice would run past the end of the list
         start = ((update - 1) * args.rollout_batch_size + dist.rank * per_rank) % (len(train_prompts) - per_rank)
         prompts = train_prompts[start : start + per_rank]
         t_roll = time.time()
@@ -238,7 +238,7 @@ def main(args: Args):
             "losses/explained_variance": explained_variance(old_values, returns, mask),
             "kl_coef": kl_ctl.value,
             "rollout_tokens_per_s": roll_tokens / rollout_seconds,
-            "eps": update * args.rollout_batch_size / (time.time() - t0),  # TRL's name: episodes per second
+            "eps": update * args.rollout_batch_size / (time.time() - t0 - eval_seconds),  # TRL's: episodes/s
         })
         # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
@@ -252,8 +252,7 @@ def main(args: Args):
             negative_kl_warned = True
         logger.log(update, **stats)
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
-        check_weights_finite(policy, update, "update")  # the next rollout samples from them
-        check_weights_finite(critic, update, "update")
+        check_weights_finite(update, "update", policy, critic)  # the next rollout samples from the policy
         if update % args.log_interval == 0 or update == args.updates:
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),
@@ -261,14 +260,11 @@ def main(args: Args):
                            ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
-            t_eval = time.time()
-            if dist.is_main:
-                held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update)
-            distributed.barrier(dist)
-            t0 += time.time() - t_eval  # eps and train_seconds count training alone, on every rank
+            eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,
+                                                logger, update)
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
-        train_seconds = time.time() - t0
+        train_seconds = time.time() - t0 - eval_seconds
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
             "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
             "step": args.updates, "tokenizer": tokenizer.name, "stage": "ppo"})

@@ -91,6 +91,7 @@ class PairArgs:
             raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
         if self.data is None:
             task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
+        self.sft_dir_given = self.sft_dir is not None  # not a field: the user's own SFT policy, with --data
         self.out_dir, self.sft_dir = default_folders(self)
 
 
@@ -168,6 +169,9 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
 def prepare_pairs(args: PairArgs, dist):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
     Shared by train_rm.py and train_dpo.py."""
+    check_out_dir(args.sft_dir, "--sft-dir", stage="sft")  # both may be written to below
+    if args.data is None:
+        check_out_dir(args.pairs_dir, "--pairs-dir")
     tokenizer = get_tokenizer(args.tokenizer)
     builtin = args.data is None
     if builtin:
@@ -205,14 +209,17 @@ def prepare_pairs(args: PairArgs, dist):
               "test_fraction": args.test_fraction}
     if (Path(args.sft_dir) / "ckpt.pt").exists():
         made_from = json.loads(source_file.read_text()) if source_file.exists() else None
-        if made_from is None:  # not made here from pairs: the user's own SFT policy, taken as it is
+        if made_from is None and args.sft_dir_given:  # the user's own SFT policy, taken as it is
             sft_path = Path(args.sft_dir) / "ckpt.pt"
             check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {args.sft_dir}")
             policy, ckpt = load_model(sft_path, dist.device)
             check_model(ckpt, tokenizer, sft_path, args.max_length)
             if dist.is_main:
-                print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data')})")
+                print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
             return policy, tokenizer, train_pairs, test_pairs
+        if made_from is None:  # in the default folder, and not made there from pairs
+            raise ArgumentError(f"{args.sft_dir} holds an SFT policy not made from these pairs: pass --sft-dir "
+                                f"{args.sft_dir} to start from it as it is, or another --sft-dir (and --out-dir)")
         if made_from != source:  # the SFT data must be this run's training pairs: no held-out pair in it
             why = ", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
                             if made_from.get(k) != v)
@@ -258,10 +265,9 @@ def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
         print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
     for name, pairs, raw in (("training", train_pairs, train_raw), ("held-out", test_pairs, test_raw)):
         if not pairs:
-            hint = "; raise --test-fraction" if args.data and name == "held-out" else ""
-            raise data.DataError(f"{args.data or 'the built-in pairs'}: none of the {len(raw)} {name} pairs is "
-                                 f"left: chosen and rejected are the same within --max-length {args.max_length}"
-                                 f"{hint}")
+            why = (f"none of the {len(raw)} is left: chosen and rejected are the same within --max-length "
+                   f"{args.max_length} (raise it)" if raw else "there are none")
+            raise data.DataError(f"{args.data or 'the built-in pairs'}: no {name} pairs: {why}")
     return train_pairs, test_pairs
 
 
@@ -342,7 +348,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
     train_seconds = time.time() - t0
-    check_weights_finite(model, total_steps)
+    check_weights_finite(total_steps, "step", model)
     if dist.is_main:
         def save(results):
             save_checkpoint(Path(args.out_dir) / "ckpt.pt", {

@@ -201,10 +201,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         prompts = prompts[: args.num_samples]
     train, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
     val, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
+    evaluated = f" (the first {args.eval_examples} evaluated)" if len(val) > args.eval_examples else ""
     if dist.is_main:
-        print(f"data: {len(train)} train / {len(val)} val examples"
-              f"{f' (the first {args.eval_examples} evaluated)' if len(val) > args.eval_examples else ''}"
-              f"\n  train: {stats}\n  val: {val_stats}")
+        print(f"data: {len(train)} train / {len(val)} val examples{evaluated}\n  train: {stats}\n  val: {val_stats}")
     val = val[: args.eval_examples]
 
     # ---- model and optimizer ----
@@ -261,16 +260,21 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             check_finite(step, loss=train_loss)
             progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})
         if step % args.eval_interval == 0 or step == last_step:
-            check_weights_finite(model, step)  # every rank alike: the weights are the same everywhere
+            # the main process evaluates and every process learns the result, so that all of
+            # them stop alike if training diverged, before a checkpoint is written
+            check_weights_finite(step, "step", model)
+            val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
+            val_loss = torch.tensor(val_loss, dtype=torch.float64, device=dist.device)
+            val_loss = distributed.all_reduce_sum(val_loss, dist).item()
+            check_finite(step, val_loss=val_loss)
             if dist.is_main:
-                val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx)
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
-                check_finite(step, val_loss=val_loss)
                 checkpoint()
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main:
         print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
+    distributed.barrier(dist)  # the other processes load the final checkpoint next
     return ckpt_path
 
 

@@ -1,8 +1,9 @@
 """Checkpoints: one plain dict per file, written atomically, read with weights_only=True.
 
-A checkpoint holds the model's weights and config, the run's arguments and its step;
-an SFT checkpoint also holds what `--resume` needs to continue bit for bit, the
-optimizer and RNG state. Writing
+A checkpoint holds the model's weights and config, the run's arguments, its step, the
+tokenizer's name and the stage that wrote it ("sft", "rm", "dpo", "ppo": a folder is
+never read or written as another stage's); an SFT checkpoint also holds what
+`--resume` needs to continue bit for bit, the optimizer and RNG state. Writing
 to a temporary file and renaming it means a crash mid-write never leaves a torn
 checkpoint behind; `weights_only=True` means loading one never runs pickled code.
 """
@@ -41,12 +42,18 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):
+        raise  # the file cannot be read (permissions, I/O), or the machine is short of memory
     except Exception as error:  # truncated, not a torch file, or objects that need unpickling code
-        if "Unsupported global" in str(error):
+        text = str(error)
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise ArgumentError(f"{path} holds Python objects besides tensors and plain values, which "
                                 f"loading with weights_only=True refuses (it never runs pickled code)") from None
+        lines = text.splitlines() or [""]  # torch's own reason, without its advice on weights_only
+        reason = next((line.split(":", 1)[1] for line in lines if line.startswith("WeightsUnpickler error")),
+                      lines[0])
         raise ArgumentError(f"{path} is not a readable checkpoint: truncated, or not written by torch.save "
-                            f"({type(error).__name__})") from None
+                            f"({type(error).__name__}: {reason.strip().split('. ')[0][:160]})") from None
 
 
 STAGES = {"sft": "an SFT policy", "rm": "a reward model", "dpo": "a DPO policy", "ppo": "a PPO policy"}
@@ -139,8 +146,8 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> No
         raise ArgumentError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
-def check_weights_finite(model, step: int, counter: str = "step") -> None:
-    """Raise Diverged if a weight is NaN or infinite: such a model is never saved."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+def check_weights_finite(step: int, counter: str = "step", *models) -> None:
+    """Raise Diverged if a weight of the models is NaN or infinite: such a model is never saved."""
+    if not all(torch.isfinite(p).all() for model in models for p in model.parameters()):
         raise Diverged(f"{counter} {step}: the weights hold NaN or infinite values: training diverged; "
                        f"a lower --lr may help")

@@ -137,9 +137,12 @@ def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:
 
 
 def data_name(path: str | Path) -> str:
-    """A data file's name without its folder and suffixes ("a/hh.jsonl.gz" -> "hh"): the
-    scripts name their default output folders after it."""
-    return Path(path).name.split(".")[0]
+    """A data file's name without its folder and data suffixes ("a/hh.test.jsonl.gz" ->
+    "hh.test"): the scripts name their default output folders after it."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".json", ".txt"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def load_sft(path: str | Path) -> list[dict]:

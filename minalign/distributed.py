@@ -7,6 +7,7 @@ Rank 0 alone prints, writes metrics and saves checkpoints.
 
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,16 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
     if info.enabled:
         dist.barrier()
+
+
+def on_main(info: DistInfo, fn, *args, **kwargs) -> float:
+    """Run fn(*args, **kwargs) on the main process while the others wait (an evaluation,
+    say); returns the seconds it took, on every process."""
+    start = time.time()
+    if info.is_main:
+        fn(*args, **kwargs)
+    barrier(info)
+    return time.time() - start
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:

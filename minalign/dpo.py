@@ -43,12 +43,14 @@ def reference_logps(model, pairs, pad_id, batch_size=32, verbose=False) -> torch
     was_training = model.training
     model.eval()
     rows = []
-    for start in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    report_every = max(1, len(starts) // 10)  # batches between progress lines: about ten of them
+    for i, start in enumerate(starts, 1):
         batch = collate_pairs(pairs[start : start + batch_size], pad_id, device)
         chosen, rejected = pair_logps(model, batch)
-        rows.append(torch.stack([chosen.sum_logps, rejected.sum_logps, chosen.mean_logps, rejected.mean_logps], 1))
-        done = start + len(batch["chosen_input_ids"])
-        if verbose and (done == len(pairs) or done // batch_size % max(1, len(pairs) // batch_size // 10) == 0):
-            print(f"  reference log-probs: {done}/{len(pairs)} pairs", flush=True)
+        logps = [chosen.sum_logps, rejected.sum_logps, chosen.mean_logps, rejected.mean_logps]
+        rows.append(torch.stack(logps, 1))  # (b, 4)
+        if verbose and (i % report_every == 0 or i == len(starts)):
+            print(f"  reference log-probs: {min(start + batch_size, len(pairs))}/{len(pairs)} pairs", flush=True)
     model.train(was_training)
     return torch.cat(rows).cpu()

@@ -27,7 +27,7 @@ from minalign.rollout import response_logprobs, sample
 def held_out_prompts(tokenizer, n: int, seed: int) -> list[str]:
     """The built-in task's evaluation prompts: n openings of test-split reviews, the
     same for every script given the same seed, so their tables compare."""
-    return task.prompts("test", tokenizer, n=n, seed=seed + 11)  # + 11: not the training prompts' draw
+    return task.prompts("test", tokenizer, n=n, seed=seed + 11)  # + 11: a draw apart from the pairs' (+ 1)
 
 
 @torch.no_grad()

@@ -223,9 +223,12 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     fake = {"model": {}, "model_config": {}, "args": {"max_steps": 5}, "step": 5}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", fake)  # from before checkpoints named their stage
     check_out_dir(tmp_path / "sft", stage="sft")
-    for stage, args in (("dpo", {"loss_type": "sigmoid"}), ("ppo", {"kl_coef": 0.05})):
-        save_checkpoint(tmp_path / stage / "ckpt.pt", {**fake, "args": args})
+    for stage, extra in (("dpo", {"args": {"loss_type": "sigmoid"}}), ("ppo", {"args": {"kl_coef": 0.05}}),
+                         ("rm", {"args": {"epochs": 4}, "kind": "reward"})):
+        save_checkpoint(tmp_path / stage / "ckpt.pt", {**fake, **extra})
         check_out_dir(tmp_path / stage, stage=stage)
+        with pytest.raises(ArgumentError, match="holds a"):
+            check_out_dir(tmp_path / stage, stage="sft")
     with pytest.raises(ArgumentError, match=r"--rm-dir .*sft: .*ckpt.pt holds an SFT policy, not a reward model"):
         check_out_dir(tmp_path / "sft", "--rm-dir", stage="rm")
     (tmp_path / "sft" / "ckpt.pt").write_text("junk")
@@ -238,8 +241,8 @@ def test_weights_gone_nan_or_infinite_are_never_saved():
     from minalign.cli import Diverged
 
     model = torch.nn.Linear(3, 2)
-    check_weights_finite(model, 4)
+    check_weights_finite(4, "step", model, torch.nn.Linear(2, 2))
     with torch.no_grad():
         model.bias[1] = float("inf")
     with pytest.raises(Diverged, match="update 9: the weights hold NaN or infinite values"):
-        check_weights_finite(model, 9, "update")
+        check_weights_finite(9, "update", torch.nn.Linear(2, 2), model)

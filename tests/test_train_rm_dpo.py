@@ -108,8 +108,8 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
         rows = pairs if name == "a" else pairs[::-1]
         (tmp_path / name / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     sft = tmp_path / "sft"
-    sft.mkdir()
-    (sft / "ckpt.pt").write_bytes(b"made from a")  # never loaded: the check comes first
+    from minalign.checkpoint import save_checkpoint
+    save_checkpoint(sft / "ckpt.pt", {"model": {}, "model_config": {}, "args": {}, "stage": "sft"})  # "made from a"
     source = {"data": str((tmp_path / "a" / "pairs.jsonl").resolve()), "sha256": "0" * 16, "seed": 1337,
               "test_fraction": 0.1}
     (sft / "source.json").write_text(json.dumps(source))
@@ -121,8 +121,8 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
 
 
 def test_an_sft_policy_trained_on_other_data_is_not_reused(tmp_path):
-    # `python train_sft.py --data shakespeare.txt` writes to out/sft, where the later
-    # stages look for the built-in task's policy
+    # `python train_sft.py --data shakespeare.txt` used to write to out/sft, where the
+    # later stages look for the built-in task's policy
     sys.path.insert(0, str(ROOT))
     import train_sft
 
@@ -131,6 +131,7 @@ def test_an_sft_policy_trained_on_other_data_is_not_reused(tmp_path):
 
     assert train_sft.Args().out_dir == "out/sft"  # and by default it no longer does
     assert train_sft.Args(data="data/shakespeare.txt").out_dir == "out/sft-shakespeare"
+    assert train_sft.Args(data="data/pairs.test.jsonl.gz").out_dir == "out/sft-pairs.test"  # not out/sft-pairs
     text = str(tmp_path / "shakespeare.txt")
     fake = {"model": {}, "model_config": {}, "step": 5, "stage": "sft"}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**fake, "args": {"data": text, "max_steps": 5}})
@@ -229,7 +230,7 @@ def test_a_split_left_empty_by_tokenizing_is_refused():
     train_raw = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad."}]
     test_raw = [{"prompt": "The plot", "chosen": " was good and long", "rejected": " was good and dull"}]
     args = train_rm.Args(data="p.jsonl", max_length=5)  # the test pair differs only past 5 tokens
-    with pytest.raises(data.DataError, match=r"p.jsonl: none of the 1 held-out pairs is left.*--test-fraction"):
+    with pytest.raises(data.DataError, match=r"p.jsonl: no held-out pairs: none of the 1 is left: .* --max-length 5 \(raise it\)"):
         train_rm.tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
     train_pairs, test_pairs = train_rm.tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
     assert len(train_pairs) == len(test_pairs) == 1
@@ -253,10 +254,14 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     args = train_rm.Args(data=str(tmp_path / "pairs.jsonl"), sft_dir=str(tmp_path / "mine"))
     policy, _, train_raw, test_raw = train_rm.prepare_pairs(args, DistInfo())  # no SFT run: it is used as given
     assert torch.equal(policy.wte.weight, model.wte.weight) and len(train_raw) + len(test_raw) == 20
-    # so is one in the default folder, as `train_sft.py --data pairs.txt` leaves it
+    # one found in the default folder (`train_sft.py --data pairs.txt` leaves it there) is
+    # used only when named: another file of that name would share the folder
     monkeypatch.chdir(tmp_path)
     save_checkpoint(tmp_path / "out" / "sft-pairs" / "ckpt.pt", ckpt)
-    policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl"), DistInfo())
+    with pytest.raises(ArgumentError, match=r"out/sft-pairs holds an SFT policy not made from these pairs: pass "
+                                            r"--sft-dir out/sft-pairs to start from it"):
+        train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl"), DistInfo())
+    policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl", sft_dir="out/sft-pairs"), DistInfo())
     assert torch.equal(policy.wte.weight, model.wte.weight)
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):

@@ -89,3 +89,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     run([*TINY, "--max-steps", "1", "--lr", "0", "--warmup-steps", "1", "--out-dir", str(tmp_path / "init")])
     init = load_checkpoint(tmp_path / "init" / "ckpt.pt")["model"]
     assert sum((one[n] - init[n]).abs().sum() for n in one) > 0
+
+
+@pytest.mark.slow
+def test_a_run_diverging_under_two_processes_stops_on_both(tmp_path):
+    # the main process evaluates; the other must stop too, not wait for it forever
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
+           *TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", "1", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stderr.count("step 1: val_loss nan: training diverged") == 2, result.stderr[-3000:]  # each process
+    assert not (tmp_path / "ckpt.pt").exists()

@@ -178,11 +178,11 @@ def main(args: Args):
             progress.print(step, loss=round(metrics["loss"], 4), acc=round(metrics["rewards/accuracies"], 3),
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:
-            check_weights_finite(step, "step", policy)  # it samples from them
+            check_weights_finite(step, policy)  # it samples from them
             eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
                                                 logger, step)
     train_seconds = time.time() - t0 - eval_seconds
-    check_weights_finite(total_steps, "step", policy)
+    check_weights_finite(total_steps, policy)
 
     if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", {

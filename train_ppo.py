@@ -252,7 +252,7 @@ def main(args: Args):
             negative_kl_warned = True
         logger.log(update, **stats)
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
-        check_weights_finite(update, "update", policy, critic)  # the next rollout samples from the policy
+        check_weights_finite(update, policy, critic, counter="update")  # the next rollout samples from the policy
         if update % args.log_interval == 0 or update == args.updates:
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),

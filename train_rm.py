@@ -91,8 +91,11 @@ class PairArgs:
             raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
         if self.data is None:
             task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
-        self.sft_dir_given = self.sft_dir is not None  # not a field: the user's own SFT policy, with --data
-        self.out_dir, self.sft_dir = default_folders(self)
+        self.out_dir = default_folders(self)[0]  # --sft-dir stays as given: None or the user's own folder
+
+    def sft_folder(self) -> str:
+        """--sft-dir, or the default folder named after the pairs."""
+        return default_folders(self)[1]
 
 
 @dataclass
@@ -169,16 +172,17 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
 def prepare_pairs(args: PairArgs, dist):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
     Shared by train_rm.py and train_dpo.py."""
-    check_out_dir(args.sft_dir, "--sft-dir", stage="sft")  # both may be written to below
+    sft_dir = args.sft_folder()
+    check_out_dir(sft_dir, "--sft-dir", stage="sft")  # both may be written to below
     if args.data is None:
         check_out_dir(args.pairs_dir, "--pairs-dir")
     tokenizer = get_tokenizer(args.tokenizer)
     builtin = args.data is None
     if builtin:
-        if not (Path(args.sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
+        if not (Path(sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
             raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
-                                f"of the SFT policy that would be trained in {args.sft_dir}")
-        sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+                                f"of the SFT policy that would be trained in {sft_dir}")
+        sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
         policy, ckpt = load_model(sft_path, dist.device)
         check_model(ckpt, tokenizer, sft_path, args.max_length)
         labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
@@ -203,27 +207,27 @@ def prepare_pairs(args: PairArgs, dist):
     test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
-    sft_file = Path(args.sft_dir) / "sft_data.jsonl"
-    source_file = Path(args.sft_dir) / "source.json"  # which pairs the SFT data came from
+    sft_file = Path(sft_dir) / "sft_data.jsonl"
+    source_file = Path(sft_dir) / "source.json"  # which pairs the SFT data came from
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}
-    if (Path(args.sft_dir) / "ckpt.pt").exists():
+    if (Path(sft_dir) / "ckpt.pt").exists():
         made_from = json.loads(source_file.read_text()) if source_file.exists() else None
-        if made_from is None and args.sft_dir_given:  # the user's own SFT policy, taken as it is
-            sft_path = Path(args.sft_dir) / "ckpt.pt"
-            check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {args.sft_dir}")
+        if made_from is None and args.sft_dir is not None:  # the user's own SFT policy, taken as it is
+            sft_path = Path(sft_dir) / "ckpt.pt"
+            check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {sft_dir}")
             policy, ckpt = load_model(sft_path, dist.device)
             check_model(ckpt, tokenizer, sft_path, args.max_length)
             if dist.is_main:
                 print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
             return policy, tokenizer, train_pairs, test_pairs
         if made_from is None:  # in the default folder, and not made there from pairs
-            raise ArgumentError(f"{args.sft_dir} holds an SFT policy not made from these pairs: pass --sft-dir "
-                                f"{args.sft_dir} to start from it as it is, or another --sft-dir (and --out-dir)")
+            raise ArgumentError(f"{sft_dir} holds an SFT policy not made from these pairs: pass --sft-dir "
+                                f"{sft_dir} to start from it as it is, or another --sft-dir (and --out-dir)")
         if made_from != source:  # the SFT data must be this run's training pairs: no held-out pair in it
             why = ", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
                             if made_from.get(k) != v)
-            raise ArgumentError(f"--sft-dir {args.sft_dir} holds an SFT policy trained on the chosen responses of "
+            raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
                                 f"other training pairs ({why}): pass another --sft-dir (and --out-dir), or remove "
                                 f"the folder")
     elif dist.is_main:  # SFT on the preferred responses
@@ -234,7 +238,7 @@ def prepare_pairs(args: PairArgs, dist):
         source_file.write_text(json.dumps(source, indent=1))
     distributed.barrier(dist)
     try:
-        sft_path = train_sft.ensure(args.sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
+        sft_path = train_sft.ensure(sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
                                     block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
                                     device=args.device)
     except ArgumentError as error:  # its settings are this function's, not the user's flags
@@ -266,7 +270,7 @@ def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
     for name, pairs, raw in (("training", train_pairs, train_raw), ("held-out", test_pairs, test_raw)):
         if not pairs:
             why = (f"none of the {len(raw)} is left: chosen and rejected are the same within --max-length "
-                   f"{args.max_length} (raise it)" if raw else "there are none")
+                   f"{args.max_length}" if raw else "there are none")
             raise data.DataError(f"{args.data or 'the built-in pairs'}: no {name} pairs: {why}")
     return train_pairs, test_pairs
 
@@ -287,7 +291,7 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
     model.fit_normalisation(raw)
     save(results)  # the finished model first: a failure in the slower check below loses nothing
     if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
-        policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", dist.device)
+        policy, _ = load_model(Path(args.sft_folder()) / "ckpt.pt", dist.device)
         prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
         print(f"agreement with the gold judge on {len(prompts)} fresh SFT samples", flush=True)
         responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
@@ -348,7 +352,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
 
     train_seconds = time.time() - t0
-    check_weights_finite(total_steps, "step", model)
+    check_weights_finite(total_steps, model)
     if dist.is_main:
         def save(results):
             save_checkpoint(Path(args.out_dir) / "ckpt.pt", {

@@ -43,8 +43,8 @@ class Args:
     resume: bool = False
     """Continue the run in out_dir/ckpt.pt bit for bit: its settings (model shape, data,
     schedule), optimizer, step and RNG state. A flag left at its default takes the
-    checkpoint's value; one given another is refused, but for --stop-at, --device,
-    --compile and how often to log and evaluate."""
+    checkpoint's value; one given another is refused, except --stop-at, --out-dir,
+    --device, --compile and how often and how much to log, evaluate and sample."""
     val_fraction: float = 0.05
     """Share of --data held out for the validation loss (the built-in task has its own split)."""
     n_layer: int = 4
@@ -262,7 +262,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         if step % args.eval_interval == 0 or step == last_step:
             # the main process evaluates and every process learns the result, so that all of
             # them stop alike if training diverged, before a checkpoint is written
-            check_weights_finite(step, "step", model)
+            check_weights_finite(step, model)
             val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
             val_loss = torch.tensor(val_loss, dtype=torch.float64, device=dist.device)
             val_loss = distributed.all_reduce_sum(val_loss, dist).item()

@@ -42,8 +42,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):
-        raise  # the file cannot be read (permissions, I/O), or the machine is short of memory
+    except (PermissionError, MemoryError):
+        raise  # the file may not be read, or the machine is short of memory
     except Exception as error:  # truncated, not a torch file, or objects that need unpickling code
         text = str(error)
         if "Unsupported global" in text or "Unsupported class" in text:
@@ -146,8 +146,9 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> No
         raise ArgumentError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
-def check_weights_finite(step: int, counter: str = "step", *models) -> None:
+def check_weights_finite(step: int, *models, counter: str = "step") -> None:
     """Raise Diverged if a weight of the models is NaN or infinite: such a model is never saved."""
+    assert models, "no models to check"
     if not all(torch.isfinite(p).all() for model in models for p in model.parameters()):
         raise Diverged(f"{counter} {step}: the weights hold NaN or infinite values: training diverged; "
                        f"a lower --lr may help")

@@ -66,6 +66,12 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
     path.write_bytes(b"\x00" * 10)
     with pytest.raises(ArgumentError, match="evil.pt is not a readable checkpoint"):
         load_checkpoint(path)
+    torch.save({"model": {"w": torch.randn(64, 64)}}, path)
+    whole = path.read_bytes()
+    for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 10, len(whole) - 1):  # errors of several kinds
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ArgumentError, match="evil.pt is not a readable checkpoint: truncated"):
+            load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
 
@@ -241,8 +247,8 @@ def test_weights_gone_nan_or_infinite_are_never_saved():
     from minalign.cli import Diverged
 
     model = torch.nn.Linear(3, 2)
-    check_weights_finite(4, "step", model, torch.nn.Linear(2, 2))
+    check_weights_finite(4, model, torch.nn.Linear(2, 2))
     with torch.no_grad():
         model.bias[1] = float("inf")
     with pytest.raises(Diverged, match="update 9: the weights hold NaN or infinite values"):
-        check_weights_finite(9, "update", torch.nn.Linear(2, 2), model)
+        check_weights_finite(9, torch.nn.Linear(2, 2), model, counter="update")

@@ -1,5 +1,6 @@
 """DPO's log-prob plumbing, and tiny end-to-end runs of train_rm.py and train_dpo.py."""
 
+import dataclasses
 import json
 import math
 import os
@@ -156,12 +157,13 @@ def test_default_folders_say_what_went_in():
     import train_dpo
     import train_rm
 
-    folders = lambda args: (args.out_dir, args.sft_dir)
+    folders = lambda args: (args.out_dir, args.sft_folder())
     assert folders(train_rm.Args()) == ("out/rm", "out/sft")
     assert folders(train_rm.Args(label_temperature=0.5)) == ("out/rm-t0.5", "out/sft")
     assert folders(train_dpo.Args(n_train_pairs=1000, label_flip=0.1)) == ("out/dpo-n1000-flip0.1", "out/sft")
     args = train_dpo.Args(data="x/harmless-base-test.jsonl.gz", out_dir="mine")
     assert folders(args) == ("mine", "out/sft-harmless-base-test")
+    assert dataclasses.replace(args, seed=1).sft_dir is None  # still not named by the user
 
 
 def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
@@ -230,7 +232,7 @@ def test_a_split_left_empty_by_tokenizing_is_refused():
     train_raw = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad."}]
     test_raw = [{"prompt": "The plot", "chosen": " was good and long", "rejected": " was good and dull"}]
     args = train_rm.Args(data="p.jsonl", max_length=5)  # the test pair differs only past 5 tokens
-    with pytest.raises(data.DataError, match=r"p.jsonl: no held-out pairs: none of the 1 is left: .* --max-length 5 \(raise it\)"):
+    with pytest.raises(data.DataError, match=r"p.jsonl: no held-out pairs: none of the 1 is left: .* --max-length 5"):
         train_rm.tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
     train_pairs, test_pairs = train_rm.tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
     assert len(train_pairs) == len(test_pairs) == 1

@@ -24,7 +24,7 @@ import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, load_checkpoint,
                                  load_model, save_checkpoint)
-from minalign.cli import ArgumentError, check_args, check_finite, flag, run
+from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -169,9 +169,18 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
     return args.out_dir or f"out/{name}{stem}", args.sft_dir or f"out/sft{stem}"
 
 
+# Flags of train_rm.py and train_dpo.py that make or judge the built-in pairs.
+BUILTIN_ONLY = ("pairs_dir", "label_temperature", "n_train_prompts", "n_test_prompts", "n_train_pairs",
+                "label_flip", "margin", "eval_interval", "eval_max_new_tokens")
+
+
 def prepare_pairs(args: PairArgs, dist):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
     Shared by train_rm.py and train_dpo.py."""
+    if args.data is None:
+        refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
+    else:
+        refuse_given(args, BUILTIN_ONLY, "for the built-in task only, not with --data")
     sft_dir = args.sft_folder()
     check_out_dir(sft_dir, "--sft-dir", stage="sft")  # both may be written to below
     if args.data is None:
@@ -197,10 +206,6 @@ def prepare_pairs(args: PairArgs, dist):
             if dist.is_main:
                 print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")
         return policy, tokenizer, train_pairs, test_pairs
-    builtin_only = [flag(k) for k in ("n_train_pairs", "label_temperature") if getattr(args, k) is not None]
-    builtin_only += [flag(k) for k in ("label_flip", "margin", "eval_interval") if getattr(args, k, 0)]
-    if builtin_only:
-        raise ArgumentError(f"{', '.join(builtin_only)}: for the built-in task only, not with --data")
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))

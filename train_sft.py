@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, load_checkpoint, rng_state,
                                  save_checkpoint, set_rng_state)
-from minalign.cli import ArgumentError, check_args, check_finite, flag, run
+from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -42,9 +42,9 @@ class Args:
     stages look for their starting policy; with --data, out/sft-<data file name>)."""
     resume: bool = False
     """Continue the run in out_dir/ckpt.pt bit for bit: its settings (model shape, data,
-    schedule), optimizer, step and RNG state. A flag left at its default takes the
-    checkpoint's value; one given another is refused, except --stop-at, --out-dir,
-    --device, --compile and how often and how much to log, evaluate and sample."""
+    schedule), optimizer, step and RNG state. A flag left out takes the checkpoint's
+    value; one given another value is refused, except --stop-at, --out-dir, --device,
+    --compile and how often and how much to log, evaluate and sample."""
     val_fraction: float = 0.05
     """Share of --data held out for the validation loss (the built-in task has its own split)."""
     n_layer: int = 4
@@ -113,15 +113,17 @@ RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_i
 
 def resumed_args(args: Args, saved: dict) -> Args:
     """The settings of the run a checkpoint continues (`saved`: its args), for --resume.
-    A flag given a value other than its default and the checkpoint's is refused: the run
+    A flag given a value other than the checkpoint's is refused, its default too: the run
     would not continue as it started."""
-    defaults = {f.name: f.default for f in fields(Args)}
-    kept = {k: v for k, v in saved.items() if k in defaults and k not in RESUME_MAY_CHANGE}
-    changed = [k for k, v in kept.items() if getattr(args, k) not in (v, defaults[k])]
+    names = {f.name for f in fields(Args)} - set(RESUME_MAY_CHANGE)
+    kept = {k: v for k, v in saved.items() if k in names}
+    changed = [k for k, v in kept.items() if k in given(args) and getattr(args, k) != v]
     if changed:
         raise ArgumentError(f"--resume continues the run in {args.out_dir} with its own settings: "
                             + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {kept[k]})" for k in changed))
-    return replace(args, **kept)
+    resumed = replace(args, **kept)
+    resumed._given = given(args)  # what the command line named, for the checks that follow
+    return resumed
 
 
 def autocast_context(device: str, dtype: str):
@@ -177,6 +179,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if ckpt is not None:  # the run goes on with the checkpoint's settings and model shape
         check_stage(ckpt, ckpt_path, "sft", "--resume")
         args = resumed_args(args, ckpt["args"])
+    if args.data is None:
+        refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)

@@ -69,7 +69,9 @@ def _parser_for(tp, optional):
     return parse
 
 
-def build_parser(cls, description=None) -> argparse.ArgumentParser:
+def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParser:
+    """The parser of `cls`'s flags; with defaults=False a flag left out is left out of
+    the parsed namespace."""
     parser = argparse.ArgumentParser(
         description=description or inspect.getdoc(cls),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -79,6 +81,7 @@ def build_parser(cls, description=None) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = default if defaults else argparse.SUPPRESS
         help_text = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
@@ -130,14 +133,34 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
 
 def parse_args(cls, argv=None):
     """Parse the command line (or `argv`) into an instance of the dataclass `cls`; a value
-    its checks reject exits with the usage line and the reason, as argparse's own errors do."""
+    its checks reject exits with the usage line and the reason, as argparse's own errors do.
+    Which flags the command line named is kept for `given`."""
     parser = build_parser(cls)
     namespace = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
     try:
-        return cls(**values)
+        args = cls(**values)
     except ArgumentError as error:
         parser.error(str(error))
+    args._given = frozenset(vars(build_parser(cls, defaults=False).parse_args(argv)))
+    return args
+
+
+def given(args) -> frozenset[str]:
+    """The fields whose flags were on the command line, even at their default value. For
+    Args made in code (not by parse_args), the fields that differ from their defaults."""
+    if hasattr(args, "_given"):
+        return args._given
+    return frozenset(f.name for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
+                     and getattr(args, f.name) != f.default)
+
+
+def refuse_given(args, names, reason: str) -> None:
+    """Raise ArgumentError if any of the fields `names` was given: a flag that does not
+    apply to this run is refused rather than silently ignored."""
+    named = [flag(name) for name in names if name in given(args)]
+    if named:
+        raise ArgumentError(f"{', '.join(named)}: {reason}")
 
 
 def run(main, cls, argv=None) -> None:

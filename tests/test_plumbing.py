@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minalign.checkpoint import load_checkpoint, save_checkpoint
-from minalign.cli import ArgumentError, build_parser, parse_args
+from minalign.cli import ArgumentError, build_parser, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
 
@@ -46,6 +46,16 @@ def test_cli_rejects_bad_values(capsys):
     assert "--betas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(Args, ["--unknown", "1"])
+
+
+def test_cli_knows_which_flags_were_given_even_at_their_default():
+    args = parse_args(Args, ["--lr", "3e-4", "--no-compile", "--betas", "0.1", "0.5"])
+    assert args == Args() and given(args) == {"lr", "compile", "betas"}
+    assert given(parse_args(Args, [])) == set()
+    assert given(Args(steps=3, lr=3e-4)) == {"steps"}  # made in code: what differs from the defaults
+    refuse_given(Args(steps=3), ("lr", "data"), "not here")  # none of them given: no error
+    with pytest.raises(ArgumentError, match="^--lr, --compile: not here$"):
+        refuse_given(args, ("lr", "compile", "steps"), "not here")
 
 
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):

@@ -202,7 +202,7 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
     import train_dpo
     import train_ppo
 
-    from minalign.cli import ArgumentError
+    from minalign.cli import ArgumentError, parse_args
 
     for cls, kwargs, message in (
             (train_dpo.Args, {"n_test_prompts": 1001}, "--n-test-prompts 1001: the built-in task's test split has 1,000"),
@@ -219,7 +219,11 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
     from minalign.distributed import DistInfo
     for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, label_temperature=0.5),
                            "--label-temperature, --margin: for the built-in task only"),
-                          (train_dpo.Args(data="p.jsonl", eval_interval=5), "--eval-interval: for the built-in")):
+                          (train_dpo.Args(data="p.jsonl", eval_interval=5), "--eval-interval: for the built-in"),
+                          # named on the command line, at the default value too
+                          (parse_args(train_dpo.Args, ["--data", "p.jsonl", "--n-train-prompts", "1000"]),
+                           "--n-train-prompts: for the built-in task only"),
+                          (parse_args(train_rm.Args, ["--test-fraction", "0.1"]), "--test-fraction: applies to --data")):
         with pytest.raises(ArgumentError, match=message):  # before the file is even read
             train_rm.prepare_pairs(args, DistInfo())
 

@@ -48,10 +48,12 @@ def test_resume_is_bit_for_bit(tmp_path):
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
         f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
     # the run goes on as it was started: a setting given anew is refused, one left out is the checkpoint's
+    # (its default too: --max-steps 800)
     refused = subprocess.run([sys.executable, "train_sft.py", *TINY, "--resume", "--n-layer", "2", "--lr", "0.1",
-                              "--out-dir", str(tmp_path / "split")], cwd=ROOT, capture_output=True, text=True)
+                              "--max-steps", "800", "--out-dir", str(tmp_path / "split")],
+                             cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
-    assert "--n-layer 2 (it has 1), --lr 0.1 (it has 0.002)" in refused.stderr
+    assert "--n-layer 2 (it has 1), --max-steps 800 (it has 8), --lr 0.1 (it has 0.002)" in refused.stderr
     out = run([*TINY, "--resume", "--out-dir", str(tmp_path / "split")])  # --max-steps 8 from the checkpoint
     assert "step     6/8" in out
     full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
@@ -100,4 +102,17 @@ def test_a_run_diverging_under_two_processes_stops_on_both(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     assert result.stderr.count("step 1: val_loss nan: training diverged") == 2, result.stderr[-3000:]  # each process
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_val_fraction_without_data_is_refused_not_ignored(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    from minalign.cli import ArgumentError, parse_args
+    from minalign.distributed import DistInfo
+
+    args = parse_args(train_sft.Args, ["--val-fraction", "0.05", "--out-dir", str(tmp_path)])  # its default
+    with pytest.raises(ArgumentError, match="--val-fraction: applies to --data; the built-in task has its own"):
+        train_sft.train(args, DistInfo())
     assert not (tmp_path / "ckpt.pt").exists()

@@ -25,7 +25,7 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import check_out_dir, check_weights_finite, load_model, save_checkpoint
-from minalign.cli import ArgumentError, check_args, check_finite, run
+from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -155,6 +155,8 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 
 def main(args: Args):
     dist = distributed.setup(args.device)
+    if args.kl_target is None:
+        refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm")  # now, not after training the SFT policy
     if args.rollout_batch_size % dist.world_size:

@@ -188,3 +188,15 @@ def test_explained_variance_and_the_kl_controller_by_hand():
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 1000))
     ctl.update(0.0, 10)  # far below: -0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 1000) * (1 - 0.2 * 10 / 1000))
+
+
+def test_kl_horizon_without_kl_target_is_refused_not_ignored(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+
+    from minalign.cli import ArgumentError, parse_args
+
+    args = parse_args(train_ppo.Args, ["--kl-horizon", "5000", "--out-dir", str(tmp_path / "ppo")])
+    with pytest.raises(ArgumentError, match="--kl-horizon: sets the adaptive KL controller's pace: give --kl-target"):
+        train_ppo.main(args)
+    assert not (tmp_path / "ppo").exists()  # refused before anything was made

@@ -220,7 +220,7 @@ def main(args: Args):
             for i in range(0, B, args.minibatch_size):
                 idx = order[i : i + args.minibatch_size].to(dist.device)
                 mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
-                new = response_logprobs(train_policy, mb, return_entropy=True, temperature=args.temperature)
+                new = response_logprobs(train_policy, mb, temperature=args.temperature, inplace_backward=True)
                 values = response_values(train_critic, mb)
                 pg = ops.ppo_policy_loss(new.token_logps, old_logps[idx], advantages[idx], mask[idx], args.clip_eps)
                 vf = ops.ppo_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)

@@ -77,11 +77,13 @@ def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     return texts
 
 
-def response_logprobs(model, rollout: Rollout, return_entropy: bool = False,
-                      temperature: float = 1.0) -> ops.SequenceLogprobs:
+def response_logprobs(model, rollout: Rollout, return_entropy: bool = False, temperature: float = 1.0,
+                      inplace_backward: bool = False) -> ops.SequenceLogprobs:
     """log pi(response token | everything before it), [B, N] (0 off the response mask),
     under softmax(logits / temperature): pass the temperature the tokens were sampled
     at, so that PPO's ratios and KL penalty are those of the sampling policy.
+    inplace_backward: backward writes the gradient over the logits (nothing else reads
+    them; see ops.token_logprobs).
 
     One forward pass over prompt + response; position P-1+j predicts response token j.
     Labels are laid out along the full sequence so the logits stay contiguous.
@@ -95,7 +97,7 @@ def response_logprobs(model, rollout: Rollout, return_entropy: bool = False,
     labels[:, P - 1 : P + N - 1] = rollout.response_ids
     mask = torch.zeros(B, P + N, dtype=torch.bool, device=logits.device)
     mask[:, P - 1 : P + N - 1] = rollout.response_mask
-    out = ops.sequence_logprobs(logits, labels, mask, return_entropy)
+    out = ops.sequence_logprobs(logits, labels, mask, return_entropy, inplace_backward)
     entropy = None if out.entropy is None else out.entropy[:, P - 1 : P + N - 1]
     return ops.SequenceLogprobs(out.token_logps[:, P - 1 : P + N - 1], out.sum_logps, out.mean_logps, entropy)
 

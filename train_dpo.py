@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops
-from minalign.checkpoint import check_out_dir, check_weights_finite, save_checkpoint
+from minalign.checkpoint import check_weights_finite, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
@@ -120,12 +120,9 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 
 def main(args: Args):
     dist = distributed.setup(args.device)
-    check_out_dir(args.out_dir, stage="dpo")
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
-    if args.batch_size % dist.world_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     if args.data is None:  # the gold evaluation samples; make sure it can before training
         eval_prompts = held_out_prompts(tokenizer, args.n_test_prompts, args.seed)
         check_room(policy.config.block_size, tokenizer, eval_prompts, args.eval_max_new_tokens,

@@ -175,12 +175,16 @@ BUILTIN_ONLY = ("pairs_dir", "label_temperature", "n_train_prompts", "n_test_pro
 
 
 def prepare_pairs(args: PairArgs, dist):
-    """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing.
-    Shared by train_rm.py and train_dpo.py."""
+    """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing,
+    once the flags and folders are checked (out_dir is made). Shared by train_rm.py and
+    train_dpo.py."""
     if args.data is None:
         refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
     else:
         refuse_given(args, BUILTIN_ONLY, "for the built-in task only, not with --data")
+    if args.batch_size % dist.world_size:
+        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    check_out_dir(args.out_dir, stage=args.stage)
     sft_dir = args.sft_folder()
     check_out_dir(sft_dir, "--sft-dir", stage="sft")  # both may be written to below
     if args.data is None:
@@ -311,11 +315,8 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
-    check_out_dir(args.out_dir, stage="rm")
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
-    if args.batch_size % dist.world_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some

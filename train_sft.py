@@ -54,7 +54,8 @@ class Args:
     n_embd: int = 128
     """Model width."""
     block_size: int = 64
-    """Longest training sequence in tokens; longer examples are truncated (and counted)."""
+    """Longest training sequence in tokens: a longer document is trained in windows that
+    cover all of it, a longer prompt + completion is truncated (both counted)."""
     dropout: float = 0.0
     """Dropout probability."""
     batch_size: int = 32
@@ -172,7 +173,6 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
-    check_out_dir(args.out_dir, stage="sft")
     step = 0
     ckpt_path = f"{args.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
@@ -183,6 +183,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    check_out_dir(args.out_dir, stage="sft")
     torch.manual_seed(args.seed)
     ctx = autocast_context(dist.device, args.dtype)
     tokenizer = get_tokenizer(args.tokenizer)

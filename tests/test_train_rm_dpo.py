@@ -197,7 +197,7 @@ def test_bad_data_ends_the_run_with_one_line(tmp_path):
     assert result.stderr.strip() == f"train_sft.py: error: {bad}:2: 'text' must be a string, got int"
 
 
-def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
+def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
     sys.path.insert(0, str(ROOT))
     import train_dpo
     import train_ppo
@@ -217,15 +217,18 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work():
     import train_rm
 
     from minalign.distributed import DistInfo
-    for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, label_temperature=0.5),
+    out = str(tmp_path / "out")
+    for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, label_temperature=0.5, out_dir=out),
                            "--label-temperature, --margin: for the built-in task only"),
-                          (train_dpo.Args(data="p.jsonl", eval_interval=5), "--eval-interval: for the built-in"),
+                          (train_dpo.Args(data="p.jsonl", eval_interval=5, out_dir=out), "--eval-interval: for the built-in"),
                           # named on the command line, at the default value too
-                          (parse_args(train_dpo.Args, ["--data", "p.jsonl", "--n-train-prompts", "1000"]),
+                          (parse_args(train_dpo.Args, ["--data", "p.jsonl", "--n-train-prompts", "1000", "--out-dir", out]),
                            "--n-train-prompts: for the built-in task only"),
-                          (parse_args(train_rm.Args, ["--test-fraction", "0.1"]), "--test-fraction: applies to --data")):
+                          (parse_args(train_rm.Args, ["--test-fraction", "0.1", "--out-dir", out]),
+                           "--test-fraction: applies to --data")):
         with pytest.raises(ArgumentError, match=message):  # before the file is even read
             train_rm.prepare_pairs(args, DistInfo())
+        assert not Path(args.out_dir).exists(), args.out_dir  # nor an output folder made
 
 
 def test_a_split_left_empty_by_tokenizing_is_refused():

@@ -112,7 +112,7 @@ def test_val_fraction_without_data_is_refused_not_ignored(tmp_path):
     from minalign.cli import ArgumentError, parse_args
     from minalign.distributed import DistInfo
 
-    args = parse_args(train_sft.Args, ["--val-fraction", "0.05", "--out-dir", str(tmp_path)])  # its default
+    args = parse_args(train_sft.Args, ["--val-fraction", "0.05", "--out-dir", str(tmp_path / "sft")])  # its default
     with pytest.raises(ArgumentError, match="--val-fraction: applies to --data; the built-in task has its own"):
         train_sft.train(args, DistInfo())
-    assert not (tmp_path / "ckpt.pt").exists()
+    assert not (tmp_path / "sft").exists()  # refused before the output folder is made

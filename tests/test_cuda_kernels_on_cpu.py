@@ -340,9 +340,8 @@ def test_ppo_losses_with_nothing_under_the_mask_are_zero(kernels):
     kernels.ppo_policy_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, *map(ptr, scalars[:3]))
     kernels.ppo_value_loss(ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, *map(ptr, scalars[3:]))
     assert all(s.item() == 0.0 for s in scalars)
-    grad = torch.full((300,), 7.0)
-    kernels.ppo_policy_loss_backward(ptr(torch.tensor(1.0)), ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25,
-                                     ptr(grad))
+    grad, grad_loss = torch.full((300,), 7.0), torch.tensor(1.0)  # named: alive while the kernel reads them
+    kernels.ppo_policy_loss_backward(ptr(grad_loss), ptr(logp), ptr(old), ptr(adv), ptr(mask), 300, 0.25, ptr(grad))
     assert (grad == 0).all()
 
 

@@ -33,6 +33,24 @@ def test_response_logprobs_are_those_of_the_sampling_distribution(temperature):
         torch.testing.assert_close(out.sum_logps[i], expected.sum(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_inplace_backward_gives_the_same_gradients(temperature):
+    # PPO's training pass: the gradient is written over the logits (scaled by 1/T first)
+    model = tiny_model(seed=5, scale=4.0)
+    prompt_ids, prompt_mask = left_pad([[1, 2, 3], [4, 5]])
+    response_ids = torch.tensor([[7, 8, 9], [11, 12, V - 1]])
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_ids != V - 1)
+    weights = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.25, 3.0]])
+    grads = []
+    for inplace in (False, True):
+        model.zero_grad()
+        out = response_logprobs(model, rollout, temperature=temperature, inplace_backward=inplace)
+        (out.token_logps * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, inplace in zip(*grads):
+        torch.testing.assert_close(inplace, plain, atol=0, rtol=0)
+
+
 def test_check_room_names_the_flag_before_any_sampling():
     from minalign.cli import ArgumentError
     from minalign.rollout import check_room

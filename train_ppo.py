@@ -109,6 +109,11 @@ class Args:
             raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
                                 f"{task.SPLITS['train']:,} training prompts")
         task.check_counts(self, test=("eval_prompts",))
+        if self.minibatch_size > self.rollout_batch_size:
+            raise ArgumentError(f"--minibatch-size {self.minibatch_size}: more than the --rollout-batch-size "
+                                f"{self.rollout_batch_size} sequences there are")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ArgumentError("--kl-target: the controller scales --kl-coef, which is 0 and would stay 0")
         if self.missing_eos_score is not None and not math.isfinite(self.missing_eos_score):
             raise ArgumentError(f"--missing-eos-score {self.missing_eos_score}: must be finite")
 

@@ -95,14 +95,18 @@ class Args:
         check_args(self, positive=("n_layer", "n_head", "n_embd", "batch_size", "max_steps", "stop_at",
                                    "eval_interval", "eval_examples", "log_interval"),
                    non_negative=("lr", "warmup_steps", "weight_decay", "grad_clip", "num_samples"),
-                   fractions=("val_fraction", "min_lr_ratio", "dropout"),
+                   fractions=("val_fraction", "min_lr_ratio"),
                    choices={"tokenizer": TOKENIZERS, "dtype": ("auto", "float32", "bfloat16")})
+        if not 0 <= self.dropout < 1:
+            raise ArgumentError(f"--dropout {self.dropout}: must be in [0, 1), or nothing gets through")
         if self.val_fraction >= 1:
             raise ArgumentError(f"--val-fraction {self.val_fraction}: must be below 1, to leave data to train on")
         if self.block_size < 2:
             raise ArgumentError(f"--block-size {self.block_size}: a token and its successor need at least 2")
         if self.n_embd % self.n_head:
             raise ArgumentError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
+        if self.data is None:
+            task.check_counts(self, val=("num_samples",))
         if self.out_dir is None:
             self.out_dir = "out/sft" if self.data is None else f"out/sft-{data.data_name(self.data)}"
 
@@ -110,19 +114,29 @@ class Args:
 # What a resumed run may set anew; every other setting continues as the checkpoint's run.
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_interval", "eval_interval",
                      "eval_examples", "num_samples")
+# This invocation's own, whether given or not: the rest, left out, take the checkpoint's values.
+NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")
+
+
+def same_setting(name: str, a, b) -> bool:
+    """Whether two values of a setting agree (a data file however its path is written)."""
+    if name == "data" and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
     """The settings of the run a checkpoint continues (`saved`: its args), for --resume.
-    A flag given a value other than the checkpoint's is refused, its default too: the run
-    would not continue as it started."""
-    names = {f.name for f in fields(Args)} - set(RESUME_MAY_CHANGE)
-    kept = {k: v for k, v in saved.items() if k in names}
-    changed = [k for k, v in kept.items() if k in given(args) and getattr(args, k) != v]
+    A flag left out takes the checkpoint's value; one given a value other than the
+    checkpoint's is refused, its default too (the run would not continue as it started),
+    unless it is in RESUME_MAY_CHANGE."""
+    names = [f.name for f in fields(Args) if f.name in saved]
+    changed = [k for k in names if k in given(args) and k not in RESUME_MAY_CHANGE
+               and not same_setting(k, getattr(args, k), saved[k])]
     if changed:
         raise ArgumentError(f"--resume continues the run in {args.out_dir} with its own settings: "
-                            + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {kept[k]})" for k in changed))
-    resumed = replace(args, **kept)
+                            + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {saved[k]})" for k in changed))
+    resumed = replace(args, **{k: saved[k] for k in names if k not in given(args) and k not in NOT_RESUMED})
     resumed._given = given(args)  # what the command line named, for the checks that follow
     return resumed
 
@@ -179,6 +193,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if ckpt is not None:  # the run goes on with the checkpoint's settings and model shape
         check_stage(ckpt, ckpt_path, "sft", "--resume")
         args = resumed_args(args, ckpt["args"])
+        if args.stop_at is not None and args.stop_at <= ckpt["step"]:
+            raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
     if args.data is None:
         refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
     if args.batch_size % dist.world_size:
@@ -297,7 +313,7 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
                                 f"{wanted or 'the built-in task'}: pass another --sft-dir, or remove the folder")
         if ckpt["step"] >= ckpt["args"]["max_steps"]:
             return str(path)
-        args = Args(**{**ckpt["args"], "resume": True, "stop_at": None})
+        args = Args(**{**ckpt["args"], "out_dir": out_dir, "resume": True, "stop_at": None})  # here, if moved
     else:
         args = Args(out_dir=out_dir, **overrides)
     if dist.is_main:

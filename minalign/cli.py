@@ -115,7 +115,8 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
     """Raise ArgumentError, naming the flag, for the first field out of its range:
     `positive` fields must be > 0, `non_negative` ones >= 0, `fractions` in [0, 1], and
     `choices` maps a field to the values it may take. An optional left at None passes;
-    a tuple's values are checked one by one."""
+    a tuple's values are checked one by one. A `seed` field, where there is one, must
+    be in [0, 2^32), which every random generator takes."""
     rules = [(positive, lambda v: v > 0, "must be > 0"), (non_negative, lambda v: v >= 0, "must be >= 0"),
              (fractions, lambda v: 0 <= v <= 1, "must be between 0 and 1")]
     for names, ok, rule in rules:
@@ -126,6 +127,9 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
                     raise ArgumentError(f"{flag(name)} {v}: {rule}")
                 if isinstance(v, float) and math.isinf(v):
                     raise ArgumentError(f"{flag(name)} {v}: must be finite")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ArgumentError(f"--seed {seed}: must be in [0, 2^32)")
     for name, allowed in (choices or {}).items():
         if getattr(args, name) not in allowed:
             raise ArgumentError(f"{flag(name)} {getattr(args, name)!r}: must be one of {', '.join(map(repr, allowed))}")

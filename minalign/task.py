@@ -240,11 +240,11 @@ def reviews(split: str, n: int | None = None) -> list[str]:
 MAX_PROMPT_TOKENS = 8  # the longest prompt: a block of max_length leaves the rest for the response
 
 
-def check_counts(args, train=(), test=(), max_length=()) -> None:
+def check_counts(args, train=(), val=(), test=(), max_length=()) -> None:
     """Refuse, naming the flag, a run the built-in task cannot feed: more prompts than a
-    split has reviews (`train`, `test`: names of fields counting prompts of that split),
-    or a `max_length` field that leaves no room after the longest prompt."""
-    for names, split in ((train, "train"), (test, "test")):
+    split has reviews (`train`, `val`, `test`: names of fields counting prompts of that
+    split), or a `max_length` field that leaves no room after the longest prompt."""
+    for names, split in ((train, "train"), (val, "val"), (test, "test")):
         for name in names:
             if getattr(args, name) is not None and getattr(args, name) > SPLITS[split]:
                 raise ArgumentError(f"{flag(name)} {getattr(args, name)}: the built-in task's {split} split "

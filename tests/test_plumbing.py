@@ -143,6 +143,12 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         ("train_ppo", ["--temperature", "0"], "--temperature 0.0: must be > 0"),
         ("train_ppo", ["--kl-estimator", "k2"], "--kl-estimator 'k2'"),
         ("train_ppo", ["--lam", "1.1"], "--lam 1.1: must be between 0 and 1"),
+        ("train_sft", ["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+        ("train_sft", ["--num-samples", "2000"], "--num-samples 2000: the built-in task's val split has 1,000"),
+        ("train_rm", ["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be in [0, 2^32)"),
+        ("train_ppo", ["--seed", "-1"], "--seed -1: must be in [0, 2^32)"),
+        ("train_ppo", ["--minibatch-size", "100"], "--minibatch-size 100: more than the --rollout-batch-size 64"),
+        ("train_ppo", ["--kl-target", "6", "--kl-coef", "0"], "--kl-target: the controller scales --kl-coef"),
     ]
     for script, argv, message in cases:
         with pytest.raises(SystemExit) as stop:

@@ -116,3 +116,41 @@ def test_val_fraction_without_data_is_refused_not_ignored(tmp_path):
     with pytest.raises(ArgumentError, match="--val-fraction: applies to --data; the built-in task has its own"):
         train_sft.train(args, DistInfo())
     assert not (tmp_path / "sft").exists()  # refused before the output folder is made
+
+
+def test_resume_takes_what_was_left_out_from_the_checkpoint():
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+    from dataclasses import asdict
+
+    from minalign.cli import ArgumentError, parse_args
+
+    saved = asdict(parse_args(train_sft.Args, ["--data", "d/x.jsonl", "--eval-interval", "20", "--lr", "0.01",
+                                               "--device", "cpu", "--out-dir", "a"]))
+    resumed = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--data", "d/../d/x.jsonl",
+                                                                 "--out-dir", "b"]), saved)
+    assert (resumed.eval_interval, resumed.lr, resumed.data) == (20, 0.01, "d/../d/x.jsonl")  # the same file
+    assert (resumed.out_dir, resumed.device, resumed.resume) == ("b", "auto", True)  # this invocation's own
+    again = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--eval-interval", "5"]), saved)
+    assert again.eval_interval == 5  # may change
+    with pytest.raises(ArgumentError, match=r"--data y.jsonl \(it has d/x.jsonl\)"):
+        train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--data", "y.jsonl"]), saved)
+
+
+@pytest.mark.slow
+def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
+    # the checkpoint records where it was written; a later stage names where it is now
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    run([*TINY, "--max-steps", "4", "--stop-at", "2", "--out-dir", str(tmp_path / "a")])
+    (tmp_path / "a").rename(tmp_path / "b")
+    path = train_sft.ensure(str(tmp_path / "b"), DistInfo())
+    assert path == str(tmp_path / "b" / "ckpt.pt") and load_checkpoint(path)["step"] == 4
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ArgumentError, match="--stop-at 3: the run in .* is at step 4 already"):
+        train_sft.train(train_sft.Args(**{**load_checkpoint(path)["args"], "out_dir": str(tmp_path / "b"),
+                                         "resume": True, "stop_at": 3}), DistInfo())

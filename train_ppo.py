@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_rm
 import train_sft
 from minalign import distributed, ops, task
-from minalign.checkpoint import check_out_dir, check_weights_finite, load_model, save_checkpoint
+from minalign.checkpoint import check_distinct, check_out_dir, check_weights_finite, load_model, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -164,6 +164,7 @@ def main(args: Args):
         refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm")  # now, not after training the SFT policy
+    check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
     if args.rollout_batch_size % dist.world_size:
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
     torch.manual_seed(args.seed)
@@ -184,6 +185,8 @@ def main(args: Args):
     policy.train()
 
     check_room(policy.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
+    check_room(reward_model.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens",
+               f"the reward model in {args.rm_dir}")  # it scores, and the critic values, every rollout
     # One AdamW over both models, at torch's default betas (0.9, 0.999) and no weight decay,
     # as TRL's PPO trainer; Adam normalises each parameter's step, so the summed loss below
     # trains each model on its own loss.

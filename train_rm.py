@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, task
-from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, load_checkpoint,
-                                 load_model, save_checkpoint)
+from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
+                                 load_checkpoint, load_model, save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -164,9 +164,12 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
         stem = "" if args.label_temperature is None else f"-t{args.label_temperature:g}"
         stem += "" if args.n_train_pairs is None else f"-n{args.n_train_pairs}"
         stem += f"-flip{args.label_flip:g}" if args.label_flip else ""
-        return args.out_dir or f"out/{name}{stem}", args.sft_dir or "out/sft"  # one SFT policy for all
-    stem = f"-{data.data_name(args.data)}"
-    return args.out_dir or f"out/{name}{stem}", args.sft_dir or f"out/sft{stem}"
+        default_out, default_sft = f"out/{name}{stem}", "out/sft"  # one SFT policy for all
+    else:
+        stem = f"-{data.data_name(args.data)}"
+        default_out, default_sft = f"out/{name}{stem}", f"out/sft{stem}"
+    return (default_out if args.out_dir is None else args.out_dir,
+            default_sft if args.sft_dir is None else args.sft_dir)
 
 
 # Flags of train_rm.py and train_dpo.py that make or judge the built-in pairs.
@@ -184,8 +187,9 @@ def prepare_pairs(args: PairArgs, dist):
         refuse_given(args, BUILTIN_ONLY, "for the built-in task only, not with --data")
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
-    check_out_dir(args.out_dir, stage=args.stage)
     sft_dir = args.sft_folder()
+    check_out_dir(args.out_dir, stage=args.stage)
+    check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
     check_out_dir(sft_dir, "--sft-dir", stage="sft")  # both may be written to below
     if args.data is None:
         check_out_dir(args.pairs_dir, "--pairs-dir")
@@ -221,7 +225,7 @@ def prepare_pairs(args: PairArgs, dist):
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}
     if (Path(sft_dir) / "ckpt.pt").exists():
-        made_from = json.loads(source_file.read_text()) if source_file.exists() else None
+        made_from = data.read_record(source_file) if source_file.exists() else None
         if made_from is None and args.sft_dir is not None:  # the user's own SFT policy, taken as it is
             sft_path = Path(sft_dir) / "ckpt.pt"
             check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {sft_dir}")

@@ -46,7 +46,8 @@ class Args:
     value; one given another value is refused, except --stop-at, --out-dir, --device,
     --compile and how often and how much to log, evaluate and sample."""
     val_fraction: float = 0.05
-    """Share of --data held out for the validation loss (the built-in task has its own split)."""
+    """Share of --data held out for the validation loss, at least one example (the built-in
+    task has its own split)."""
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
@@ -216,6 +217,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     else:
         raw = data.load_sft(args.data)
         n_val = max(1, int(len(raw) * args.val_fraction))
+        if n_val >= len(raw):
+            raise data.DataError(f"{args.data}: {len(raw)} example(s), all held out by --val-fraction "
+                                 f"{args.val_fraction} (at least one is): give it more to train on")
         order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
         train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
         prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
@@ -243,11 +247,11 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
-    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
-    progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
     batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and batches.describe_left_out():
         print(f"batches of {args.batch_size}{batches.describe_left_out()}")
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
+    progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),

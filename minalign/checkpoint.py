@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minalign.cli import ArgumentError, Diverged
+from minalign.cli import ArgumentError, Diverged, flag as flag_name
 
 
 def save_checkpoint(path, checkpoint: dict) -> None:
@@ -127,9 +127,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> None:
-    """Make an output folder, refusing (naming the flag) before any work one that cannot
-    be written, or whose checkpoint another stage wrote (a reward model is never saved
-    over the SFT policy it came from)."""
+    """Refuse, naming the flag, before any work, an output folder that cannot be written,
+    or whose checkpoint another stage wrote (a reward model is never saved over the SFT
+    policy it came from). The folder is made by what first writes there, so a run
+    refused later leaves none behind."""
+    if not str(path).strip():
+        raise ArgumentError(f"{flag} {str(path)!r}: empty; name a folder")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ArgumentError(f"{flag} {path}: a file, not a folder")
@@ -138,12 +141,28 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> No
             check_stage(load_checkpoint(path / "ckpt.pt"), path / "ckpt.pt", stage, f"{flag} {path}")
         except ArgumentError as error:
             raise ArgumentError(str(error) if str(error).startswith(flag) else f"{flag} {path}: {error}") from None
+    existing = path
+    while not existing.exists():  # the nearest folder that is there: the rest can be made in it
+        existing = existing.parent
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise ArgumentError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
+
+
+def check_distinct(**folders: str) -> None:
+    """Refuse two flags naming one folder (`check_distinct(out_dir=..., sft_dir=...)`):
+    one stage's checkpoint would overwrite the other's."""
+    seen = {}
+    for name, folder in folders.items():
+        where = Path(folder).resolve()
+        if where in seen:
+            raise ArgumentError(f"{flag_name(seen[where])} and {flag_name(name)} both name {folder}: "
+                                f"one checkpoint would overwrite the other")
+        seen[where] = name
 
 
 def check_weights_finite(step: int, *models, counter: str = "step") -> None:

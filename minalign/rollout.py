@@ -39,12 +39,13 @@ class Rollout:
         return ((self.response_ids == eos_id) & self.response_mask).any(1)
 
 
-def check_room(block_size: int, tokenizer, prompts: list[str], max_new_tokens: int, flag: str) -> None:
+def check_room(block_size: int, tokenizer, prompts: list[str], max_new_tokens: int, flag: str,
+               model: str = "the model") -> None:
     """Before any work: the longest prompt and max_new_tokens must fit in a model's block."""
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     if longest + max_new_tokens > block_size:
         raise ArgumentError(f"{flag} {max_new_tokens}: prompts of up to {longest} tokens leave room for "
-                            f"{block_size - longest} in the model's block of {block_size}")
+                            f"{block_size - longest} in {model}'s block of {block_size}")
 
 
 @torch.no_grad()

@@ -58,6 +58,17 @@ def test_cli_knows_which_flags_were_given_even_at_their_default():
         refuse_given(args, ("lr", "compile", "steps"), "not here")
 
 
+def test_ctrl_c_ends_a_script_with_one_line(capsys):
+    from minalign.cli import run
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run(interrupted, Args, [])
+    assert stop.value.code == 130 and capsys.readouterr().err.endswith(": interrupted\n")
+
+
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     path = tmp_path / "run" / "ckpt.pt"
     state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "args": {"lr": 0.1, "data": None}}
@@ -232,15 +243,20 @@ def test_device_is_checked_before_any_work():
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
-    from minalign.checkpoint import check_out_dir
+    from minalign.checkpoint import check_distinct, check_out_dir
 
     check_out_dir(tmp_path / "new" / "run")
-    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+    assert not (tmp_path / "new").exists()  # made by what writes there first: a refused run leaves nothing
     (tmp_path / "file").write_text("")
     with pytest.raises(ArgumentError, match=r"--out-dir .*file: a file, not a folder"):
         check_out_dir(tmp_path / "file")
-    with pytest.raises(ArgumentError, match=r"--out-dir .*file/run: cannot write there \(Not a directory\)"):
+    with pytest.raises(ArgumentError, match=r"--out-dir .*file/run: cannot write there \(.*file is a file\)"):
         check_out_dir(tmp_path / "file" / "run")
+    with pytest.raises(ArgumentError, match=r"^--sft-dir '': empty; name a folder$"):
+        check_out_dir("", "--sft-dir")
+    check_distinct(out_dir=str(tmp_path / "a"), sft_dir=str(tmp_path / "b"))
+    with pytest.raises(ArgumentError, match=r"^--out-dir and --sft-dir both name .*/a/../a: one checkpoint would"):
+        check_distinct(out_dir=str(tmp_path / "a"), sft_dir=str(tmp_path / "a" / ".." / "a"))
     # a folder whose checkpoint another stage wrote: nothing is saved over it
     fake = {"model": {}, "model_config": {}, "args": {"max_steps": 5}, "step": 5}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", fake)  # from before checkpoints named their stage

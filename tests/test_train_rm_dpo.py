@@ -225,7 +225,9 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
                           (parse_args(train_dpo.Args, ["--data", "p.jsonl", "--n-train-prompts", "1000", "--out-dir", out]),
                            "--n-train-prompts: for the built-in task only"),
                           (parse_args(train_rm.Args, ["--test-fraction", "0.1", "--out-dir", out]),
-                           "--test-fraction: applies to --data")):
+                           "--test-fraction: applies to --data"),
+                          (train_dpo.Args(out_dir=out, sft_dir=out), "--out-dir and --sft-dir both name"),
+                          (train_rm.Args(out_dir=out, sft_dir=""), "--sft-dir '': empty")):
         with pytest.raises(ArgumentError, match=message):  # before the file is even read
             train_rm.prepare_pairs(args, DistInfo())
         assert not Path(args.out_dir).exists(), args.out_dir  # nor an output folder made

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minalign import task
+from minalign import data, task
 from minalign.cli import check_args
 
 
@@ -74,7 +74,11 @@ def run_stage(name: str, run, stage_args) -> Path:
     out = Path(stage_args.out_dir)
     done = out / "done.json"
     settings = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
-    if done.exists() and json.loads(done.read_text()) == settings:
+    try:
+        finished = done.exists() and data.read_record(done) == settings
+    except data.DataError:  # damaged: run again
+        finished = False
+    if finished:
         print(f"== {name}: done before, reusing {out}", flush=True)
         return out
     if out.exists():

@@ -171,13 +171,18 @@ def run(main, cls, argv=None) -> None:
     """main(parse_args(cls, argv)), where a mistake in what the user gave (a value out of
     range, bad data, a missing or unreadable file, a run that diverged) ends the run with
     one line that names it and exit status 2, as a usage error does, instead of a
-    traceback. Other errors are bugs and keep their traceback."""
+    traceback; Ctrl-C ends it with one line and status 130. Other errors are bugs and
+    keep their traceback."""
     from minalign.data import DataError  # data.py imports this module
 
     args = parse_args(cls, argv)
+    script = Path(sys.argv[0]).name
     try:
         main(args)
     except (ArgumentError, DataError, Diverged, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError) as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
         sys.exit(2)
+    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+        sys.stderr.write(f"{script}: interrupted\n")
+        sys.exit(130)

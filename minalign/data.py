@@ -87,6 +87,8 @@ def _lines(path: Path):
     opener = gzip.open if path.name.endswith(".gz") else open
     if path.is_dir():
         raise DataError(f"{path}: a folder, not a data file")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
     with opener(path, "rb") as f:
         lineno = 0
         try:
@@ -174,6 +176,29 @@ def load_sft(path: str | Path) -> list[dict]:
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
+
+
+def read_record(path: str | Path) -> dict:
+    """A JSON object this project wrote beside its outputs (a cache's settings, say);
+    a damaged one stops the run with one line naming it."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: damaged ({e}): remove it, or its folder, to make it again") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: damaged (not a JSON object): remove it, or its folder, to make it again")
+    return record
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The JSON objects of a .jsonl file this project wrote (a cache of pairs, say)."""
+    rows = []
+    for lineno, line in _lines(Path(path)):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno}: damaged ({e}): remove the file's folder to make it again") from None
+    return rows
 
 
 def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, bool] | None:

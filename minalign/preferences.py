@@ -25,7 +25,7 @@ import math
 import random
 from pathlib import Path
 
-from minalign import task
+from minalign import data, task
 from minalign.checkpoint import weights_fingerprint
 from minalign.rollout import sample_texts
 
@@ -137,7 +137,10 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
                 "label_temperature": label_temperature, "max_new_tokens": max_new_tokens, "seed": seed,
                 "tokenizer": tokenizer.name, "policy": weights_fingerprint(policy)}
     meta_path = pairs_dir / "meta.json"
-    cached = meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == settings
+    try:
+        cached = meta_path.exists() and data.read_record(meta_path).get("settings") == settings
+    except data.DataError:  # damaged: made again
+        cached = False
     if is_main and cached:
         print(f"== pairs: reusing {pairs_dir} (made by this SFT policy with these settings)")
     if is_main and not cached:
@@ -154,4 +157,4 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
             print(f"  {split}: {stats}")
         meta_path.write_text(json.dumps(meta, indent=1))
     barrier()
-    return [[json.loads(line) for line in open(pairs_dir / f"{split}.jsonl")] for split in ("train", "test")]
+    return [data.read_rows(pairs_dir / f"{split}.jsonl") for split in ("train", "test")]

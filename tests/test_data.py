@@ -243,6 +243,25 @@ def test_a_folder_given_as_data_is_named(tmp_path):
         load_pairs(tmp_path / "pairs.jsonl")
 
 
+def test_a_missing_data_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"^.*nowhere.jsonl: no such file$"):
+        load_sft(tmp_path / "nowhere.jsonl")
+
+
+def test_damaged_records_and_caches_are_named(tmp_path):
+    from minalign.data import read_record, read_rows
+
+    (tmp_path / "meta.json").write_text('{"settings": {"seed": 1}}')
+    assert read_record(tmp_path / "meta.json") == {"settings": {"seed": 1}}
+    for text, why in (('{"settings": {"se', "damaged .*Unterminated string"), ("[]", "damaged .not a JSON object")):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(DataError, match=rf"meta.json: {why}.*: remove it, or its folder, to make it again"):
+            read_record(tmp_path / "meta.json")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "cho')  # cut short
+    with pytest.raises(DataError, match=r"train.jsonl:2: damaged"):
+        read_rows(tmp_path / "train.jsonl")
+
+
 def test_tiny_shakespeare_documents_and_windows(shared_data):
     path = shared_data / "text" / "tinyshakespeare.txt"
     text = path.read_text()

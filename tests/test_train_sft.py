@@ -154,3 +154,12 @@ def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
     with pytest.raises(ArgumentError, match="--stop-at 3: the run in .* is at step 4 already"):
         train_sft.train(train_sft.Args(**{**load_checkpoint(path)["args"], "out_dir": str(tmp_path / "b"),
                                          "resume": True, "stop_at": 3}), DistInfo())
+
+
+def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
+    (tmp_path / "one.txt").write_text("A single document.\n")
+    result = subprocess.run([sys.executable, "train_sft.py", *TINY, "--data", str(tmp_path / "one.txt"),
+                             "--out-dir", str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "one.txt: 1 example(s), all held out by --val-fraction 0.05 (at least one is)" in result.stderr
+    assert not (tmp_path / "sft").exists()

@@ -18,8 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
-from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, load_checkpoint, rng_state,
-                                 save_checkpoint, set_rng_state)
+from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, load_checkpoint,
+                                 rng_state, save_checkpoint, set_rng_state)
 from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
@@ -210,12 +210,17 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
+    data_sha256 = None  # of the --data file, so that a resumed run can tell it is the same
     if args.data is None:
         train_raw = [{"text": r} for r in task.reviews("train")]
         val_raw = [{"text": r} for r in task.reviews("val")]
         prompts = task.prompts("val", tokenizer, n=args.num_samples, seed=args.seed)
     else:
         raw = data.load_sft(args.data)
+        data_sha256 = file_fingerprint(args.data)
+        if ckpt is not None and ckpt.get("data_sha256", data_sha256) != data_sha256:
+            raise data.DataError(f"{args.data} has changed since the run in {args.out_dir} began: it cannot "
+                                 f"go on as it started; train afresh without --resume")
         n_val = max(1, int(len(raw) * args.val_fraction))
         if n_val >= len(raw):
             raise data.DataError(f"{args.data}: {len(raw)} example(s), all held out by --val-fraction "
@@ -256,7 +261,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": asdict(config), "args": asdict(args), "step": step,
-                                    "rng": rng_state(), "tokenizer": tokenizer.name, "stage": "sft"})
+                                    "rng": rng_state(), "tokenizer": tokenizer.name, "stage": "sft",
+                                    "data_sha256": data_sha256})
 
     # ---- training loop ----
     tokens_seen, t0 = 0, time.time()

@@ -3,7 +3,8 @@
 A checkpoint holds the model's weights and config, the run's arguments, its step, the
 tokenizer's name and the stage that wrote it ("sft", "rm", "dpo", "ppo": a folder is
 never read or written as another stage's); an SFT checkpoint also holds what
-`--resume` needs to continue bit for bit, the optimizer and RNG state. Writing
+`--resume` needs to continue bit for bit, the optimizer and RNG state, and a hash of
+its --data file (a changed file cannot be continued). Writing
 to a temporary file and renaming it means a crash mid-write never leaves a torn
 checkpoint behind; `weights_only=True` means loading one never runs pickled code.
 """

@@ -163,3 +163,16 @@ def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "one.txt: 1 example(s), all held out by --val-fraction 0.05 (at least one is)" in result.stderr
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_data_file_that_changed(tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(f"Document number {i} says hello to the reader." for i in range(40)))
+    run([*TINY, "--data", str(docs), "--max-steps", "4", "--stop-at", "2", "--out-dir", str(tmp_path / "sft")])
+    run(["--resume", "--stop-at", "3", "--out-dir", str(tmp_path / "sft")])  # the same file goes on
+    docs.write_text(docs.read_text() + "\n\nOne more document.")
+    result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "docs.txt has changed since the run in" in result.stderr

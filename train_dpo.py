@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import train_sft
 from minalign import data, distributed, ops
-from minalign.checkpoint import check_weights_finite, save_checkpoint
+from minalign.checkpoint import check_weights_finite, load_checkpoint, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
@@ -30,6 +31,7 @@ from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.rollout import check_room
+from minalign.tokenizer import get_tokenizer
 from train_rm import PairArgs, prepare_pairs, tokenize_splits  # shared with train_rm.py
 
 
@@ -121,12 +123,15 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
+    if args.data is None:  # the gold evaluation samples: make sure it can, before any pairs or SFT are made
+        sft_path = Path(args.sft_folder()) / "ckpt.pt"
+        block_size = (load_checkpoint(sft_path)["model_config"]["block_size"] if sft_path.exists()
+                      else train_sft.Args().block_size)  # that of the SFT policy trained below
+        tokenizer = get_tokenizer(args.tokenizer)
+        check_room(block_size, tokenizer, held_out_prompts(tokenizer, args.n_test_prompts, args.seed),
+                   args.eval_max_new_tokens, "--eval-max-new-tokens")
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
-    if args.data is None:  # the gold evaluation samples; make sure it can before training
-        eval_prompts = held_out_prompts(tokenizer, args.n_test_prompts, args.seed)
-        check_room(policy.config.block_size, tokenizer, eval_prompts, args.eval_max_new_tokens,
-                   "--eval-max-new-tokens")
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs

@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_rm
 import train_sft
 from minalign import distributed, ops, task
-from minalign.checkpoint import check_distinct, check_out_dir, check_weights_finite, load_model, save_checkpoint
+from minalign.checkpoint import (check_distinct, check_out_dir, check_weights_finite, load_checkpoint, load_model,
+                                 save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -167,11 +168,19 @@ def main(args: Args):
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
     if args.rollout_batch_size % dist.world_size:
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
+    per_process = args.rollout_batch_size // dist.world_size
+    if args.minibatch_size > per_process and dist.world_size > 1:  # (one process: Args checked it)
+        raise ArgumentError(f"--minibatch-size {args.minibatch_size}: more than the {per_process} sequences "
+                            f"each of the {dist.world_size} processes samples")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
     if not (Path(args.sft_dir) / "ckpt.pt").exists():  # refused now, not after training one that has no room
         check_room(train_sft.Args().block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
+    if (Path(args.rm_dir) / "ckpt.pt").exists():  # likewise a reward model too small for the rollouts
+        rm_block = load_checkpoint(Path(args.rm_dir) / "ckpt.pt")["model_config"]["block_size"]
+        check_room(rm_block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens",
+                   f"the reward model in {args.rm_dir}")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
     policy, sft_ckpt = load_model(sft_path, dist.device)

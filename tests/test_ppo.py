@@ -200,3 +200,19 @@ def test_kl_horizon_without_kl_target_is_refused_not_ignored(tmp_path):
     with pytest.raises(ArgumentError, match="--kl-horizon: sets the adaptive KL controller's pace: give --kl-target"):
         train_ppo.main(args)
     assert not (tmp_path / "ppo").exists()  # refused before anything was made
+
+
+def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_training(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError, parse_args
+
+    save_checkpoint(tmp_path / "rm" / "ckpt.pt", {"model": {}, "model_config": {"block_size": 24}, "args": {},
+                                                  "stage": "rm"})
+    args = parse_args(train_ppo.Args, ["--rm-dir", str(tmp_path / "rm"), "--sft-dir", str(tmp_path / "sft"),
+                                       "--out-dir", str(tmp_path / "ppo")])
+    with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the reward model in .*rm's block of 24"):
+        train_ppo.main(args)
+    assert not (tmp_path / "sft").exists()  # no SFT policy trained first

@@ -277,3 +277,16 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):
         train_rm.prepare_pairs(args, DistInfo())
+
+
+def test_dpo_checks_room_for_its_evaluation_before_making_anything(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_dpo
+
+    from minalign.cli import ArgumentError, parse_args
+
+    args = parse_args(train_dpo.Args, ["--eval-max-new-tokens", "70", "--sft-dir", str(tmp_path / "sft"),
+                                       "--pairs-dir", str(tmp_path / "pairs"), "--out-dir", str(tmp_path / "dpo")])
+    with pytest.raises(ArgumentError, match=r"--eval-max-new-tokens 70: .* in the model's block of 64"):
+        train_dpo.main(args)
+    assert not any(tmp_path.iterdir())  # no SFT policy, pairs or output folder made

@@ -126,6 +126,18 @@ def same_setting(name: str, a, b) -> bool:
     return a == b
 
 
+def trained_on(ckpt: dict, data_path: str | None) -> bool:
+    """Whether an SFT checkpoint was trained on this --data file (None: the built-in
+    task): the same bytes wherever the file is now, or, for a checkpoint from before
+    they were hashed, the same path."""
+    found = ckpt["args"].get("data")
+    if data_path is None or found is None:
+        return data_path is None and found is None
+    if ckpt.get("data_sha256") and Path(data_path).is_file():
+        return file_fingerprint(data_path) == ckpt["data_sha256"]
+    return Path(data_path).resolve() == Path(found).resolve()
+
+
 def resumed_args(args: Args, saved: dict) -> Args:
     """The settings of the run a checkpoint continues (`saved`: its args), for --resume.
     A flag left out takes the checkpoint's value; one given a value other than the
@@ -193,7 +205,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None:  # the run goes on with the checkpoint's settings and model shape
         check_stage(ckpt, ckpt_path, "sft", "--resume")
-        args = resumed_args(args, ckpt["args"])
+        saved = ckpt["args"]
+        if args.data is not None and trained_on(ckpt, args.data):
+            saved = {**saved, "data": args.data}  # the same file, wherever it is now
+        args = resumed_args(args, saved)
         if args.stop_at is not None and args.stop_at <= ckpt["step"]:
             raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
     if args.data is None:
@@ -260,7 +275,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "model_config": asdict(config), "args": asdict(args), "step": step,
+                                    "model_config": asdict(config), "step": step,
+                                    "args": {**asdict(args), "data": args.data and str(Path(args.data).resolve())},
                                     "rng": rng_state(), "tokenizer": tokenizer.name, "stage": "sft",
                                     "data_sha256": data_sha256})
 
@@ -318,12 +334,13 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     if path.exists():
         ckpt = load_checkpoint(path)
         wanted, found = overrides.get("data"), ckpt["args"].get("data")
-        if (wanted and Path(wanted).resolve()) != (found and Path(found).resolve()):
+        if not trained_on(ckpt, wanted):
             raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "
                                 f"{wanted or 'the built-in task'}: pass another --sft-dir, or remove the folder")
         if ckpt["step"] >= ckpt["args"]["max_steps"]:
             return str(path)
-        args = Args(**{**ckpt["args"], "out_dir": out_dir, "resume": True, "stop_at": None})  # here, if moved
+        # finished here (if the folder moved) on the data named now (if the file did)
+        args = Args(**{**ckpt["args"], "data": wanted, "out_dir": out_dir, "resume": True, "stop_at": None})
     else:
         args = Args(out_dir=out_dir, **overrides)
     if dist.is_main:

@@ -176,3 +176,22 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "docs.txt has changed since the run in" in result.stderr
+
+
+def test_trained_on_knows_a_data_file_by_its_bytes_wherever_it_is(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    from minalign.checkpoint import file_fingerprint
+
+    (tmp_path / "a.txt").write_text("some documents")
+    (tmp_path / "moved.txt").write_text("some documents")
+    (tmp_path / "other.txt").write_text("other documents")
+    ckpt = {"args": {"data": str(tmp_path / "a.txt")}, "data_sha256": file_fingerprint(tmp_path / "a.txt")}
+    assert train_sft.trained_on(ckpt, str(tmp_path / "moved.txt"))
+    assert not train_sft.trained_on(ckpt, str(tmp_path / "other.txt")) and not train_sft.trained_on(ckpt, None)
+    builtin = {"args": {"data": None}}
+    assert train_sft.trained_on(builtin, None) and not train_sft.trained_on(builtin, str(tmp_path / "a.txt"))
+    unhashed = {"args": {"data": str(tmp_path / "a.txt")}}  # from before checkpoints hashed their data
+    assert train_sft.trained_on(unhashed, str(tmp_path / "." / "a.txt"))
+    assert not train_sft.trained_on(unhashed, str(tmp_path / "moved.txt"))

@@ -157,4 +157,14 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
             print(f"  {split}: {stats}")
         meta_path.write_text(json.dumps(meta, indent=1))
     barrier()
-    return [data.read_rows(pairs_dir / f"{split}.jsonl") for split in ("train", "test")]
+    counts = data.read_record(meta_path)
+    splits = []
+    for split in ("train", "test"):
+        path = pairs_dir / f"{split}.jsonl"
+        rows = data.read_rows(path)
+        expected = counts.get(split, {}).get("pairs")
+        if len(rows) != expected:  # a file cut short at a line's end reads as fewer pairs
+            raise data.DataError(f"{path}: {len(rows)} pairs where {meta_path} counts {expected}: "
+                                 f"remove {pairs_dir} to make them again")
+        splits.append(rows)
+    return splits

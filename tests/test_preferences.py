@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+from minalign.data import DataError
 from minalign.model import GPT, GPTConfig
 from minalign.preferences import bayes_optimal_accuracy, label_pairs, make_pairs
 from minalign.tokenizer import get_tokenizer
@@ -57,6 +58,10 @@ def test_cached_pairs_are_reused_only_for_the_policy_that_made_them(tmp_path, ca
     assert "reusing" in capsys.readouterr().out
     other = builtin_pairs(tmp_path, policies[1], **settings)  # another SFT policy: new pairs
     assert "sampling" in capsys.readouterr().out and other != first
+    lines = (tmp_path / "train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "train.jsonl").write_text("".join(lines[:-1]))  # cut short at a line's end: still JSON
+    with pytest.raises(DataError, match=rf"train.jsonl: {len(lines) - 1} pairs where .*meta.json counts {len(lines)}"):
+        builtin_pairs(tmp_path, policies[1], **settings)
 
 
 def test_tiny_label_temperatures_do_not_overflow():

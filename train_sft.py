@@ -106,7 +106,7 @@ class Args:
             raise ArgumentError(f"--block-size {self.block_size}: a token and its successor need at least 2")
         if self.n_embd % self.n_head:
             raise ArgumentError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head}")
-        if self.data is None:
+        if self.data is None and not self.resume:  # a resumed run's data is the checkpoint's: see train()
             task.check_counts(self, val=("num_samples",))
         if self.out_dir is None:
             self.out_dir = "out/sft" if self.data is None else f"out/sft-{data.data_name(self.data)}"
@@ -213,6 +213,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
     if args.data is None:
         refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
+        task.check_counts(args, val=("num_samples",))
     if args.batch_size % dist.world_size:
         raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
     check_out_dir(args.out_dir, stage="sft")

@@ -131,8 +131,9 @@ def test_resume_takes_what_was_left_out_from_the_checkpoint():
                                                                  "--out-dir", "b"]), saved)
     assert (resumed.eval_interval, resumed.lr, resumed.data) == (20, 0.01, "d/../d/x.jsonl")  # the same file
     assert (resumed.out_dir, resumed.device, resumed.resume) == ("b", "auto", True)  # this invocation's own
-    again = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--eval-interval", "5"]), saved)
-    assert again.eval_interval == 5  # may change
+    again = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--eval-interval", "5",
+                                                               "--num-samples", "2000"]), saved)
+    assert (again.eval_interval, again.num_samples) == (5, 2000)  # may change; --data has more than 1,000 to show
     with pytest.raises(ArgumentError, match=r"--data y.jsonl \(it has d/x.jsonl\)"):
         train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--data", "y.jsonl"]), saved)
 

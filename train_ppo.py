@@ -164,7 +164,7 @@ def main(args: Args):
     if args.kl_target is None:
         refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
     check_out_dir(args.out_dir, stage="ppo")
-    check_out_dir(args.rm_dir, "--rm-dir", stage="rm")  # now, not after training the SFT policy
+    check_out_dir(args.rm_dir, "--rm-dir", stage="rm", read_finished=True)  # now, not after training the SFT policy
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
     if args.rollout_batch_size % dist.world_size:
         raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")

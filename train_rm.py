@@ -190,7 +190,7 @@ def prepare_pairs(args: PairArgs, dist):
     sft_dir = args.sft_folder()
     check_out_dir(args.out_dir, stage=args.stage)
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
-    check_out_dir(sft_dir, "--sft-dir", stage="sft")  # both may be written to below
+    check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
     if args.data is None:
         check_out_dir(args.pairs_dir, "--pairs-dir")
     tokenizer = get_tokenizer(args.tokenizer)
@@ -380,7 +380,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
 
 def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     """The reward-model checkpoint in out_dir, trained (Args defaults plus `overrides`) if absent."""
-    check_out_dir(out_dir, "--rm-dir", stage="rm")
+    check_out_dir(out_dir, "--rm-dir", stage="rm", read_finished=True)
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         return str(path)

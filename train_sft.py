@@ -18,8 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
-from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, load_checkpoint,
-                                 rng_state, save_checkpoint, set_rng_state)
+from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
+                                 load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
@@ -330,7 +330,7 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     """The SFT checkpoint in out_dir: reused when complete, resumed when a run was cut
     short, trained (with Args defaults plus `overrides`) when absent. For the later
     stages, which start from it."""
-    check_out_dir(out_dir, "--sft-dir", stage="sft")
+    check_out_dir(out_dir, "--sft-dir", stage="sft", read_finished=True)
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
         ckpt = load_checkpoint(path)
@@ -338,7 +338,7 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
         if not trained_on(ckpt, wanted):
             raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "
                                 f"{wanted or 'the built-in task'}: pass another --sft-dir, or remove the folder")
-        if ckpt["step"] >= ckpt["args"]["max_steps"]:
+        if finished(ckpt):
             return str(path)
         # finished here (if the folder moved) on the data named now (if the file did)
         args = Args(**{**ckpt["args"], "data": wanted, "out_dir": out_dir, "resume": True, "stop_at": None})

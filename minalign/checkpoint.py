@@ -127,11 +127,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> None:
+def finished(ckpt: dict) -> bool:
+    """Whether no run writes this checkpoint again: every one but an SFT run cut short
+    (which `--resume`, or a later stage, finishes in its folder)."""
+    if (ckpt.get("stage") or _legacy_stage(ckpt)) != "sft":
+        return True
+    return ckpt.get("step", 0) >= ckpt["args"].get("max_steps", 0)  # one without them: taken as it is
+
+
+def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None, read_finished: bool = False) -> None:
     """Refuse, naming the flag, before any work, an output folder that cannot be written,
     or whose checkpoint another stage wrote (a reward model is never saved over the SFT
-    policy it came from). The folder is made by what first writes there, so a run
-    refused later leaves none behind."""
+    policy it came from). With `read_finished`, for a folder a later stage makes only
+    when it is missing (--sft-dir, --rm-dir), a finished checkpoint there is only read,
+    so the folder need not be writable. The folder is made by what first writes there,
+    so a run refused later leaves none behind."""
     if not str(path).strip():
         raise ArgumentError(f"{flag} {str(path)!r}: empty; name a folder")
     path = Path(path)
@@ -139,9 +149,12 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None) -> No
         raise ArgumentError(f"{flag} {path}: a file, not a folder")
     if stage is not None and (path / "ckpt.pt").exists():
         try:
-            check_stage(load_checkpoint(path / "ckpt.pt"), path / "ckpt.pt", stage, f"{flag} {path}")
+            ckpt = load_checkpoint(path / "ckpt.pt")
+            check_stage(ckpt, path / "ckpt.pt", stage, f"{flag} {path}")
         except ArgumentError as error:
             raise ArgumentError(str(error) if str(error).startswith(flag) else f"{flag} {path}: {error}") from None
+        if read_finished and finished(ckpt):
+            return
     existing = path
     while not existing.exists():  # the nearest folder that is there: the rest can be made in it
         existing = existing.parent

@@ -274,6 +274,29 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
         check_out_dir(tmp_path / "sft", stage="sft")
 
 
+def test_a_finished_checkpoint_a_later_stage_only_reads_needs_no_writable_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from minalign import checkpoint
+    from minalign.checkpoint import check_out_dir
+
+    def read_only(dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # as in a folder that cannot be written
+    sft = {"model": {}, "model_config": {}, "stage": "sft", "args": {"max_steps": 5}, "step": 5}
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", sft)
+    save_checkpoint(tmp_path / "rm" / "ckpt.pt", {**sft, "stage": "rm", "args": {"epochs": 1}, "kind": "reward"})
+    check_out_dir(tmp_path / "sft", "--sft-dir", stage="sft", read_finished=True)
+    check_out_dir(tmp_path / "rm", "--rm-dir", stage="rm", read_finished=True)
+    with pytest.raises(ArgumentError, match=r"^--out-dir .*sft: cannot write there \(Permission denied\)$"):
+        check_out_dir(tmp_path / "sft", stage="sft")  # a run writing there still needs to
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**sft, "step": 4})  # cut short: finished in its folder
+    with pytest.raises(ArgumentError, match=r"^--sft-dir .*sft: cannot write there"):
+        check_out_dir(tmp_path / "sft", "--sft-dir", stage="sft", read_finished=True)
+    assert checkpoint.finished({**sft, "stage": None})  # written before checkpoints named their stage
+    assert not checkpoint.finished({**sft, "stage": None, "step": 4})
+
 def test_weights_gone_nan_or_infinite_are_never_saved():
     from minalign.checkpoint import check_weights_finite
     from minalign.cli import Diverged

@@ -12,6 +12,7 @@ correlation of its scores with the gold judge.
 """
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -28,7 +29,7 @@ from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, 
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
+from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import RewardModel, bradley_terry_loss
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
@@ -91,6 +92,13 @@ class PairArgs:
             raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
         if self.data is None:
             task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
+            most = self.n_train_prompts * math.comb(SAMPLES_PER_PROMPT, 2)  # fewer when samples tie
+            if self.n_train_pairs is not None and self.n_train_pairs > most:
+                raise ArgumentError(f"--n-train-pairs {self.n_train_pairs}: --n-train-prompts {self.n_train_prompts} "
+                                    f"give at most {most} pairs; raise --n-train-prompts")
+            pairs = most if self.n_train_pairs is None else self.n_train_pairs
+            if self.batch_size > pairs:
+                raise ArgumentError(f"--batch-size {self.batch_size}: more than the {pairs} training pairs at most")
         self.out_dir = default_folders(self)[0]  # --sft-dir stays as given: None or the user's own folder
 
     def sft_folder(self) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minalign import data
+from minalign.cli import ArgumentError
 from minalign.dpo import pair_logps, reference_logps
 from minalign.model import GPT, GPTConfig
 from minalign.tokenizer import get_tokenizer
@@ -164,6 +165,19 @@ def test_default_folders_say_what_went_in():
     args = train_dpo.Args(data="x/harmless-base-test.jsonl.gz", out_dir="mine")
     assert folders(args) == ("mine", "out/sft-harmless-base-test")
     assert dataclasses.replace(args, seed=1).sft_dir is None  # still not named by the user
+
+
+def test_pair_counts_the_built_in_prompts_cannot_give_are_refused_before_any_work():
+    import train_dpo
+    import train_rm
+
+    train_rm.Args(n_train_prompts=10, n_train_pairs=60, batch_size=60)  # 4 samples a prompt: up to 6 pairs
+    with pytest.raises(ArgumentError, match=r"^--n-train-pairs 61: --n-train-prompts 10 give at most 60 pairs; raise"):
+        train_dpo.Args(n_train_prompts=10, n_train_pairs=61)
+    with pytest.raises(ArgumentError, match=r"^--batch-size 33: more than the 32 training pairs at most$"):
+        train_rm.Args(n_train_pairs=32, batch_size=33)
+    with pytest.raises(ArgumentError, match=r"^--batch-size 61: more than the 60 training pairs at most$"):
+        train_dpo.Args(n_train_prompts=10, batch_size=61)
 
 
 def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():

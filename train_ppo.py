@@ -69,7 +69,9 @@ class Args:
     kl_horizon: int = 10_000
     """Horizon of the adaptive controller, in samples."""
     kl_estimator: str = "k1"
-    """Per-token KL estimator in the reward: "k1" (log ratio) or "k3"."""
+    """How objective/kl and the adaptive controller measure the KL: "k1" (log ratio) or "k3"
+    (never negative, less variance). The penalty in the reward is always k1: k3's policy
+    gradient is not the KL's."""
     missing_eos_score: float | None = -1.0
     """Score that replaces the reward model's for a response that never emits EOS (None:
     keep it). TRL's missing_eos_penalty subtracts instead; this sets."""
@@ -131,16 +133,17 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     ended = rollout.ended(eos_id)  # (B,)
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
-    kl = kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask  # (B, N)
-    rewards = token_rewards(scores, kl, mask, beta)  # (B, N): -beta kl_t, plus the score at the end
+    log_ratio = (old.token_logps - ref.token_logps) * mask  # (B, N): k1, the penalty (see minalign/ppo.py)
+    rewards = token_rewards(scores, log_ratio, mask, beta)  # (B, N): -beta kl_t, plus the score at the end
     advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)  # (B, N) each
     advantages = masked_whiten(advantages, mask)
-    seq_kl = kl.sum(1)  # (B,)
+    seq_kl = (kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask).sum(1)  # (B,) measured
+    non_score_reward = -beta * log_ratio.sum(1)  # (B,)
     stats = {
         "objective/kl": seq_kl.mean().item(),
         "objective/entropy": (old.entropy * mask).sum(1).mean().item(),
-        "objective/non_score_reward": (-beta * seq_kl).mean().item(),
-        "objective/rlhf_reward": (scores - beta * seq_kl).mean().item(),
+        "objective/non_score_reward": non_score_reward.mean().item(),
+        "objective/rlhf_reward": (scores + non_score_reward).mean().item(),
         "objective/scores": scores.mean().item(),
         "val/num_eos_tokens": ended.sum().item(),
         "response_length": mask.sum(1).float().mean().item(),
@@ -267,7 +270,8 @@ def main(args: Args):
         kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
             warnings.warn("mean KL estimate is negative: with k1 and a small batch this happens by chance; "
-                          "try --kl-estimator k3 or a larger --rollout-batch-size", stacklevel=1)
+                          "--kl-estimator k3 measures it with less variance (never negative), and a larger "
+                          "--rollout-batch-size steadies the penalty too", stacklevel=1)
             negative_kl_warned = True
         logger.log(update, **stats)
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})

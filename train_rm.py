@@ -119,13 +119,18 @@ class Args(PairArgs):
     weight_decay: float = 0.1
     """AdamW weight decay on matrices."""
     margin: float = 0.0
-    """Built-in task: demand a score gap of margin * (gold gap) (Llama 2's margin loss); 0 is plain Bradley-Terry."""
+    """Built-in task, ranked labels: demand a score gap of margin * (gold gap) (Llama 2's margin loss);
+    0 is plain Bradley-Terry."""
     center_coef: float = 0.0
     """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
 
     def __post_init__(self):
         super().__post_init__()
         check_args(self, positive=("epochs",), non_negative=("lr", "weight_decay", "margin", "center_coef"))
+        if self.margin and (self.label_temperature is not None or self.label_flip):
+            # the gold gap of a pair labelled against the judge is negative: the margin would mark it
+            raise ArgumentError(f"--margin {self.margin:g}: with noisy labels (--label-temperature, --label-flip) "
+                                f"the gold-score gap would tell the model which labels are wrong")
 
 
 def pair_scores(model, batch):

@@ -6,7 +6,12 @@ the policy samples responses, the reward model scores them, and PPO (Schulman et
 reference (SFT) model. Per response token t the reward is
 
     r_t = -beta * kl_t               + (score if t is the last response token)
-    kl_t = log pi(y_t) - log pi_ref(y_t)   (k1; or k3 = (ratio - 1) - log ratio, ratio = pi_ref/pi)
+    kl_t = log pi(y_t) - log pi_ref(y_t)
+
+The penalty is always this log ratio (k1): as a reward, its policy gradient
+E[grad log pi * kl_t] is the gradient of KL(pi || pi_ref). k3 estimates the KL's value
+with less variance, but as a reward its policy gradient is grad KL(pi || pi_ref) -
+grad KL(pi_ref || pi), which nearly vanishes near the reference; it only measures.
 
 GAE (`minalign.ops.gae`, gamma 1, lambda 0.95) turns rewards and the critic's values
 into advantages, whitened over the real tokens; the losses are `ops.ppo_policy_loss`
@@ -22,6 +27,7 @@ def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
     k1 = log pi - log pi_ref: unbiased, can be negative per token.
     k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, never negative, lower
     variance (Schulman 2020, "Approximating KL divergence").
+    Both estimate the KL's value; only k1 belongs in the reward (see above).
     """
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":

@@ -159,6 +159,15 @@ def test_score_rollout_by_hand():
     real = advantages[mask]
     assert real.mean().item() == pytest.approx(0, abs=1e-5) and real.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
     assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
+    # k3 only measures: the penalty, and so every advantage, stays the log ratio's
+    k3_args = train_ppo.Args(kl_coef=0.3, missing_eos_score=-1.0, kl_estimator="k3")
+    *_, k3_advantages, k3_returns, k3_stats = train_ppo.score_rollout(
+        policy, reference, reward_model, reward_model, rollout, k3_args, 0.3, eos)
+    assert torch.equal(k3_advantages, advantages) and torch.equal(k3_returns, returns)
+    assert k3_stats["objective/rlhf_reward"] == stats["objective/rlhf_reward"]
+    k3 = (kl_estimate(old_logps, response_logprobs(reference, rollout).token_logps, "k3") * mask).sum(1)
+    assert k3_stats["objective/kl"] == pytest.approx(k3.mean().item(), abs=1e-5)
+    assert abs(k3_stats["objective/kl"] - stats["objective/kl"]) > 1e-3
 
 
 def test_critic_values_are_those_of_the_states_before_each_response_token():

@@ -180,6 +180,15 @@ def test_pair_counts_the_built_in_prompts_cannot_give_are_refused_before_any_wor
         train_dpo.Args(n_train_prompts=10, batch_size=61)
 
 
+def test_a_margin_from_gold_gaps_is_refused_with_noisy_labels():
+    import train_rm
+
+    assert train_rm.Args(margin=0.5).margin == 0.5  # ranked labels: every gold gap is positive
+    for noise in ({"label_temperature": 0.5}, {"label_flip": 0.1}):  # a pair labelled against the judge has a
+        with pytest.raises(ArgumentError, match=r"^--margin 0.5: with noisy labels"):  # negative gap
+            train_rm.Args(margin=0.5, **noise)
+
+
 def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
     sys.path.insert(0, str(ROOT))
     import train_dpo
@@ -232,8 +241,8 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
 
     from minalign.distributed import DistInfo
     out = str(tmp_path / "out")
-    for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, label_temperature=0.5, out_dir=out),
-                           "--label-temperature, --margin: for the built-in task only"),
+    for args, message in ((train_rm.Args(data="p.jsonl", margin=0.5, n_test_prompts=50, out_dir=out),
+                           "--n-test-prompts, --margin: for the built-in task only"),
                           (train_dpo.Args(data="p.jsonl", eval_interval=5, out_dir=out), "--eval-interval: for the built-in"),
                           # named on the command line, at the default value too
                           (parse_args(train_dpo.Args, ["--data", "p.jsonl", "--n-train-prompts", "1000", "--out-dir", out]),

@@ -59,7 +59,8 @@ class Args:
     """Longest sampled response."""
     temperature: float = 1.0
     """Sampling temperature. Log-probs (policy and reference) are taken at the same
-    temperature, so the PPO ratio and the KL penalty are those of the sampling policy."""
+    temperature, so the PPO ratio and the KL penalty are those of the sampling policy;
+    the held-out evaluation samples at it too."""
     lr: float = 3e-5
     """Learning rate of policy and critic."""
     kl_coef: float = 0.05
@@ -155,7 +156,7 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
     """Gold reward, reward-model score, win rate and KL on the held-out prompts, logged as eval/*."""
     prompts = held_out_prompts(tokenizer, args.eval_prompts, args.seed)
     result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
-                             reward_model=reward_model)
+                             reward_model=reward_model, temperature=args.temperature)  # what PPO trained
     logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
     print(f"eval @ update {update}: gold {result['gold_reward']:.3f} | reward model {result['rm_score']:.3f} | "
           f"KL {result['kl']:.2f} | win rate {result['win_rate']:.3f}", flush=True)

@@ -11,8 +11,9 @@ The measures of the DPO paper's IMDb experiment (Rafailov et al. 2023, fig. 2):
 - optionally a reward model's mean score of the same samples: beside the gold reward
   it shows whether the policy pleases the proxy more than the judge (reward hacking).
 
-Both policies sample from the full distribution (temperature 1), as the KL estimate
-assumes.
+Both policies sample from the full distribution at one temperature (1 unless a PPO
+run trained at another), and the KL is that of the distributions sampled, as its
+estimate assumes.
 """
 
 import json
@@ -32,9 +33,10 @@ def held_out_prompts(tokenizer, n: int, seed: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch_size=64, seed=0,
-                    judge=task.gold_reward, reward_model=None) -> dict:
+                    judge=task.gold_reward, reward_model=None, temperature: float = 1.0) -> dict:
     """Gold reward, win rate and KL of `policy` against `reference` on `prompts`
-    (and `reward_model`'s mean score of the policy's samples, when given).
+    (and `reward_model`'s mean score of the policy's samples, when given), both
+    sampling, and the KL taken, at `temperature`.
 
     Returns a dict of the summary figures plus the per-sample "samples" (prompt,
     policy response, reference response and their gold scores)."""
@@ -47,15 +49,15 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
     reference.eval()  # both scored without dropout: identical models give KL 0
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen)
-        logp = response_logprobs(policy, rollout).sum_logps  # (B,)
-        ref_logp = response_logprobs(reference, rollout).sum_logps  # (B,)
+        rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen, temperature=temperature)
+        logp = response_logprobs(policy, rollout, temperature=temperature).sum_logps  # (B,)
+        ref_logp = response_logprobs(reference, rollout, temperature=temperature).sum_logps  # (B,)
         kls.append(logp - ref_logp)
         lengths.append(rollout.response_mask.sum(1).float())
         policy_texts += rollout.response_texts(tokenizer)
         if reward_model is not None:
             rm_scores.append(reward_model(rollout.sequences, rollout.attention_mask).float())
-        ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen)
+        ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen, temperature=temperature)
         ref_lengths.append(ref_rollout.response_mask.sum(1).float())
         ref_texts += ref_rollout.response_texts(tokenizer)
     policy.train(was_training[0])

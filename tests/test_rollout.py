@@ -104,3 +104,29 @@ def test_evaluation_counts_ties_half_and_kl_from_the_policys_side():
     wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0
             for s in by_length["samples"]]
     assert by_length["win_rate"] == pytest.approx(sum(wins) / 3)
+
+
+def test_evaluation_samples_and_takes_the_kl_at_the_temperature_given():
+    import copy
+
+    from minalign.evaluate import evaluate_policy
+    from minalign.model import GPT, GPTConfig
+    from minalign.rollout import response_logprobs, sample
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.wte.weight.mul_(2.0)
+    prompts = ["The plot was", "I saw it", "This film"]
+    result = evaluate_policy(policy, reference, tok, prompts, max_new_tokens=6, seed=5, temperature=0.5)
+    # by hand: the policy's samples under the same seed, both models' log-probs at temperature 0.5
+    rollout = sample(policy, tok, prompts, 6, torch.Generator().manual_seed(5), temperature=0.5)
+    kl = (response_logprobs(policy, rollout, temperature=0.5).sum_logps
+          - response_logprobs(reference, rollout, temperature=0.5).sum_logps)
+    assert [s["response"] for s in result["samples"]] == rollout.response_texts(tok)
+    assert result["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)
+    at_one = evaluate_policy(policy, reference, tok, prompts, max_new_tokens=6, seed=5)
+    assert at_one["kl"] != pytest.approx(result["kl"], abs=1e-3)

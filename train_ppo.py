@@ -152,6 +152,15 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     return old.token_logps, values, advantages, returns, stats
 
 
+def minibatch_stats(pg, vf, logprobs, old_logprobs, mask) -> dict:
+    """One minibatch's losses and health figures, under TRL's names: the mean probability
+    ratio pi / pi_old over its real tokens (1 before the first step of each update)."""
+    ratio = masked_mean(torch.exp(logprobs.detach() - old_logprobs), mask)
+    return {"loss/policy_avg": pg.loss.item(), "loss/value_avg": vf.loss.item(),
+            "policy/clipfrac_avg": pg.clipfrac.item(), "policy/approxkl_avg": pg.approx_kl.item(),
+            "val/clipfrac_avg": vf.clipfrac.item(), "val/ratio": ratio.item()}
+
+
 def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update) -> dict:
     """Gold reward, reward-model score, win rate and KL on the held-out prompts, logged as eval/*."""
     prompts = held_out_prompts(tokenizer, args.eval_prompts, args.seed)
@@ -251,11 +260,8 @@ def main(args: Args):
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf)
                 optimizer.step()
-                ratio = masked_mean(torch.exp(new.token_logps.detach() - old_logps[idx]), mask[idx])
-                for name, value in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
-                                    ("policy/clipfrac_avg", pg.clipfrac), ("policy/approxkl_avg", pg.approx_kl),
-                                    ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", ratio)):
-                    history[name].append(value.item())
+                for name, value in minibatch_stats(pg, vf, new.token_logps, old_logps[idx], mask[idx]).items():
+                    history[name].append(value)
         stats.update({name: sum(values) / len(values) for name, values in history.items()})
         stats.update({
             "losses/explained_variance": explained_variance(old_values, returns, mask),

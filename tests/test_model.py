@@ -181,3 +181,16 @@ def test_sampling_follows_the_tempered_distribution(temperature):
     picks = sample_token(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
     frequencies = torch.bincount(picks, minlength=4).float() / len(picks)
     torch.testing.assert_close(frequencies, (logits[0] / temperature).softmax(-1), atol=0.012, rtol=0)
+
+
+def test_weight_decay_falls_on_matrices_only():
+    from minalign.optim import make_optimizer
+
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    decayed, plain = make_optimizer(model, lr=1e-3, weight_decay=0.1).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert any("wte" in names[id(p)] for p in decayed["params"])  # embeddings and matmuls decay
+    assert any("ln" in names[id(p)] for p in plain["params"])  # norms (and biases) do not
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))

@@ -16,7 +16,12 @@ VARIANTS = [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0), ("
 
 def dpo_inputs(B=64, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(-50 + 10 * torch.randn(B, generator=g)).to(device) for _ in range(4)]
+    logps = [-50 + 10 * torch.randn(B, generator=g) for _ in range(4)]
+    # two pairs on the hinge's kink, beta * h = 1 for beta 0.5 and 0.1: its gradient there is 0
+    for row, kink in ((-2, (-1.0, -3.0, -2.0, -2.0)), (-1, (-1.0, -11.0, -2.0, -2.0))):
+        for t, value in zip(logps, kink):
+            t[row] = value
+    return [t.to(device) for t in logps]
 
 
 def dpo_values_and_grads(fn, logps, **kw):

@@ -1,6 +1,7 @@
 """PPO's pieces, and tiny end-to-end runs of train_ppo.py."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_kl_controller_moves_beta_toward_the_target():
 def test_reward_layout_score_on_last_token_kl_everywhere_nothing_on_padding():
     mask = ragged_mask([3, 5], 6)
     kl = torch.ones(2, 6)
-    rewards = token_rewards(torch.tensor([2.0, -1.0]), kl * mask, mask, beta=0.1)
+    rewards = token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.1)  # kl unmasked: padding gets none
     expected = torch.tensor([[-0.1, -0.1, -0.1 + 2.0, 0, 0, 0], [-0.1, -0.1, -0.1, -0.1, -0.1 - 1.0, 0]])
     torch.testing.assert_close(rewards, expected)
 
@@ -155,6 +156,10 @@ def test_score_rollout_by_hand():
     assert stats["objective/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-5)
     assert stats["objective/scores"] == pytest.approx(scores.mean().item(), abs=1e-5)
     assert stats["objective/rlhf_reward"] == pytest.approx((scores - 0.3 * kl.sum(1)).mean().item(), abs=1e-5)
+    assert stats["objective/non_score_reward"] == pytest.approx(-0.3 * kl.sum(1).mean().item(), abs=1e-5)
+    entropy = (response_logprobs(policy, rollout, return_entropy=True).entropy * mask).sum(1)
+    assert stats["objective/entropy"] == pytest.approx(entropy.mean().item(), abs=1e-5)
+    assert stats["response_length"] == 3.5
     assert stats["val/num_eos_tokens"] == 1
     real = advantages[mask]
     assert real.mean().item() == pytest.approx(0, abs=1e-5) and real.std(unbiased=False).item() == pytest.approx(1, abs=1e-3)
@@ -168,6 +173,22 @@ def test_score_rollout_by_hand():
     k3 = (kl_estimate(old_logps, response_logprobs(reference, rollout).token_logps, "k3") * mask).sum(1)
     assert k3_stats["objective/kl"] == pytest.approx(k3.mean().item(), abs=1e-5)
     assert abs(k3_stats["objective/kl"] - stats["objective/kl"]) > 1e-3
+
+
+def test_minibatch_stats_by_hand():
+    import train_ppo
+    from minalign.reference import PolicyLoss, ValueLoss
+
+    mask = ragged_mask([1, 3], 3)
+    logprobs = torch.tensor([[-1.0, 5.0, 5.0], [-1.0, -2.0, -2.0]])  # padding holds junk: left out
+    old = torch.tensor([[-1.5, 0.0, 0.0], [-1.0, -2.0, -2.0 - math.log(2.0)]])
+    pg = PolicyLoss(torch.tensor(0.5), torch.tensor(0.25), torch.tensor(0.01))
+    vf = ValueLoss(torch.tensor(2.0), torch.tensor(0.75))
+    stats = train_ppo.minibatch_stats(pg, vf, logprobs, old, mask)
+    ratios = [math.exp(0.5), 1.0, 1.0, 2.0]  # the 4 real tokens
+    assert stats == pytest.approx({"loss/policy_avg": 0.5, "loss/value_avg": 2.0, "policy/clipfrac_avg": 0.25,
+                                   "policy/approxkl_avg": 0.01, "val/clipfrac_avg": 0.75,
+                                   "val/ratio": sum(ratios) / 4})
 
 
 def test_critic_values_are_those_of_the_states_before_each_response_token():

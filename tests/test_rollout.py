@@ -79,6 +79,8 @@ def test_evaluation_scores_both_models_without_dropout():
     policy.train()
     result = evaluate_policy(policy, reference, tok, ["The plot was", "I saw it"], max_new_tokens=6)
     assert result["kl"] == 0.0  # the same weights: the same distribution
+    # but independent samples of it: the win rate compares two draws, not one twice
+    assert any(s["response"] != s["ref_response"] for s in result["samples"])
     assert policy.training and reference.training  # modes restored
 
 
@@ -130,3 +132,19 @@ def test_evaluation_samples_and_takes_the_kl_at_the_temperature_given():
     assert result["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)
     at_one = evaluate_policy(policy, reference, tok, prompts, max_new_tokens=6, seed=5)
     assert at_one["kl"] != pytest.approx(result["kl"], abs=1e-3)
+
+
+def test_response_texts_leave_out_eos_and_padding():
+    from minalign.rollout import Rollout
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    a, b = tok.encode(" great fun."), tok.encode(" dull")
+    width = max(len(a), len(b)) + 2
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.bool)
+    for row, tokens in enumerate((a + [tok.eos_id], b)):  # one ended with EOS, one ran out of room
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = True
+    rollout = Rollout(ids[:, :1], torch.ones(2, 1, dtype=torch.bool), ids, mask)
+    assert rollout.response_texts(tok) == [" great fun.", " dull"]
+    assert rollout.ended(tok.eos_id).tolist() == [True, False]

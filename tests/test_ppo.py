@@ -76,13 +76,17 @@ def test_whitening_ignores_padding():
     assert (white[~mask] == 0).all()
 
 
-def run_ppo(workdir, out, *extra):
+def run_ppo(workdir, out, *extra, nproc=1, returncode=0):
+    """train_ppo.py's metrics rows (or, when it is to fail, its stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train_ppo.py", "--sft-dir", str(workdir / "sft"), "--rm-dir", str(workdir / "rm"),
+    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, *launch, "train_ppo.py", "--sft-dir", str(workdir / "sft"), "--rm-dir", str(workdir / "rm"),
            "--out-dir", str(out), "--rollout-batch-size", "16", "--minibatch-size", "8", "--epochs", "2",
            "--max-new-tokens", "16", "--eval-prompts", "8", "--log-interval", "1", *extra]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
+    if returncode:
+        return result.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -121,6 +125,23 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
     assert strip(a) == strip(b)  # seeded runs repeat exactly on the CPU
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
     assert {"gold_reward", "win_rate", "kl", "response_length"} <= result.keys()
+
+
+@pytest.mark.slow
+def test_ppo_under_two_processes_pools_its_rollouts(workdir, tmp_path):
+    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", nproc=2)  # 8 rollouts a process
+    updates = [r for r in rows if "objective/scores" in r]
+    assert [r["step"] for r in updates] == [1, 2]
+    assert all(0 <= r["val/num_eos_tokens"] <= 16 for r in updates)  # summed over both processes' rollouts
+    assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]
+    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.slow
+def test_a_diverged_ppo_run_stops_with_one_line_and_saves_nothing(workdir, tmp_path):
+    stderr = run_ppo(workdir, tmp_path, "--updates", "3", "--lr", "1e30", returncode=2)
+    assert "Traceback" not in stderr and "training diverged" in stderr.strip().splitlines()[-1], stderr[-2000:]
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def _score_rollout_setup(seed=0):

@@ -20,10 +20,11 @@ from minalign.tokenizer import get_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script, args):
+def run(script, args, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([sys.executable, *launch, script, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -113,6 +114,37 @@ def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
     assert result["kl"] > 0 and result["n_prompts"] == 16 and len(result["samples"]) == 16  # it moved away
     wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0 for s in result["samples"]]
     assert result["win_rate"] == pytest.approx(sum(wins) / 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_rm.py", "train_dpo.py"])
+def test_two_processes_train_as_one(workdir, script, tmp_path):
+    common = [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"), "--epochs", "1",
+              "--lr", "1e-3", *(["--eval-max-new-tokens", "24"] if script == "train_dpo.py" else [])]
+    run(script, [*common, "--out-dir", str(tmp_path / "one")])
+    run(script, [*common, "--out-dir", str(tmp_path / "two")], nproc=2)  # each process half of each batch
+    # Compared by what the models compute, not weight by weight: a weight whose true gradient
+    # is 0 (the attention's key bias; the reward head's bias, as the Bradley-Terry loss sees
+    # only differences) takes Adam steps of rounding noise, which differs, and so do the
+    # reward model's absolute scores.
+    left_out = ("time", "seconds", "per_s", "mean_reward", "min_reward", "max_reward")
+    one, two = ([{k: v for k, v in r.items() if not k.endswith(left_out)} for r in metrics(tmp_path / n / "metrics.jsonl")]
+                for n in ("one", "two"))
+    assert len(one) == len(two) > 5 and [r.keys() for r in one] == [r.keys() for r in two]
+    for a, b in zip(one, two):  # every step's loss and the evaluation, of the global batch
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_rm.py", "train_dpo.py"])
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, tmp_path):
+    cmd = [sys.executable, script, *SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+           "--epochs", "1", "--lr", "1e30", "--out-dir", str(tmp_path),
+           *(["--eval-max-new-tokens", "24"] if script == "train_dpo.py" else [])]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "training diverged" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):

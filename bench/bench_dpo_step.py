@@ -19,16 +19,17 @@ at the default shape.
     python bench/bench_dpo_step.py                 # CPU, 2 threads
 """
 
-import argparse
 import copy
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from machine import describe
 from minalign import ops
+from minalign.cli import check_args, parse_args
 from minalign.data import Example, collate_pairs
 from minalign.dpo import pair_logps, reference_logps
 from minalign.model import GPT, GPTConfig
@@ -45,14 +46,27 @@ def plain_logps(model, input_ids, labels):
     return (picked * mask).sum(-1)
 
 
+@dataclass
+class Args:
+    """Seconds per DPO optimizer step: minalign's trainer step against a plain PyTorch one (CPU)."""
+
+    pairs: int = 8
+    """Preference pairs per step."""
+    prompt_len: int = 128
+    """Prompt tokens of every pair."""
+    response_len: int = 128
+    """Tokens of each response."""
+    reps: int = 3
+    """Timed steps of each variant."""
+    threads: int = 2
+    """CPU threads (torch.set_num_threads)."""
+
+    def __post_init__(self):
+        check_args(self, positive=("pairs", "prompt_len", "response_len", "reps", "threads"))
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--response-len", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = parse_args(Args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     T = args.prompt_len + args.response_len

@@ -11,13 +11,14 @@ warm-up, and the speed-up of the kernel, all wall times per call; on CUDA also t
 kernel's own time from the profiler, which leaves out the host's launch overhead.
 """
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from machine import describe
+from minalign.cli import check_args, parse_args
 from minalign import ops, reference
 
 
@@ -72,14 +73,27 @@ def kernel_us(fn, reps):
     return sum(kernels) / reps if kernels else None
 
 
+@dataclass
+class Args:
+    """Time of generalised advantage estimation: minalign's kernel vs Python loops over T."""
+
+    device: str = "cpu"
+    """Where to run: "cpu", "cuda" or "cuda:N"."""
+    B: int | None = None
+    """Rows (None: 64 on cpu, 512 on cuda)."""
+    T: int | None = None
+    """Tokens per row (None: 512 on cpu, 4096 on cuda)."""
+    reps: int = 9
+    """Timed runs."""
+    threads: int = 2
+    """CPU threads (torch.set_num_threads)."""
+
+    def __post_init__(self):
+        check_args(self, positive=("B", "T", "reps", "threads"))
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--B", type=int, default=None, help="default 64 on cpu, 512 on cuda")
-    parser.add_argument("--T", type=int, default=None, help="default 512 on cpu, 4096 on cuda")
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    args = parser.parse_args()
+    args = parse_args(Args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     B, T = args.B or (512 if cuda else 64), args.T or (4096 if cuda else 512)

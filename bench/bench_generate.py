@@ -8,13 +8,14 @@ both, measured side by side in one run, and their ratio.
     python bench/bench_generate.py --device cuda --n-embd 768 --n-layer 12
 """
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from machine import describe
+from minalign.cli import ArgumentError, check_args, parse_args
 from minalign.model import GPT, GPTConfig
 
 
@@ -30,19 +31,40 @@ def time_generate(model, prompts, new_tokens, use_cache, seed):
     return time.perf_counter() - t0
 
 
+@dataclass
+class Args:
+    """Batched sampling throughput with and without the KV cache."""
+
+    batch: int = 16
+    """Prompts sampled together."""
+    prompt_len: int = 8
+    """Tokens of each (random) prompt."""
+    new_tokens: int = 256
+    """Tokens sampled after each prompt."""
+    n_layer: int = 4
+    """Transformer blocks of the (randomly initialised) model."""
+    n_head: int = 4
+    """Attention heads."""
+    n_embd: int = 128
+    """Width; a multiple of --n-head."""
+    vocab_size: int = 1024
+    """Vocabulary size."""
+    reps: int = 3
+    """Timed runs of each variant."""
+    threads: int = 2
+    """CPU threads (torch.set_num_threads)."""
+    device: str = "cpu"
+    """Where to run: "cpu", "cuda" or "cuda:N"."""
+
+    def __post_init__(self):
+        check_args(self, positive=("batch", "prompt_len", "new_tokens", "n_layer", "n_head", "n_embd", "vocab_size",
+                                   "reps", "threads"))
+        if self.n_embd % self.n_head:
+            raise ArgumentError(f"--n-embd {self.n_embd}: must be a multiple of --n-head {self.n_head}")
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = parse_args(Args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = GPTConfig(block_size=args.prompt_len + args.new_tokens, vocab_size=args.vocab_size,

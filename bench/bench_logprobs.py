@@ -29,15 +29,16 @@ each new page faults on its first write); implementations that return a new [N, 
 gradient pay that on top.
 """
 
-import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from machine import describe
+from minalign.cli import check_args, parse_args
 from minalign import ops
 
 
@@ -238,18 +239,33 @@ def run(device, dtype, N, V, reps):
         print(f"| {name} | {fwd_ms:.1f} | {ms:.1f} | {ratio(ms, inplace)} | {ratio(ms, fused)} | "
               f"{roofline_ms / ms:.2f} | {mem} |")
 
+@dataclass
+class Args:
+    """Time and memory of log p(label) per row, forward + backward: minalign vs what users write instead."""
+
+    device: str = "cpu"
+    """Where to run: "cpu", "cuda" or "cuda:N"."""
+    dtype: str | None = None
+    """Logits dtype: float32, bfloat16 or float16 (None: float32 on cpu, bfloat16 on cuda)."""
+    N: int | None = None
+    """Rows (None: 2048 on cpu, 16384 on cuda)."""
+    V: tuple[int, ...] | None = None
+    """Vocabulary sizes, a table each (None: 50257 on cpu; 50257 and 128256 on cuda)."""
+    reps: int | None = None
+    """Timed runs (None: 5 on cpu, 20 on cuda)."""
+    threads: int = 2
+    """CPU threads (torch.set_num_threads)."""
+    fused_cache_kb: tuple[int, ...] | None = None
+    """CUDA: also run weighted_logprob_sum keeping this many KB of each row in shared memory
+    (None: 0 and 200; the kernel's own choice runs anyway)."""
+
+    def __post_init__(self):
+        check_args(self, positive=("N", "V", "reps", "threads"), non_negative=("fused_cache_kb",),
+                   choices={"dtype": (None, "float32", "bfloat16", "float16")})
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument("--N", type=int, default=None, help="rows; default 2048 on cpu, 16384 on cuda")
-    parser.add_argument("--V", type=int, nargs="+", default=None, help="default 50257 on cpu, 50257 128256 on cuda")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs; default 5 on cpu, 20 on cuda")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    parser.add_argument("--fused-cache-kb", type=int, nargs="*", default=None,
-                        help="CUDA: also run weighted_logprob_sum keeping this many KB of each row in shared "
-                             "memory (default 0 and 200; the kernel's own choice runs anyway)")
-    args = parser.parse_args()
+    args = parse_args(Args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cache_kbs = [] if not cuda else [0, 200] if args.fused_cache_kb is None else args.fused_cache_kb

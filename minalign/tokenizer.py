@@ -31,14 +31,16 @@ smaller vocabularies spend a tiny model's capacity and context on spelling. Noth
 is left to merge past 1,126, so no larger size exists for this corpus.
 """
 
-import argparse
 import base64
 import functools
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import regex
 import tiktoken
+
+from minalign.cli import check_args, parse_args
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -144,15 +146,25 @@ def train_bpe(texts: list[str], vocab_size: int | None = None) -> dict[bytes, in
     return ranks
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Train the builtin tokenizer on the task's train reviews.")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="tokens to learn (default: merge until every word is one token)")
-    parser.add_argument("--out", type=Path, default=BUILTIN_FILE)
-    parser.add_argument("--report", action="store_true", help="print tokens per review for a few sizes")
-    args = parser.parse_args()
+@dataclass
+class Args:
+    """Train the builtin tokenizer on the task's train reviews (python -m minalign.tokenizer)."""
 
+    vocab_size: int | None = None
+    """Tokens to learn (None: merge until every word is one token)."""
+    out: str = str(BUILTIN_FILE)
+    """Where the ranks go."""
+    report: bool = False
+    """Also print tokens per val review for a few sizes."""
+
+    def __post_init__(self):
+        check_args(self, positive=("vocab_size",))
+
+
+def main():
     from minalign import task
+
+    args = parse_args(Args)
 
     train, val = task.reviews("train"), task.reviews("val")
     if args.report:
@@ -162,8 +174,8 @@ def main():
             n_tokens = sum(len(enc.encode_ordinary(review)) for review in val)
             print(f"{len(ranks)} tokens: {n_tokens / len(val):.1f} tokens per val review")
     ranks = train_bpe(train, args.vocab_size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_ranks(ranks, args.out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_ranks(ranks, Path(args.out))
     print(f"wrote {len(ranks)} tokens (+ {EOS}, {PAD}) to {args.out}")
 
 

@@ -231,6 +231,9 @@ def prepare_pairs(args: PairArgs, dist):
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))
     test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
+    if args.batch_size > len(train_pairs):  # now, not after the SFT policy is trained on them
+        raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only {len(train_pairs)} training "
+                            f"pairs ({n_test} held out by --test-fraction {args.test_fraction})")
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
     sft_file = Path(sft_dir) / "sft_data.jsonl"

@@ -147,6 +147,18 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, t
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def test_a_batch_larger_than_the_data_files_pairs_is_refused_before_sft(tmp_path):
+    pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    result = subprocess.run([sys.executable, "train_dpo.py", "--data", str(tmp_path / "pairs.jsonl"),
+                             "--sft-dir", str(tmp_path / "sft"), "--out-dir", str(tmp_path / "dpo")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.endswith("--batch-size 32: " + str(tmp_path / "pairs.jsonl") + " leaves only 18 training "
+                                  "pairs (2 held out by --test-fraction 0.1)\n")
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()
+
+
 def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
     # The default folders are named after the data file, so two files of one name would
     # share them: the SFT policy records which pairs it came from.

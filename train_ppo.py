@@ -4,7 +4,9 @@ With no arguments it works on the built-in task end to end: it trains the SFT po
 and the reward model if out/ holds none, then runs PPO from the SFT policy with a
 per-token KL penalty to it, logging the reward model's score beside the gold judge's
 (the gap between them is how reward hacking shows itself), and evaluates the result
-against SFT on held-out prompts, in the same table and eval.json as train_dpo.py.
+against SFT on held-out prompts, in the same table and eval.json as train_dpo.py (both
+policies sampled at --temperature, which eval.json records: compare runs at one
+temperature).
 
     python train_ppo.py
     python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run

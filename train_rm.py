@@ -204,7 +204,8 @@ def prepare_pairs(args: PairArgs, dist):
     check_out_dir(args.out_dir, stage=args.stage)
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
     check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
-    if args.data is None:
+    labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
+    if args.data is None and not (Path(args.pairs_dir) / labels / "meta.json").exists():  # cached pairs: only read
         check_out_dir(args.pairs_dir, "--pairs-dir")
     tokenizer = get_tokenizer(args.tokenizer)
     builtin = args.data is None
@@ -215,7 +216,6 @@ def prepare_pairs(args: PairArgs, dist):
         sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
         policy, ckpt = load_model(sft_path, dist.device)
         check_model(ckpt, tokenizer, sft_path, args.max_length)
-        labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
         train_pairs, test_pairs = builtin_pairs(
             Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
             args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main, lambda: distributed.barrier(dist))

@@ -257,7 +257,7 @@ class Args:
     """CPU threads (torch.set_num_threads)."""
     fused_cache_kb: tuple[int, ...] | None = None
     """CUDA: also run weighted_logprob_sum keeping this many KB of each row in shared memory
-    (None: 0 and 200; the kernel's own choice runs anyway)."""
+    (None: 0 and 200; the flag alone: no extra runs; the kernel's own choice runs anyway)."""
 
     def __post_init__(self):
         check_args(self, positive=("N", "V", "reps", "threads"), non_negative=("fused_cache_kb",),

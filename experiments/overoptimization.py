@@ -39,7 +39,7 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
 from minalign import distributed, task
 from minalign.checkpoint import load_model
 from minalign.evaluate import held_out_prompts
-from minalign.cli import check_args, run
+from minalign.cli import ArgumentError, check_args, run
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
 
@@ -73,6 +73,11 @@ class Args(ExperimentArgs):
         super().__post_init__()
         check_args(self, positive=("pair_counts", "rm_epochs", "ppo_updates", "ppo_eval_interval", "bon_prompts",
                                    "bon_max_n"), non_negative=("rm_min_steps", "ppo_kl_coef", "ppo_lr", "n_show"))
+        for n in self.pair_counts:  # refused now, not after the smaller proxies are trained
+            try:
+                train_rm.Args(n_train_pairs=n, **self.pair_settings())
+            except ArgumentError as error:
+                raise ArgumentError(str(error).replace("--n-train-pairs", "--pair-counts")) from None
 
 
 def main(args: Args):

@@ -132,7 +132,9 @@ def finished(ckpt: dict) -> bool:
     (which `--resume`, or a later stage, finishes in its folder)."""
     if (ckpt.get("stage") or _legacy_stage(ckpt)) != "sft":
         return True
-    return ckpt.get("step", 0) >= ckpt["args"].get("max_steps", 0)  # one without them: taken as it is
+    if "step" not in ckpt or "max_steps" not in ckpt["args"]:
+        return True  # a policy made elsewhere: taken as it is
+    return ckpt["step"] >= ckpt["args"]["max_steps"]
 
 
 def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None, read_finished: bool = False) -> None:

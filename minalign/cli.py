@@ -85,9 +85,9 @@ def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParse
         help_text = docs.get(f.name, "")
         if tp is bool:
             parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, action=argparse.BooleanOptionalAction)
-        elif typing.get_origin(tp) is tuple:  # tuple[float, ...]: one or more values after the flag
+        elif typing.get_origin(tp) is tuple:  # tuple[float, ...]: values after the flag (if optional, maybe none)
             item = typing.get_args(tp)[0]
-            parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, nargs="+",
+            parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, nargs="*" if optional else "+",
                                 type=_parser_for(item, False), metavar=item.__name__.upper())
         else:
             parser.add_argument(flag(f.name), dest=f.name, default=default, help=help_text, type=_parser_for(tp, optional),

@@ -56,7 +56,10 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Tear the process group down once every rank is done (one torn down under a rank
+    still evaluating can abort it)."""
     if info.enabled:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -75,6 +75,7 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
         "response_length": torch.cat(lengths).mean().item(),
         "ref_response_length": torch.cat(ref_lengths).mean().item(),
         "n_prompts": len(prompts),
+        "temperature": temperature,
         "samples": [
             {"prompt": p, "response": r, "gold": g, "rm_score": s, "ref_response": rr, "ref_gold": rg}
             for p, r, g, s, rr, rg in zip(prompts, policy_texts, gold.tolist(), rm, ref_texts, ref_gold.tolist())
@@ -88,7 +89,8 @@ def format_table(name: str, result: dict) -> str:
     ref = f"{'SFT':<10}{result['ref_gold_reward']:>13.3f}{0.5:>10.3f}{0.0:>11.2f}{result['ref_response_length']:>8.1f}"
     ours = (f"{name:<10}{result['gold_reward']:>13.3f}{result['win_rate']:>10.3f}"
             f"{result['kl']:>11.2f}{result['response_length']:>8.1f}")
-    return "\n".join([f"held-out prompts: {result['n_prompts']}", header, ref, ours])
+    sampled = "" if result.get("temperature", 1.0) == 1.0 else f", sampled at temperature {result['temperature']:g}"
+    return "\n".join([f"held-out prompts: {result['n_prompts']}{sampled}", header, ref, ours])
 
 
 def format_samples(name: str, result: dict, n: int = 3) -> str:

@@ -80,6 +80,16 @@ def test_upper_frontier():
     assert frontier_at(front, 2.5) == 0.5 and frontier_at(front, 3.0) == 0.7 and frontier_at(front, -1) == -math.inf
 
 
+def test_pair_counts_the_prompts_cannot_give_are_refused_before_any_proxy_is_trained():
+    from experiments import overoptimization
+    from minalign.cli import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^--pair-counts 7000: --n-train-prompts 1000 give at most 6000 pairs"):
+        overoptimization.Args(pair_counts=(250, 7000))
+    with pytest.raises(ArgumentError, match=r"^--batch-size 32: more than the 16 training pairs at most$"):
+        overoptimization.Args(pair_counts=(16, 250))
+
+
 def test_select_pairs_subsets_and_flips_exactly():
     pairs = [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}", "chosen_gold": 1.0,
               "rejected_gold": -1.0, "p_chosen": 0.9} for i in range(40)]

@@ -1,5 +1,6 @@
 """minalign.ops as a whole: under torch.compile, and without the extension."""
 
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -89,7 +90,8 @@ def test_reference_sequence_logprobs_is_consistent():
 def test_a_built_extension_imports():
     """A build that is there but fails to import (an ABI mismatch, a missing symbol) is an
     error, not a reason to skip every kernel test; no build at all is the reference's case."""
-    built = sorted(Path(ops.__file__).parent.glob("_C*.so")) + sorted(Path(ops.__file__).parent.glob("_C*.pyd"))
+    built = [path for suffix in importlib.machinery.EXTENSION_SUFFIXES  # this Python's builds, not another's
+             for path in sorted(Path(ops.__file__).parent.glob(f"_C{suffix}"))]
     if not built:
         pytest.skip("minalign._C is not built: the ops run the PyTorch reference")
     assert ops.HAS_EXTENSION, f"{built[0]} is there but did not import: {ops._IMPORT_ERROR}"

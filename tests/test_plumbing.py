@@ -26,6 +26,8 @@ class Args:
     """Compile the model."""
     betas: tuple[float, ...] = (0.1, 0.5)
     """Values to sweep."""
+    sizes: tuple[int, ...] | None = None
+    """Optional values (the flag alone: none)."""
 
 
 def test_cli_types_defaults_and_help():
@@ -33,6 +35,7 @@ def test_cli_types_defaults_and_help():
     args = parse_args(Args, ["--lr", "1e-3", "--data", "x.jsonl", "--steps", "7", "--compile", "--betas", "1", "2.5", "4"])
     assert args == Args(lr=1e-3, data="x.jsonl", steps=7, compile=True, betas=(1.0, 2.5, 4.0))
     assert parse_args(Args, ["--data", "none"]).data is None
+    assert parse_args(Args, ["--sizes", "3", "4"]).sizes == (3, 4) and parse_args(Args, ["--sizes"]).sizes == ()
     help_text = build_parser(Args).format_help()
     assert "Peak learning rate." in help_text and "--no-compile" in help_text and "A demo command." in help_text
 
@@ -46,6 +49,9 @@ def test_cli_rejects_bad_values(capsys):
     assert "--betas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(Args, ["--unknown", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(Args, ["--betas"])  # not optional: at least one value
+    assert "--betas" in capsys.readouterr().err
 
 
 def test_cli_knows_which_flags_were_given_even_at_their_default():

@@ -128,11 +128,12 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
 
 
 @pytest.mark.slow
-def test_ppo_under_two_processes_pools_its_rollouts(workdir, tmp_path):
+def test_ppo_runs_under_two_processes(workdir, tmp_path):
+    # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
     rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", nproc=2)  # 8 rollouts a process
     updates = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in updates] == [1, 2]
-    assert all(0 <= r["val/num_eos_tokens"] <= 16 for r in updates)  # summed over both processes' rollouts
+    assert all(0 <= r["val/num_eos_tokens"] <= 16 and math.isfinite(r["loss/policy_avg"]) for r in updates)
     assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]
     assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "eval.json").exists()
 
@@ -210,6 +211,28 @@ def test_minibatch_stats_by_hand():
     assert stats == pytest.approx({"loss/policy_avg": 0.5, "loss/value_avg": 2.0, "policy/clipfrac_avg": 0.25,
                                    "policy/approxkl_avg": 0.01, "val/clipfrac_avg": 0.75,
                                    "val/ratio": sum(ratios) / 4})
+
+
+def test_the_held_out_evaluation_samples_at_the_runs_temperature():
+    import train_ppo
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel
+    from minalign.tokenizer import get_tokenizer
+
+    class Logger:
+        def log(self, step, **values):
+            self.logged = (step, values)
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32)
+    policy, reference, reward_model = GPT(config), GPT(config), RewardModel(config)
+    logger = Logger()
+    args = train_ppo.Args(temperature=0.5, eval_prompts=3, max_new_tokens=5)
+    result = train_ppo.held_out_eval(policy, reference, reward_model, tok, args, logger, update=7)
+    assert result["temperature"] == 0.5 and result["n_prompts"] == 3
+    assert logger.logged[0] == 7 and logger.logged[1]["eval/temperature"] == 0.5
+    assert logger.logged[1]["eval/kl"] == result["kl"] and "eval/samples" not in logger.logged[1]
 
 
 def test_critic_values_are_those_of_the_states_before_each_response_token():

@@ -130,6 +130,9 @@ def test_evaluation_samples_and_takes_the_kl_at_the_temperature_given():
           - response_logprobs(reference, rollout, temperature=0.5).sum_logps)
     assert [s["response"] for s in result["samples"]] == rollout.response_texts(tok)
     assert result["kl"] == pytest.approx(kl.mean().item(), abs=1e-5)
+    ref_rollout = sample(reference, tok, prompts, 6, torch.Generator().manual_seed(6), temperature=0.5)
+    assert [s["ref_response"] for s in result["samples"]] == ref_rollout.response_texts(tok)
+    assert result["temperature"] == 0.5
     at_one = evaluate_policy(policy, reference, tok, prompts, max_new_tokens=6, seed=5)
     assert at_one["kl"] != pytest.approx(result["kl"], abs=1e-3)
 

@@ -147,6 +147,43 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, t
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, monkeypatch):
+    import tempfile
+    from dataclasses import asdict
+
+    import train_dpo
+    import train_rm
+    import train_sft
+    from minalign.checkpoint import save_checkpoint
+    from minalign.distributed import DistInfo
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)
+    shared = tmp_path / "shared"  # finished SFT policy, reward model and pairs: read-only below
+    save_checkpoint(shared / "sft" / "ckpt.pt", {
+        "model": GPT(config).state_dict(), "model_config": asdict(config), "stage": "sft", "step": 1,
+        "args": {"max_steps": 1, "data": None}, "tokenizer": tok.name})
+    save_checkpoint(shared / "rm" / "ckpt.pt", {"model": {}, "model_config": {}, "stage": "rm", "args": {}})
+    args = train_dpo.Args(sft_dir=str(shared / "sft"), pairs_dir=str(shared / "pairs"), out_dir=str(tmp_path / "dpo"),
+                          n_train_prompts=3, n_test_prompts=2, max_length=40, batch_size=2)
+    made = train_rm.prepare_pairs(args, DistInfo())[2:]  # the pairs are made while the folder can be written
+
+    real = tempfile.TemporaryFile
+
+    def read_only_below_shared(dir=None, **kwargs):
+        if str(dir).startswith(str(shared)):
+            raise PermissionError(13, "Permission denied")
+        return real(dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_below_shared)
+    assert train_rm.prepare_pairs(args, DistInfo())[2:] == made  # SFT policy and pairs reused, nothing written
+    assert train_sft.ensure(str(shared / "sft"), DistInfo()) == str(shared / "sft" / "ckpt.pt")
+    assert train_rm.ensure(str(shared / "rm"), DistInfo()) == str(shared / "rm" / "ckpt.pt")
+    with pytest.raises(ArgumentError, match=r"^--out-dir .*shared/dpo: cannot write there"):
+        train_rm.prepare_pairs(dataclasses.replace(args, out_dir=str(shared / "dpo")), DistInfo())
+
+
 def test_a_batch_larger_than_the_data_files_pairs_is_refused_before_sft(tmp_path):
     pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
@@ -174,7 +211,7 @@ def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
               "test_fraction": 0.1}
     (sft / "source.json").write_text(json.dumps(source))
     result = subprocess.run([sys.executable, "train_rm.py", "--data", str(tmp_path / "b" / "pairs.jsonl"),
-                             "--sft-dir", str(sft), "--out-dir", str(tmp_path / "rm")],
+                             "--sft-dir", str(sft), "--out-dir", str(tmp_path / "rm"), "--batch-size", "8"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "trained on the chosen responses of other training pairs (data " in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -343,7 +380,7 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     ckpt = {"model": model.state_dict(), "model_config": vars(model.config), "args": {"data": "mine.txt"},
             "step": 1, "stage": "sft", "tokenizer": "builtin"}
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", ckpt)
-    args = train_rm.Args(data=str(tmp_path / "pairs.jsonl"), sft_dir=str(tmp_path / "mine"))
+    args = train_rm.Args(data=str(tmp_path / "pairs.jsonl"), sft_dir=str(tmp_path / "mine"), batch_size=8)
     policy, _, train_raw, test_raw = train_rm.prepare_pairs(args, DistInfo())  # no SFT run: it is used as given
     assert torch.equal(policy.wte.weight, model.wte.weight) and len(train_raw) + len(test_raw) == 20
     # one found in the default folder (`train_sft.py --data pairs.txt` leaves it there) is
@@ -352,8 +389,9 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     save_checkpoint(tmp_path / "out" / "sft-pairs" / "ckpt.pt", ckpt)
     with pytest.raises(ArgumentError, match=r"out/sft-pairs holds an SFT policy not made from these pairs: pass "
                                             r"--sft-dir out/sft-pairs to start from it"):
-        train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl"), DistInfo())
-    policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl", sft_dir="out/sft-pairs"), DistInfo())
+        train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl", batch_size=8), DistInfo())
+    policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl", sft_dir="out/sft-pairs", batch_size=8),
+                                             DistInfo())
     assert torch.equal(policy.wte.weight, model.wte.weight)
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):

@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import sys
 import textwrap
 import types
@@ -69,10 +70,17 @@ def _parser_for(tp, optional):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: every process parses the same command line,
+            sys.exit(2)  # and rank 0 says what is wrong with it
+        super().error(message)
+
+
 def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParser:
     """The parser of `cls`'s flags; with defaults=False a flag left out is left out of
     the parsed namespace."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description or inspect.getdoc(cls),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

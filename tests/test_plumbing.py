@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minalign.checkpoint import load_checkpoint, save_checkpoint
-from minalign.cli import ArgumentError, build_parser, given, parse_args, refuse_given
+from minalign.cli import ArgumentError, build_parser, check_args, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
 
@@ -52,6 +52,26 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_args(Args, ["--betas"])  # not optional: at least one value
     assert "--betas" in capsys.readouterr().err
+
+
+@dataclass
+class ValidatedArgs:
+    """A demo command that checks its values."""
+
+    steps: int = 10
+    """How many steps."""
+
+    def __post_init__(self):
+        check_args(self, positive=("steps",))
+
+
+def test_under_torchrun_only_rank_0_reports_a_bad_command_line(capsys, monkeypatch):
+    for rank, reports in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["--steps", "many"], ["--steps", "-1"]):  # argparse's own check, and the Args class's
+            with pytest.raises(SystemExit) as stop:
+                parse_args(ValidatedArgs, argv)
+            assert stop.value.code == 2 and ("--steps" in capsys.readouterr().err) == reports
 
 
 def test_cli_knows_which_flags_were_given_even_at_their_default():

@@ -304,11 +304,11 @@ def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
     return train_pairs, test_pairs
 
 
-def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) -> dict:
-    """Held-out accuracy; score normalisation, then `save(results)`; on the built-in task,
-    agreement with the gold judge."""
+def held_out_and_normalise(args, model, tokenizer, train_raw, test_pairs, test_raw, device) -> dict:
+    """Held-out accuracy (against the best possible, for noisy labels); then the scores
+    normalised over the training pairs' responses."""
     results = {}
-    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, dist.device)
+    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, device)
     if args.data is None and args.label_temperature is not None:
         results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
         results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
@@ -316,21 +316,28 @@ def finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save) 
     # (and the human-written responses on real data).
     texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
     print(f"normalising the scores over {len(texts)} responses of the training pairs", flush=True)
-    raw = score_texts(model, tokenizer, texts, args.max_length, dist.device)
+    raw = score_texts(model, tokenizer, texts, args.max_length, device)
     model.fit_normalisation(raw)
-    save(results)  # the finished model first: a failure in the slower check below loses nothing
-    if args.data is None:  # fresh SFT samples on held-out prompts: does the RM agree with the gold judge?
-        policy, _ = load_model(Path(args.sft_folder()) / "ckpt.pt", dist.device)
-        prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
-        print(f"agreement with the gold judge on {len(prompts)} fresh SFT samples", flush=True)
-        responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
-        texts = [p + r for p, r in zip(prompts, responses)]
-        rm = score_texts(model, tokenizer, texts, args.max_length, dist.device)
-        gold = torch.tensor(task.gold_reward(texts))
-        results["gold_correlation"] = torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
-    for k, v in results.items():
-        print(f"{k}: {v:.4f}")
     return results
+
+
+def gold_correlation(args, model, tokenizer, device) -> float:
+    """Built-in task: the correlation of the reward model's scores with the gold judge's
+    over fresh SFT samples on held-out prompts."""
+    policy, _ = load_model(Path(args.sft_folder()) / "ckpt.pt", device)
+    prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
+    print(f"agreement with the gold judge on {len(prompts)} fresh SFT samples", flush=True)
+    responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
+    texts = [p + r for p, r in zip(prompts, responses)]
+    rm = score_texts(model, tokenizer, texts, args.max_length, device)
+    gold = torch.tensor(task.gold_reward(texts))
+    return torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
+
+
+def save_reward_model(args, model, tokenizer, step: int, results: dict) -> None:
+    save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+        "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
+        "args": asdict(args), "step": step, "tokenizer": tokenizer.name, "results": results})
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
@@ -380,15 +387,15 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     train_seconds = time.time() - t0
     check_weights_finite(total_steps, model)
     if dist.is_main:
-        def save(results):
-            save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-                "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
-                "args": asdict(args), "step": total_steps, "tokenizer": tokenizer.name, "results": results})
-
-        results = finish(args, model, tokenizer, train_raw, test_pairs, test_raw, dist, save)
+        results = held_out_and_normalise(args, model, tokenizer, train_raw, test_pairs, test_raw, dist.device)
+        save_reward_model(args, model, tokenizer, total_steps, results)  # a failure in the slower check loses nothing
+        if args.data is None:  # does the reward model agree with the gold judge?
+            results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)
+        for k, v in results.items():
+            print(f"{k}: {v:.4f}")
         results["train_seconds"] = train_seconds
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
-        save(results)
+        save_reward_model(args, model, tokenizer, total_steps, results)
         print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")

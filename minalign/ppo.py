@@ -39,7 +39,8 @@ def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
 
 def token_rewards(scores, kl, mask, beta: float):
     """Rewards [B, N]: -beta * kl on every response token, plus the reward-model score
-    [B] on each row's last response token; 0 on padding."""
+    [B] on each row's last response token; 0 on padding. The KL-penalised reward of
+    Ziegler et al. (2019, eq. 2), spread over tokens as in Stiennon et al. (2020)."""
     mask = mask.float()
     rewards = -beta * kl * mask  # (B, N)
     last = (mask.cumsum(1).argmax(1))  # index of the last real token (first max of the running count)
@@ -48,12 +49,15 @@ def token_rewards(scores, kl, mask, beta: float):
 
 
 def masked_mean(x, mask):
+    """The mean of x over the positions where mask is true (0 when there are none)."""
     mask = mask.float()
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the positions where mask is true; 0 on the others."""
+    """(x - mean) / std over the positions where mask is true; 0 on the others. PPO
+    normalises advantages this way per batch (the "advantage normalisation" of
+    Andrychowicz et al. 2021, on by default in CleanRL and TRL)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + eps) * mask.float()

@@ -40,7 +40,7 @@ def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
 def token_rewards(scores, kl, mask, beta: float):
     """Rewards [B, N]: -beta * kl on every response token, plus the reward-model score
     [B] on each row's last response token; 0 on padding. The KL-penalised reward of
-    Ziegler et al. (2019, eq. 2), spread over tokens as in Stiennon et al. (2020)."""
+    Ziegler et al. (2019), spread over tokens as in Stiennon et al. (2020)."""
     mask = mask.float()
     rewards = -beta * kl * mask  # (B, N)
     last = (mask.cumsum(1).argmax(1))  # index of the last real token (first max of the running count)

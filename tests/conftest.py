@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): from now on nothing can be written below `folder`, as far as the
+    scripts' up-front checks (a temporary file made there) can tell. The tests run as
+    root, whom file modes do not stop."""
+    roots, make = [], tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and any(Path(dir).resolve().is_relative_to(root) for root in roots):
+            raise PermissionError(13, "Permission denied")
+        return make(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    return lambda folder: roots.append(Path(folder).resolve())

@@ -300,16 +300,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
         check_out_dir(tmp_path / "sft", stage="sft")
 
 
-def test_a_finished_checkpoint_a_later_stage_only_reads_needs_no_writable_folder(tmp_path, monkeypatch):
-    import tempfile
-
+def test_a_finished_checkpoint_a_later_stage_only_reads_needs_no_writable_folder(tmp_path, read_only):
     from minalign import checkpoint
     from minalign.checkpoint import check_out_dir
 
-    def read_only(dir):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # as in a folder that cannot be written
+    read_only(tmp_path)
     sft = {"model": {}, "model_config": {}, "stage": "sft", "args": {"max_steps": 5}, "step": 5}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", sft)
     save_checkpoint(tmp_path / "rm" / "ckpt.pt", {**sft, "stage": "rm", "args": {"epochs": 1}, "kind": "reward"})

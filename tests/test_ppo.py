@@ -292,23 +292,14 @@ def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_trainin
     assert not (tmp_path / "sft").exists()  # no SFT policy trained first
 
 
-def test_a_read_only_reward_model_folder_is_only_read(tmp_path, monkeypatch):
-    import tempfile
-
+def test_a_read_only_reward_model_folder_is_only_read(tmp_path, read_only):
     import train_ppo
     from minalign.checkpoint import save_checkpoint
     from minalign.cli import ArgumentError
 
     save_checkpoint(tmp_path / "shared" / "rm" / "ckpt.pt", {"model": {}, "model_config": {"block_size": 24},
                                                              "args": {}, "stage": "rm"})
-    real = tempfile.TemporaryFile
-
-    def read_only_below_shared(dir=None, **kwargs):
-        if str(dir).startswith(str(tmp_path / "shared")):
-            raise PermissionError(13, "Permission denied")
-        return real(dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_below_shared)
+    read_only(tmp_path / "shared")
     args = train_ppo.Args(rm_dir=str(tmp_path / "shared" / "rm"), sft_dir=str(tmp_path / "sft"),
                           out_dir=str(tmp_path / "ppo"))
     # past the folder checks: refused by the next one, the reward model's room for the rollouts

@@ -147,8 +147,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, t
     assert not (tmp_path / "ckpt.pt").exists()
 
 
-def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, monkeypatch):
-    import tempfile
+def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, read_only):
     from dataclasses import asdict
 
     import train_dpo
@@ -169,14 +168,7 @@ def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, 
                           n_train_prompts=3, n_test_prompts=2, max_length=40, batch_size=2)
     made = train_rm.prepare_pairs(args, DistInfo())[2:]  # the pairs are made while the folder can be written
 
-    real = tempfile.TemporaryFile
-
-    def read_only_below_shared(dir=None, **kwargs):
-        if str(dir).startswith(str(shared)):
-            raise PermissionError(13, "Permission denied")
-        return real(dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", read_only_below_shared)
+    read_only(shared)
     assert train_rm.prepare_pairs(args, DistInfo())[2:] == made  # SFT policy and pairs reused, nothing written
     assert train_sft.ensure(str(shared / "sft"), DistInfo()) == str(shared / "sft" / "ckpt.pt")
     assert train_rm.ensure(str(shared / "rm"), DistInfo()) == str(shared / "rm" / "ckpt.pt")

@@ -145,7 +145,7 @@ def main(args: Args):
 
     optimizer = make_optimizer(policy, args.lr, weight_decay=0.0, device=dist.device)
     train_model = DDP(policy) if dist.enabled else policy
-    batches = data.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
+    batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size)
     total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)

@@ -353,7 +353,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     del policy
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
-    batches = data.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
+    batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size)
     total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)

@@ -268,7 +268,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
-    batches = data.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
+    batches = distributed.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and batches.describe_left_out():
         print(f"batches of {args.batch_size}{batches.describe_left_out()}")
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)

@@ -41,13 +41,10 @@ windows that overlap by one token, so every token but the first is trained once.
 import gzip
 import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from minalign.cli import ArgumentError
 
 IGNORE_INDEX = -100  # labels that take no part in the loss (cross_entropy's default)
 ASSISTANT = "\n\nAssistant:"  # HH-RLHF's turn marker that ends an implicit prompt
@@ -358,49 +355,3 @@ def collate_prompts(prompts: list[list[int]], pad_id: int, device=None) -> dict[
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
-
-# ---------------------------------------------------------------------------------
-# Batching
-
-
-class Batches:
-    """Which examples each training step takes, for every process of a DDP run.
-
-    Each epoch is a shuffle of range(n) by (seed, epoch), the same on every rank, cut
-    into global batches of batch_size (a short last one is dropped, so every rank
-    takes the same steps). Rank r takes batch[r::world_size] of each, so the ranks
-    see distinct slices of one global batch. Batches are looked up by step, so a
-    resumed run goes on exactly where it stopped.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
-        if n < batch_size:
-            raise ArgumentError(f"--batch-size {batch_size}: only {n} examples, not enough for one batch")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = n // batch_size
-        self._epoch, self._order = None, None
-
-    def describe_left_out(self, what: str = "examples") -> str:
-        """A note for the run's header: how many examples each epoch's short last batch leaves out."""
-        left_out = self.n % self.batch_size
-        if not left_out:
-            return ""
-        return f" ({left_out} of the {self.n} {what} left out of each epoch, drawn anew each epoch)"
-
-    def order(self, epoch: int) -> list[int]:
-        """All example indices in the order of one epoch."""
-        if epoch != self._epoch:  # one shuffle per epoch, not per step
-            self._order = list(range(self.n))
-            # a str seed: the same shuffle in every process and every run
-            random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
-            self._epoch = epoch
-        return self._order
-
-    def indices(self, step: int) -> list[int]:
-        """This rank's example indices for a step (steps count from 0, across epochs)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        global_batch = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        return global_batch[self.rank::self.world_size]

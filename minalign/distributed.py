@@ -2,10 +2,12 @@
 
 Under `torchrun --nproc_per_node=N`, each process holds a full model replica, reads a
 distinct slice of every global batch, and DistributedDataParallel averages gradients.
-Rank 0 alone prints, writes metrics and saves checkpoints.
+Rank 0 alone prints, writes metrics and saves checkpoints. `Batches` says which
+examples each process takes at each step.
 """
 
 import os
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -105,3 +107,46 @@ def reduce_metrics(metrics: dict, info: DistInfo, lowest=(), highest=(), summed=
             dist.all_reduce(values, op=op)
             out.update({k: v * scale for k, v in zip(names, values.tolist())})
     return {k: out[k] for k in metrics}
+
+
+class Batches:
+    """Which examples each training step takes, for every process of a DDP run.
+
+    Each epoch is a shuffle of range(n) by (seed, epoch), the same on every rank, cut
+    into global batches of batch_size (a short last one is dropped, so every rank
+    takes the same steps). Rank r takes batch[r::world_size] of each, so the ranks
+    see distinct slices of one global batch. Batches are looked up by step, so a
+    resumed run goes on exactly where it stopped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
+        if n < batch_size:
+            raise ArgumentError(f"--batch-size {batch_size}: only {n} examples, not enough for one batch")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._order = None, None
+
+    def describe_left_out(self, what: str = "examples") -> str:
+        """A note for the run's header: how many examples each epoch's short last batch leaves out."""
+        left_out = self.n % self.batch_size
+        if not left_out:
+            return ""
+        return f" ({left_out} of the {self.n} {what} left out of each epoch, drawn anew each epoch)"
+
+    def order(self, epoch: int) -> list[int]:
+        """All example indices in the order of one epoch."""
+        if epoch != self._epoch:  # one shuffle per epoch, not per step
+            self._order = list(range(self.n))
+            # a str seed: the same shuffle in every process and every run
+            random.Random(f"{self.seed}:{epoch}").shuffle(self._order)
+            self._epoch = epoch
+        return self._order
+
+    def indices(self, step: int) -> list[int]:
+        """This rank's example indices for a step (steps count from 0, across epochs)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        global_batch = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        return global_batch[self.rank::self.world_size]

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from minalign.data import (
-    ASSISTANT, IGNORE_INDEX, Batches, DataError, Example, collate, collate_pairs,
+    ASSISTANT, IGNORE_INDEX, DataError, Example, collate, collate_pairs,
     collate_prompts, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
 )
+from minalign.distributed import Batches
 from minalign.tokenizer import get_tokenizer
 
 tok = get_tokenizer("builtin")

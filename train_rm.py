@@ -30,7 +30,7 @@ from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
-from minalign.reward import RewardModel, bradley_terry_loss
+from minalign.reward import RewardModel, accuracy, bradley_terry_loss, pair_scores, score_texts
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -131,40 +131,6 @@ class Args(PairArgs):
             # the gold gap of a pair labelled against the judge is negative: the margin would mark it
             raise ArgumentError(f"--margin {self.margin:g}: with noisy labels (--label-temperature, --label-flip) "
                                 f"the gold-score gap would tell the model which labels are wrong")
-
-
-def pair_scores(model, batch):
-    """Scores of the chosen and rejected sequences of a pair batch, in one forward pass."""
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
-    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
-    scores = model(input_ids, mask)  # (2B,)
-    return scores.chunk(2)
-
-
-@torch.no_grad()
-def accuracy(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
-    """Share of pairs scored the right way round, and the mean score margin."""
-    model.eval()
-    right, margin = 0.0, 0.0
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
-        right += (chosen > rejected).float().sum().item()
-        margin += (chosen - rejected).sum().item()
-    model.train()
-    return right / len(pairs), margin / len(pairs)
-
-
-@torch.no_grad()
-def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> torch.Tensor:
-    """Reward-model scores of whole texts (EOS appended, truncated to max_length from the left)."""
-    model.eval()
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        ids = [(tokenizer.encode(t) + [tokenizer.eos_id])[-max_length:] for t in texts[start : start + batch_size]]
-        batch = data.collate([data.Example(x, len(x)) for x in ids], tokenizer.pad_id, device)
-        scores.append(model(batch["input_ids"], batch["attention_mask"]))
-    model.train()
-    return torch.cat(scores).cpu()
 
 
 def default_folders(args: PairArgs) -> tuple[str, str]:

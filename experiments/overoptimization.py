@@ -39,6 +39,7 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
 from minalign import distributed, task
 from minalign.checkpoint import load_model
 from minalign.evaluate import held_out_prompts
+from minalign.reward import score_texts
 from minalign.cli import ArgumentError, check_args, run
 from minalign.rollout import sample_texts
 from minalign.tokenizer import get_tokenizer
@@ -143,7 +144,7 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
         scores = {"settings": settings, "gold": np.reshape(task.gold_reward(flat), (len(prompts), -1)).tolist()}
         for n, path in proxies.items():
             model, _ = load_model(path, device)
-            proxy = train_rm.score_texts(model, tokenizer, flat, args.max_length, device, batch_size=256)
+            proxy = score_texts(model, tokenizer, flat, args.max_length, device, batch_size=256)
             scores[str(n)] = proxy.reshape(len(prompts), -1).tolist()
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))

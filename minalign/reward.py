@@ -13,6 +13,7 @@ al. 2019), so that the KL penalty's beta in PPO
 means the same thing whatever the reward model's scale.
 
 The same class serves as PPO's critic: `values` reads the head at every position.
+Below it: scoring pair batches and whole texts, and held-out accuracy.
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minalign import data
 from minalign.model import GPT, GPTConfig
 
 
@@ -89,3 +91,37 @@ def bradley_terry_loss(chosen_scores, rejected_scores, margin=None, center_coef=
     if center_coef:
         loss = loss + center_coef * (chosen_scores + rejected_scores) ** 2
     return loss
+
+
+def pair_scores(model, batch):
+    """Scores of the chosen and rejected sequences of a pair batch, in one forward pass."""
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])  # (2B, T)
+    scores = model(input_ids, mask)  # (2B,)
+    return scores.chunk(2)
+
+
+@torch.no_grad()
+def accuracy(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
+    """Share of pairs scored the right way round, and the mean score margin."""
+    model.eval()
+    right, margin = 0.0, 0.0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
+        right += (chosen > rejected).float().sum().item()
+        margin += (chosen - rejected).sum().item()
+    model.train()
+    return right / len(pairs), margin / len(pairs)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> torch.Tensor:
+    """Reward-model scores of whole texts (EOS appended, truncated to max_length from the left)."""
+    model.eval()
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        ids = [(tokenizer.encode(t) + [tokenizer.eos_id])[-max_length:] for t in texts[start : start + batch_size]]
+        batch = data.collate([data.Example(x, len(x)) for x in ids], tokenizer.pad_id, device)
+        scores.append(model(batch["input_ids"], batch["attention_mask"]))
+    model.train()
+    return torch.cat(scores).cpu()

@@ -207,13 +207,13 @@ def run(device, dtype, N, V, reps):
     probe_times = {name: [] for name in PROBES}
     for _ in range(reps):
         for name, probe in PROBES.items():
-            probe_times[name].append(median_ms(lambda: probe(logits.detach(), written), device, 1))
+            probe_times[name].append(median_ms(lambda w=written: probe(logits.detach(), w), device, 1))
         for name, fn in fns.items():
             with torch.no_grad():
                 fwd_times[name].append(median_ms(lambda: fn(logits, labels), device, 1))
             x = prepare(name, logits)
-            times[name].append(median_ms(lambda: forward_backward(fn, x, labels, grad), device, 1))
-            del x
+            times[name].append(median_ms(lambda x=x: forward_backward(fn, x, labels, grad), device, 1))
+            del x  # before the next copy is made
             logits.grad = None
     rows = []
     for name, fn in fns.items():

@@ -301,6 +301,7 @@ def gold_correlation(args, model, tokenizer, device) -> float:
 
 
 def save_reward_model(args, model, tokenizer, step: int, results: dict) -> None:
+    """The trained reward model, with `results`, to out_dir/ckpt.pt (atomically)."""
     save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
         "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
         "args": asdict(args), "step": step, "tokenizer": tokenizer.name, "results": results})

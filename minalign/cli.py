@@ -24,6 +24,8 @@ import types
 import typing
 from pathlib import Path
 
+from minalign.data import DataError
+
 
 def field_docs(cls) -> dict[str, str]:
     """Map each field of a dataclass (inherited ones too) to the string literal below it."""
@@ -72,8 +74,10 @@ def _parser_for(tp, optional):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        if int(os.environ.get("RANK", "0")) > 0:  # torchrun: every process parses the same command line,
-            sys.exit(2)  # and rank 0 says what is wrong with it
+        # Under torchrun every process of a node parses the same command line: local rank 0
+        # says what is wrong with it (once per node), the others leave with the same status.
+        if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+            sys.exit(2)
         super().error(message)
 
 
@@ -181,8 +185,6 @@ def run(main, cls, argv=None) -> None:
     one line that names it and exit status 2, as a usage error does, instead of a
     traceback; Ctrl-C ends it with one line and status 130. Other errors are bugs and
     keep their traceback."""
-    from minalign.data import DataError  # data.py imports this module
-
     args = parse_args(cls, argv)
     script = Path(sys.argv[0]).name
     try:

@@ -22,15 +22,25 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def read_only(monkeypatch):
-    """read_only(folder): from now on nothing can be written below `folder`, as far as the
-    scripts' up-front checks (a temporary file made there) can tell. The tests run as
-    root, whom file modes do not stop."""
-    roots, make = [], tempfile.TemporaryFile
+    """read_only(folder): from now on the temporary files that the scripts' write checks
+    and atomic checkpoint writes make cannot be made below `folder`, as in a folder that
+    cannot be written (the tests run as root, whom file modes do not stop). Other writes
+    are not caught: a test that needs to know compares the folder before and after."""
+    roots = []
 
-    def temporary_file(*args, dir=None, **kwargs):
-        if dir is not None and any(Path(dir).resolve().is_relative_to(root) for root in roots):
-            raise PermissionError(13, "Permission denied")
-        return make(*args, dir=dir, **kwargs)
+    def refusing(make):
+        def made_unless_read_only(*args, dir=None, **kwargs):
+            if dir is not None and any(Path(dir).resolve().is_relative_to(root) for root in roots):
+                raise PermissionError(13, "Permission denied")
+            return make(*args, dir=dir, **kwargs)
+        return made_unless_read_only
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refusing(tempfile.TemporaryFile))
+    monkeypatch.setattr(tempfile, "mkstemp", refusing(tempfile.mkstemp))
     return lambda folder: roots.append(Path(folder).resolve())
+
+
+def listing(folder) -> dict:
+    """Every file below `folder`, with its size and modification time: to see that
+    nothing was written there."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*"))}

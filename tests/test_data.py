@@ -9,7 +9,6 @@ from minalign.data import (
     ASSISTANT, IGNORE_INDEX, DataError, Example, collate, collate_pairs,
     collate_prompts, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
 )
-from minalign.distributed import Batches
 from minalign.tokenizer import get_tokenizer
 
 tok = get_tokenizer("builtin")
@@ -190,32 +189,6 @@ def test_collate_prompts_left_pads():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [tok.pad_id, tok.pad_id, 4]]
     assert batch["attention_mask"].tolist() == [[True, True, True], [False, False, True]]
 
-
-# ---- batching ---------------------------------------------------------------------
-
-
-def test_batches_shuffle_by_seed_and_epoch():
-    batches = Batches(10, 4, seed=1)
-    assert batches.steps_per_epoch == 2  # the last 2 examples of each epoch are dropped
-    epoch0 = [batches.indices(step) for step in range(2)]
-    assert all(len(b) == 4 for b in epoch0) and len(set(sum(epoch0, []))) == 8
-    assert epoch0 == [Batches(10, 4, seed=1).indices(step) for step in range(2)]  # resumable
-    assert epoch0 != [Batches(10, 4, seed=2).indices(step) for step in range(2)]
-    assert epoch0 != [batches.indices(step) for step in range(2, 4)]  # a new shuffle per epoch
-    assert batches.indices(5) == Batches(10, 4, seed=1).indices(5)
-
-
-def test_batches_shard_one_global_batch_across_ranks():
-    world = [Batches(103, 8, seed=3, rank=r, world_size=4) for r in range(4)]
-    single = Batches(103, 8, seed=3)
-    for step in range(30):
-        parts = [b.indices(step) for b in world]
-        assert all(len(p) == 2 for p in parts)
-        assert sorted(sum(parts, [])) == sorted(single.indices(step))  # distinct, and all of it
-    with pytest.raises(ValueError, match="multiple"):
-        Batches(10, 6, world_size=4)
-    with pytest.raises(ValueError, match="one batch"):
-        Batches(3, 4)
 
 
 # ---- real data ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from minalign import distributed
 from minalign.checkpoint import load_checkpoint, save_checkpoint
 from minalign.cli import ArgumentError, build_parser, check_args, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
@@ -65,9 +66,12 @@ class ValidatedArgs:
         check_args(self, positive=("steps",))
 
 
-def test_under_torchrun_only_rank_0_reports_a_bad_command_line(capsys, monkeypatch):
-    for rank, reports in (("1", False), ("0", True)):
-        monkeypatch.setenv("RANK", rank)
+def test_under_torchrun_one_process_a_node_reports_a_bad_command_line(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")  # alone (another launcher's, or the user's) it silences nothing
+    for torchrun, local_rank, reports in ((None, "1", True), ("run-1", "1", False), ("run-1", "0", True)):
+        if torchrun:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", torchrun)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
         for argv in (["--steps", "many"], ["--steps", "-1"]):  # argparse's own check, and the Args class's
             with pytest.raises(SystemExit) as stop:
                 parse_args(ValidatedArgs, argv)
@@ -304,19 +308,46 @@ def test_a_finished_checkpoint_a_later_stage_only_reads_needs_no_writable_folder
     from minalign import checkpoint
     from minalign.checkpoint import check_out_dir
 
-    read_only(tmp_path)
     sft = {"model": {}, "model_config": {}, "stage": "sft", "args": {"max_steps": 5}, "step": 5}
     save_checkpoint(tmp_path / "sft" / "ckpt.pt", sft)
     save_checkpoint(tmp_path / "rm" / "ckpt.pt", {**sft, "stage": "rm", "args": {"epochs": 1}, "kind": "reward"})
+    save_checkpoint(tmp_path / "short" / "ckpt.pt", {**sft, "step": 4})  # cut short: finished in its folder
+    read_only(tmp_path)
+    with pytest.raises(PermissionError):
+        save_checkpoint(tmp_path / "sft" / "ckpt.pt", sft)  # as the real thing would refuse
     check_out_dir(tmp_path / "sft", "--sft-dir", stage="sft", read_finished=True)
     check_out_dir(tmp_path / "rm", "--rm-dir", stage="rm", read_finished=True)
     with pytest.raises(ArgumentError, match=r"^--out-dir .*sft: cannot write there \(Permission denied\)$"):
         check_out_dir(tmp_path / "sft", stage="sft")  # a run writing there still needs to
-    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**sft, "step": 4})  # cut short: finished in its folder
-    with pytest.raises(ArgumentError, match=r"^--sft-dir .*sft: cannot write there"):
-        check_out_dir(tmp_path / "sft", "--sft-dir", stage="sft", read_finished=True)
+    with pytest.raises(ArgumentError, match=r"^--sft-dir .*short: cannot write there"):
+        check_out_dir(tmp_path / "short", "--sft-dir", stage="sft", read_finished=True)
     assert checkpoint.finished({**sft, "stage": None})  # written before checkpoints named their stage
     assert not checkpoint.finished({**sft, "stage": None, "step": 4})
+
+
+def test_batches_shuffle_by_seed_and_epoch():
+    batches = distributed.Batches(10, 4, seed=1)
+    assert batches.steps_per_epoch == 2  # the last 2 examples of each epoch are dropped
+    epoch0 = [batches.indices(step) for step in range(2)]
+    assert all(len(b) == 4 for b in epoch0) and len(set(sum(epoch0, []))) == 8
+    assert epoch0 == [distributed.Batches(10, 4, seed=1).indices(step) for step in range(2)]  # resumable
+    assert epoch0 != [distributed.Batches(10, 4, seed=2).indices(step) for step in range(2)]
+    assert epoch0 != [batches.indices(step) for step in range(2, 4)]  # a new shuffle per epoch
+    assert batches.indices(5) == distributed.Batches(10, 4, seed=1).indices(5)
+
+
+def test_batches_shard_one_global_batch_across_ranks():
+    world = [distributed.Batches(103, 8, seed=3, rank=r, world_size=4) for r in range(4)]
+    single = distributed.Batches(103, 8, seed=3)
+    for step in range(30):
+        parts = [b.indices(step) for b in world]
+        assert all(len(p) == 2 for p in parts)
+        assert sorted(sum(parts, [])) == sorted(single.indices(step))  # distinct, and all of it
+    with pytest.raises(ValueError, match="multiple"):
+        distributed.Batches(10, 6, world_size=4)
+    with pytest.raises(ValueError, match="one batch"):
+        distributed.Batches(3, 4)
+
 
 def test_weights_gone_nan_or_infinite_are_never_saved():
     from minalign.checkpoint import check_weights_finite

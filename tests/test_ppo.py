@@ -294,14 +294,17 @@ def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_trainin
 
 def test_a_read_only_reward_model_folder_is_only_read(tmp_path, read_only):
     import train_ppo
+    from conftest import listing
     from minalign.checkpoint import save_checkpoint
     from minalign.cli import ArgumentError
 
     save_checkpoint(tmp_path / "shared" / "rm" / "ckpt.pt", {"model": {}, "model_config": {"block_size": 24},
                                                              "args": {}, "stage": "rm"})
     read_only(tmp_path / "shared")
+    before = listing(tmp_path / "shared")
     args = train_ppo.Args(rm_dir=str(tmp_path / "shared" / "rm"), sft_dir=str(tmp_path / "sft"),
                           out_dir=str(tmp_path / "ppo"))
     # past the folder checks: refused by the next one, the reward model's room for the rollouts
     with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the reward model in .*rm's block of 24"):
         train_ppo.main(args)
+    assert listing(tmp_path / "shared") == before

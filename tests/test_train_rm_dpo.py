@@ -151,6 +151,7 @@ def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, 
     from dataclasses import asdict
 
     import train_dpo
+    from conftest import listing
     import train_rm
     import train_sft
     from minalign.checkpoint import save_checkpoint
@@ -169,9 +170,11 @@ def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, 
     made = train_rm.prepare_pairs(args, DistInfo())[2:]  # the pairs are made while the folder can be written
 
     read_only(shared)
-    assert train_rm.prepare_pairs(args, DistInfo())[2:] == made  # SFT policy and pairs reused, nothing written
+    before = listing(shared)
+    assert train_rm.prepare_pairs(args, DistInfo())[2:] == made  # SFT policy and pairs reused
     assert train_sft.ensure(str(shared / "sft"), DistInfo()) == str(shared / "sft" / "ckpt.pt")
     assert train_rm.ensure(str(shared / "rm"), DistInfo()) == str(shared / "rm" / "ckpt.pt")
+    assert listing(shared) == before  # nothing written
     with pytest.raises(ArgumentError, match=r"^--out-dir .*shared/dpo: cannot write there"):
         train_rm.prepare_pairs(dataclasses.replace(args, out_dir=str(shared / "dpo")), DistInfo())
 

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 import types
 import typing
 from pathlib import Path
@@ -72,12 +73,23 @@ def _parser_for(tp, optional):
     return parse
 
 
+OTHER_RANKS_WAIT_S = 5.0
+"""How long a process other than torchrun's local rank 0 waits before reporting a mistake."""
+
+
+def wait_if_not_first_on_node() -> None:
+    """Under torchrun every process of a node meets the same mistake (a bad flag, a bad
+    file) at about the same time. Local rank 0 reports it at once; the others wait a
+    moment first, and torchrun stops them as soon as rank 0 has exited, so the message
+    appears once per node. A mistake only another process meets is still reported, after
+    the wait. (torchrun polls its processes every 0.1 s; 5 s also covers older releases.)"""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        time.sleep(OTHER_RANKS_WAIT_S)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # Under torchrun every process of a node parses the same command line: local rank 0
-        # says what is wrong with it (once per node), the others leave with the same status.
-        if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
-            sys.exit(2)
+        wait_if_not_first_on_node()
         super().error(message)
 
 
@@ -184,15 +196,17 @@ def run(main, cls, argv=None) -> None:
     range, bad data, a missing or unreadable file, a run that diverged) ends the run with
     one line that names it and exit status 2, as a usage error does, instead of a
     traceback; Ctrl-C ends it with one line and status 130. Other errors are bugs and
-    keep their traceback."""
+    keep their traceback. Under torchrun the line comes once a node (wait_if_not_first_on_node)."""
     args = parse_args(cls, argv)
     script = Path(sys.argv[0]).name
     try:
         main(args)
     except (ArgumentError, DataError, Diverged, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError) as error:
+        wait_if_not_first_on_node()
         sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
         sys.exit(2)
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+        wait_if_not_first_on_node()
         sys.stderr.write(f"{script}: interrupted\n")
         sys.exit(130)

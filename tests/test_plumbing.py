@@ -8,6 +8,7 @@ import torch
 
 from minalign import distributed
 from minalign.checkpoint import load_checkpoint, save_checkpoint
+from minalign.data import DataError
 from minalign.cli import ArgumentError, build_parser, check_args, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
@@ -66,16 +67,29 @@ class ValidatedArgs:
         check_args(self, positive=("steps",))
 
 
-def test_under_torchrun_one_process_a_node_reports_a_bad_command_line(capsys, monkeypatch):
-    monkeypatch.setenv("RANK", "1")  # alone (another launcher's, or the user's) it silences nothing
-    for torchrun, local_rank, reports in ((None, "1", True), ("run-1", "1", False), ("run-1", "0", True)):
+def test_under_torchrun_local_rank_0_reports_a_mistake_first(capsys, monkeypatch):
+    # The other local ranks report it too, but only after a wait in which torchrun stops
+    # them once rank 0 has exited: one message a node, and none lost if only they meet it.
+    import minalign.cli as cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("RANK", "1")  # alone (another launcher's, or the user's) it delays nothing
+
+    def failing(args):
+        raise DataError("data.jsonl line 3: not JSON")
+
+    for torchrun, local_rank, waits_first in ((None, "1", False), ("run-1", "1", True), ("run-1", "0", False)):
         if torchrun:
             monkeypatch.setenv("TORCHELASTIC_RUN_ID", torchrun)
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        for argv in (["--steps", "many"], ["--steps", "-1"]):  # argparse's own check, and the Args class's
+        for argv, says in ((["--steps", "many"], "--steps"), (["--steps", "-1"], "--steps"),  # argparse's check, Args'
+                           ([], "data.jsonl line 3")):  # and one the run meets
+            waits.clear()
             with pytest.raises(SystemExit) as stop:
-                parse_args(ValidatedArgs, argv)
-            assert stop.value.code == 2 and ("--steps" in capsys.readouterr().err) == reports
+                cli.run(failing, ValidatedArgs, argv)
+            assert stop.value.code == 2 and says in capsys.readouterr().err
+            assert waits == ([cli.OTHER_RANKS_WAIT_S] if waits_first else [])
 
 
 def test_cli_knows_which_flags_were_given_even_at_their_default():

@@ -135,6 +135,16 @@ def test_two_processes_train_as_one(workdir, script, tmp_path):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
+def test_under_torchrun_a_mistake_is_reported_once(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\nnot json\n')
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py"]
+    for args, says in ((["--data", str(bad)], f"{bad}:2: malformed JSON"), (["--beta", "-1"], "--beta -1")):
+        result = subprocess.run([*launch, *args, "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode != 0 and result.stderr.count(says) == 1, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_rm.py", "train_dpo.py"])
 def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, tmp_path):

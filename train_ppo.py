@@ -198,12 +198,10 @@ def main(args: Args):
                    f"the reward model in {args.rm_dir}")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
-    policy, sft_ckpt = load_model(sft_path, dist.device)
-    train_rm.check_model(sft_ckpt, tokenizer, sft_path)
+    policy, _ = load_model(sft_path, dist.device, tokenizer)
     disable_dropout(policy)  # the ratio and KL compare log-probs taken at different times
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    reward_model, rm_ckpt = load_model(rm_path, dist.device)
-    train_rm.check_model(rm_ckpt, tokenizer, rm_path)
+    reward_model, _ = load_model(rm_path, dist.device, tokenizer)
     reward_model.eval().requires_grad_(False)
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     policy.train()

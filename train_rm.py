@@ -180,8 +180,7 @@ def prepare_pairs(args: PairArgs, dist):
             raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
                                 f"of the SFT policy that would be trained in {sft_dir}")
         sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
-        policy, ckpt = load_model(sft_path, dist.device)
-        check_model(ckpt, tokenizer, sft_path, args.max_length)
+        policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
         train_pairs, test_pairs = builtin_pairs(
             Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
             args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main, lambda: distributed.barrier(dist))
@@ -211,8 +210,7 @@ def prepare_pairs(args: PairArgs, dist):
         if made_from is None and args.sft_dir is not None:  # the user's own SFT policy, taken as it is
             sft_path = Path(sft_dir) / "ckpt.pt"
             check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {sft_dir}")
-            policy, ckpt = load_model(sft_path, dist.device)
-            check_model(ckpt, tokenizer, sft_path, args.max_length)
+            policy, ckpt = load_model(sft_path, dist.device, tokenizer, args.max_length)
             if dist.is_main:
                 print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
             return policy, tokenizer, train_pairs, test_pairs
@@ -239,20 +237,8 @@ def prepare_pairs(args: PairArgs, dist):
     except ArgumentError as error:  # its settings are this function's, not the user's flags
         raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs)} training pairs "
                             f"({sft_file}): {error}") from None
-    policy, ckpt = load_model(sft_path, dist.device)
-    check_model(ckpt, tokenizer, sft_path, args.max_length)
+    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
     return policy, tokenizer, train_pairs, test_pairs
-
-
-def check_model(ckpt, tokenizer, path, max_length=None):
-    """A checkpoint fits the run: trained with its tokenizer, and (when given) with room
-    for max_length tokens."""
-    if ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
-        raise ArgumentError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
-                            f"pass --tokenizer {ckpt['tokenizer']} or another checkpoint folder")
-    block_size = ckpt["model_config"]["block_size"]
-    if max_length is not None and max_length > block_size:
-        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
 
 
 def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):

@@ -82,13 +82,21 @@ def check_stage(ckpt: dict, path, stage: str, flag: str) -> None:
         raise ArgumentError(f"{flag}: {path} holds {what}, not {STAGES[stage]}")
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None):
     """(model, checkpoint) from a checkpoint holding "model" and "model_config": a GPT,
-    or a RewardModel when the checkpoint says kind "reward"."""
+    or a RewardModel when the checkpoint says kind "reward". Given the run's `tokenizer`
+    (and `max_length`), the model must have been trained with it (and have room for
+    that many tokens), or ArgumentError says what to pass instead."""
     from minalign.model import GPT, GPTConfig
     from minalign.reward import RewardModel
 
     ckpt = load_checkpoint(path)
+    if tokenizer is not None and ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
+        raise ArgumentError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
+                            f"pass --tokenizer {ckpt['tokenizer']} or another checkpoint folder")
+    block_size = ckpt["model_config"]["block_size"]
+    if max_length is not None and max_length > block_size:
+        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
     cls = RewardModel if ckpt.get("kind") == "reward" else GPT
     model = cls(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])

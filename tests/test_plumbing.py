@@ -1,5 +1,6 @@
 """The pieces every script shares: command lines, checkpoints, schedules, metrics."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -139,6 +140,24 @@ def test_checkpoint_refuses_pickled_code(tmp_path):
             load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_model_must_fit_the_runs_tokenizer_and_length(tmp_path):
+    from minalign.checkpoint import load_model
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    builtin, gpt2 = get_tokenizer("builtin"), get_tokenizer("gpt2")
+    model = GPT(GPTConfig(vocab_size=builtin.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                           "tokenizer": builtin.name})
+    loaded, _ = load_model(path, "cpu", builtin, max_length=32)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ArgumentError, match="trained with tokenizer 'builtin', not 'gpt2': pass --tokenizer builtin"):
+        load_model(path, "cpu", gpt2)
+    with pytest.raises(ArgumentError, match="--max-length 33 exceeds the block size 32"):
+        load_model(path, "cpu", builtin, max_length=33)
 
 
 def test_cosine_schedule():

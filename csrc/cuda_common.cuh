@@ -43,6 +43,17 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
+// The `count` vectors VecT (of 16 bytes, or of one element) at `p`. A vector access at
+// an address that is not a multiple of its size faults on the GPU; the CPU emulation,
+// where it could silently work, stops here with a message instead.
+template <typename VecT, typename T>
+__device__ __forceinline__ VecT* as_vectors(T* p, int64_t count) {
+#ifdef MINALIGN_CUDA_ON_CPU
+  if (count > 0) emulation::check_aligned(p, sizeof(VecT));
+#endif
+  return reinterpret_cast<VecT*>(p);
+}
+
 #ifndef MINALIGN_CUDA_ON_CPU
 // The block's dynamic shared memory (the launch's third argument), 16-byte aligned.
 template <typename T>

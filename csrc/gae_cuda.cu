@@ -79,7 +79,7 @@ __device__ __forceinline__ void load_steps(const float* p, int64_t t0, int64_t T
                                            float (&out)[kItems]) {
   static_assert(kItems == 4, "one float4 per thread");
   if constexpr (kVec4) {
-    const float4 q = t0 < T ? *reinterpret_cast<const float4*>(p + t0) : float4{0.f, 0.f, 0.f, 0.f};
+    const float4 q = t0 < T ? *as_vectors<const float4>(p + t0, 1) : float4{0.f, 0.f, 0.f, 0.f};
     out[0] = q.x, out[1] = q.y, out[2] = q.z, out[3] = q.w;
   } else {
 #pragma unroll
@@ -91,7 +91,7 @@ template <bool kVec4>
 __device__ __forceinline__ void store_steps(float* p, int64_t t0, int64_t T,
                                             const float (&in)[kItems]) {
   if constexpr (kVec4) {
-    if (t0 < T) *reinterpret_cast<float4*>(p + t0) = float4{in[0], in[1], in[2], in[3]};
+    if (t0 < T) *as_vectors<float4>(p + t0, 1) = float4{in[0], in[1], in[2], in[3]};
   } else {
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {

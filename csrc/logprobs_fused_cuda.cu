@@ -69,7 +69,7 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   SoftmaxStats s = empty_stats();
   if (threadIdx.x == 0) fold_partial<false, kVec>(s, x, 0, split.head);
   if (threadIdx.x == kThreads - 1) fold_partial<false, kVec>(s, x, split.tail, V - split.tail);
-  VecT* body = reinterpret_cast<VecT*>(x + split.head);
+  VecT* body = as_vectors<VecT>(x + split.head, split.num_vecs);
   for_each_vector<kFusedUnroll>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
     if (k < cached) cache[k] = v;
     fold_vector<false>(s, v);

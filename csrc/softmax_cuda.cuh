@@ -267,7 +267,7 @@ __device__ void zero_row(scalar_t* dx, int64_t V, const RowSplit& split) {
   VecT zeros;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) zeros.v[j] = scalar_t(0.f);
-  VecT* dbody = reinterpret_cast<VecT*>(dx + split.head);
+  VecT* dbody = as_vectors<VecT>(dx + split.head, split.num_vecs);
   for (int64_t i = threadIdx.x; i < split.num_vecs; i += kThreads) dbody[i] = zeros;
 }
 

@@ -22,7 +22,9 @@ command:
 
 (ThreadSanitizer cannot see the synchronisation of torch's own OpenMP threads, hence
 OMP_NUM_THREADS=1; AddressSanitizer stops the process at the first error, so add -s to
-pytest to see its report.)
+pytest to see its report.) Without a sanitizer, a 16-byte vector access at an address
+that is not a multiple of 16, which faults on a GPU, stops the process the same way
+(csrc/cuda_common.cuh, as_vectors).
 """
 
 import ctypes

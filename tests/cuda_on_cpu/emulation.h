@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -108,6 +110,18 @@ inline float __shfl_down_sync(unsigned, float v, unsigned delta) {  // lanes pas
     return lane + delta < emulation::kWarpSize ? lane + delta : lane;
   });
 }
+
+namespace emulation {
+// A vector access at `p` would fault on the GPU unless p is a multiple of `bytes`: say
+// where, and stop (a CPU may silently allow it).
+inline void check_aligned(const void* p, std::size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) {
+    std::fprintf(stderr, "cuda_on_cpu: a %zu-byte vector access at %p, not %zu-byte aligned: "
+                 "it faults on a GPU\n", bytes, p, bytes);
+    std::abort();
+  }
+}
+}  // namespace emulation
 
 struct alignas(16) float4 {
   float x, y, z, w;

@@ -24,21 +24,18 @@
 // minimum-norm subgradient (minalign.reference.clamp). So the gradients match
 // autograd of the PyTorch reference, not just almost everywhere.
 //
-// Sums use a two-stage reduction: a fixed number of blocks (it depends on the
-// element count only) each sum a grid-stride share in a fixed tree and write a
-// partial; one block then sums the partials. No atomics, so results are
-// bit-identical from run to run. Nothing of size [B, T] is created in the forward;
-// the backward writes only the gradient.
+// The sums are sum_cuda.cuh's, bit-identical from run to run. Nothing of size
+// [B, T] is created in the forward; the backward writes only the gradient.
 
 #include "cuda_common.cuh"
+#include "sum_cuda.cuh"
 
 #include <algorithm>
 
 namespace minalign {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxPartials = 1024;  // blocks of the first reduction stage
+constexpr int kThreads = kSumThreads;
 
 // ---------------------------------------------------------- torch-exact pieces
 
@@ -144,52 +141,6 @@ struct MaskSummands {
   __device__ void operator()(int64_t i, float (&out)[K]) const { out[0] = mask[i]; }
 };
 
-// ---------------------------------------------------------- two-stage reduction
-
-// Stage 1: block b sums its grid-stride share of each summand into
-// partials[k * gridDim.x + b].
-template <typename Summands>
-__global__ void __launch_bounds__(kThreads)
-partial_sums_kernel(Summands summands, int64_t n, float* __restrict__ partials) {
-  constexpr int K = Summands::K;
-  __shared__ float scratch[kThreads / kWarpSize];
-  float acc[K] = {};
-  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * kThreads) {
-    float terms[K];
-    summands(i, terms);
-#pragma unroll
-    for (int k = 0; k < K; ++k) acc[k] += terms[k];
-  }
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const float total = block_sum<kThreads>(acc[k], scratch);
-    if (threadIdx.x == 0) partials[k * gridDim.x + blockIdx.x] = total;
-  }
-}
-
-// Stage 2: one block sums the partials of each summand and hands the K totals
-// to `finish` (run by thread 0).
-template <int K, typename Finish>
-__global__ void __launch_bounds__(kThreads)
-finish_sums_kernel(const float* __restrict__ partials, int num_partials, Finish finish) {
-  __shared__ float scratch[kThreads / kWarpSize];
-  float totals[K];
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    float acc = 0.f;
-    for (int b = threadIdx.x; b < num_partials; b += kThreads) acc += partials[k * num_partials + b];
-    totals[k] = block_sum<kThreads>(acc, scratch);
-  }
-  if (threadIdx.x == 0) finish(totals);
-}
-
-// Blocks of stage 1 (and partials per summand): a function of n alone, so the
-// order of every addition is too.
-inline int reduce_blocks(int64_t n) {
-  return static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(n, kThreads), 1, kMaxPartials));
-}
-
 // The divisor of every masked mean.
 __device__ __forceinline__ float mask_count(float mask_sum) { return fmaxf(mask_sum, 1.f); }
 
@@ -266,21 +217,6 @@ inline int elementwise_grid(int64_t n) {
 
 namespace minalign {
 namespace {
-
-// Runs both stages on the current stream.
-template <typename Summands, typename Finish>
-void reduce(const Summands& summands, int64_t n, const Finish& finish, const at::Tensor& like) {
-  constexpr int K = Summands::K;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int num_partials = reduce_blocks(n);
-  at::Tensor partials = at::empty({K * num_partials}, like.options().dtype(at::kFloat));
-  partial_sums_kernel<<<num_partials, kThreads, 0, stream>>>(summands, n,
-                                                            partials.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finish_sums_kernel<K><<<1, kThreads, 0, stream>>>(partials.data_ptr<float>(), num_partials,
-                                                    finish);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 void check_four(const char* op, const at::Tensor& first, const char* first_name,
                 const at::Tensor& b, const char* b_name, const at::Tensor& c, const char* c_name,

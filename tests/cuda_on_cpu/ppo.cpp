@@ -10,7 +10,7 @@ namespace {
 
 using namespace minalign;
 
-// The two stages of reduce() in csrc/ppo_cuda.cu.
+// The two stages of reduce() in csrc/sum_cuda.cuh.
 template <typename Summands, typename Finish>
 void reduce(const Summands& summands, int64_t n, const Finish& finish) {
   const int blocks = reduce_blocks(n);

@@ -28,7 +28,7 @@ import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_weights_finite, load_checkpoint, load_model,
                                  save_checkpoint)
-from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_finite, flag, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -54,7 +54,7 @@ class Args:
     rollout_batch_size: int = 64
     """Prompts sampled per update, summed over processes."""
     minibatch_size: int = 64
-    """Sequences per gradient step within an update (per process)."""
+    """Sequences per gradient step within an update, summed over processes."""
     epochs: int = 4
     """Passes over each rollout batch (N+ implementation details: 4)."""
     max_new_tokens: int = 40
@@ -178,15 +178,13 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     if args.kl_target is None:
         refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
+    for name in ("rollout_batch_size", "minibatch_size"):  # both count the sequences of all processes
+        if getattr(args, name) % dist.world_size:
+            raise ArgumentError(f"{flag(name)} {getattr(args, name)} must be divisible by the {dist.world_size} "
+                                f"processes")
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm", read_finished=True)  # now, not after training the SFT policy
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
-    if args.rollout_batch_size % dist.world_size:
-        raise ArgumentError(f"--rollout-batch-size must be divisible by the {dist.world_size} processes")
-    per_process = args.rollout_batch_size // dist.world_size
-    if args.minibatch_size > per_process and dist.world_size > 1:  # (one process: Args checked it)
-        raise ArgumentError(f"--minibatch-size {args.minibatch_size}: more than the {per_process} sequences "
-                            f"each of the {dist.world_size} processes samples")
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
@@ -219,7 +217,8 @@ def main(args: Args):
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(args.updates, enabled=dist.is_main)
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
-    per_rank = args.rollout_batch_size // dist.world_size
+    per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
+    minibatch = args.minibatch_size // dist.world_size
     negative_kl_warned = False
     if args.eval_interval:
         distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args, logger, 0)
@@ -245,10 +244,10 @@ def main(args: Args):
         shuffle = torch.Generator().manual_seed(args.seed + update)
         order = torch.randperm(B, generator=shuffle)
         for epoch in range(args.epochs):
-            if epoch and args.minibatch_size < B:  # new minibatches each epoch (one holding all needs none)
+            if epoch and minibatch < B:  # new minibatches each epoch (one holding all needs none)
                 order = torch.randperm(B, generator=shuffle)
-            for i in range(0, B, args.minibatch_size):
-                idx = order[i : i + args.minibatch_size].to(dist.device)
+            for i in range(0, B, minibatch):
+                idx = order[i : i + minibatch].to(dist.device)
                 mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
                 new = response_logprobs(train_policy, mb, temperature=args.temperature, inplace_backward=True)
                 values = response_values(train_critic, mb)

@@ -130,7 +130,8 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
 @pytest.mark.slow
 def test_ppo_runs_under_two_processes(workdir, tmp_path):
     # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
-    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", nproc=2)  # 8 rollouts a process
+    # 8 rollouts a process; a minibatch of all 16 rollouts: 8 of each process's
+    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", "--minibatch-size", "16", nproc=2)
     updates = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in updates] == [1, 2]
     assert all(0 <= r["val/num_eos_tokens"] <= 16 and math.isfinite(r["loss/policy_avg"]) for r in updates)
@@ -273,6 +274,21 @@ def test_kl_horizon_without_kl_target_is_refused_not_ignored(tmp_path):
     args = parse_args(train_ppo.Args, ["--kl-horizon", "5000", "--out-dir", str(tmp_path / "ppo")])
     with pytest.raises(ArgumentError, match="--kl-horizon: sets the adaptive KL controller's pace: give --kl-target"):
         train_ppo.main(args)
+    assert not (tmp_path / "ppo").exists()  # refused before anything was made
+
+
+def test_batch_sizes_count_all_processes_and_must_split_evenly(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    monkeypatch.setattr(train_ppo.distributed, "setup", lambda device: DistInfo(world_size=4))
+    for sizes, message in (({"rollout_batch_size": 66}, "--rollout-batch-size 66 must be divisible by the 4"),
+                           ({"minibatch_size": 18}, "--minibatch-size 18 must be divisible by the 4")):
+        with pytest.raises(ArgumentError, match=message):
+            train_ppo.main(train_ppo.Args(out_dir=str(tmp_path / "ppo"), **sizes))
     assert not (tmp_path / "ppo").exists()  # refused before anything was made
 
 

@@ -362,7 +362,12 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
         return str(path)
     if dist.is_main:
         print(f"== reward model: none in {out_dir}; training one")
-    return train(Args(out_dir=out_dir, **overrides), dist)
+    try:
+        return train(Args(out_dir=out_dir, **overrides), dist)
+    except ArgumentError as error:  # the flags it names are train_rm.py's, not the caller's
+        raise ArgumentError(f"no reward model in {out_dir}, and training one with train_rm.py's defaults failed: "
+                            f"{error}; train one with `python train_rm.py --out-dir {out_dir}` and the flags "
+                            f"that fit") from None
 
 
 def main(args: Args):

@@ -292,6 +292,31 @@ def test_batch_sizes_count_all_processes_and_must_split_evenly(tmp_path, monkeyp
     assert not (tmp_path / "ppo").exists()  # refused before anything was made
 
 
+def test_a_reward_model_that_cannot_be_trained_here_says_how_to_make_one(tmp_path):
+    # train_rm.py's defaults (--max-length 64) do not fit this SFT policy's 40 positions
+    sys.path.insert(0, str(ROOT))
+    import dataclasses
+
+    import train_ppo
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    config = GPTConfig(vocab_size=get_tokenizer("builtin").vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=40)
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"model": GPT(config).state_dict(), "stage": "sft",
+                                                   "model_config": dataclasses.asdict(config), "args": {},
+                                                   "tokenizer": "builtin"})
+    args = train_ppo.Args(sft_dir=str(tmp_path / "sft"), rm_dir=str(tmp_path / "rm"), out_dir=str(tmp_path / "ppo"),
+                          max_new_tokens=16)
+    rm = tmp_path / "rm"
+    with pytest.raises(ArgumentError, match=f"^no reward model in {rm}, and training one with train_rm.py's defaults "
+                                            f"failed: --max-length 64 exceeds the block size 40 .*; train one with "
+                                            f"`python train_rm.py --out-dir {rm}`"):
+        train_ppo.main(args)
+
+
 def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_training(tmp_path):
     sys.path.insert(0, str(ROOT))
     import train_ppo

@@ -189,13 +189,17 @@ def evaluate(model, examples, tokenizer, batch_size, device, ctx):
 
 
 def print_samples(model, tokenizer, prompts, block_size, seed):
-    """A continuation of each prompt, as long as the block leaves room for."""
-    prompts = [p for p in prompts if len(tokenizer.encode(p)) < block_size]  # room for one new token
+    """A continuation of each prompt, as long as the block leaves room for; a prompt
+    longer than half the block keeps its end, as training truncates it (shown after "...")."""
+    keep = block_size // 2
+    ids = [tokenizer.encode(p) for p in prompts]
+    cut = [len(i) > keep for i in ids]
+    prompts = [tokenizer.decode(i[-keep:]) if c else p for p, i, c in zip(prompts, ids, cut)]
     if not prompts:
         return
-    max_new = block_size - max(len(tokenizer.encode(p)) for p in prompts)
-    for prompt, text in zip(prompts, sample_texts(model, tokenizer, prompts, max_new, seed=seed)):
-        print(f"  sample: {prompt + text!r}")
+    max_new = block_size - max(len(tokenizer.encode(p)) for p in prompts)  # as sample_texts encodes them
+    for prompt, c, text in zip(prompts, cut, sample_texts(model, tokenizer, prompts, max_new, seed=seed)):
+        print(f"  sample: {'...' if c else ''}{prompt + text!r}")
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from machine import describe
 from minalign.cli import check_args, parse_args
+from minalign.distributed import check_device
 from minalign import ops, reference
 
 
@@ -90,6 +91,7 @@ class Args:
 
     def __post_init__(self):
         check_args(self, positive=("B", "T", "reps", "threads"))
+        self.device = check_device(self.device)
 
 
 def main():

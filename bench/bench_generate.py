@@ -16,6 +16,7 @@ import torch
 
 from machine import describe
 from minalign.cli import ArgumentError, check_args, parse_args
+from minalign.distributed import check_device
 from minalign.model import GPT, GPTConfig
 
 
@@ -61,6 +62,7 @@ class Args:
                                    "reps", "threads"))
         if self.n_embd % self.n_head:
             raise ArgumentError(f"--n-embd {self.n_embd}: must be a multiple of --n-head {self.n_head}")
+        self.device = check_device(self.device)
 
 
 def main():

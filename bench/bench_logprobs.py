@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from machine import describe
 from minalign.cli import check_args, parse_args
+from minalign.distributed import check_device
 from minalign import ops
 
 
@@ -262,6 +263,7 @@ class Args:
     def __post_init__(self):
         check_args(self, positive=("N", "V", "reps", "threads"), non_negative=("fused_cache_kb",),
                    choices={"dtype": (None, "float32", "bfloat16", "float16")})
+        self.device = check_device(self.device)
 
 
 def main():

@@ -87,6 +87,17 @@ def wait_if_not_first_on_node() -> None:
         time.sleep(OTHER_RANKS_WAIT_S)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help states it itself; None shows as
+    "none", the value that sets it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None:
+            return text if "(default" in text else f"{text} (default: none)"
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         wait_if_not_first_on_node()
@@ -98,7 +109,8 @@ def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParse
     the parsed namespace."""
     parser = _Parser(
         description=description or inspect.getdoc(cls),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A flag whose default is none also takes the value none (a list flag: no values).",
+        formatter_class=_HelpFormatter,
     )
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)

@@ -67,6 +67,17 @@ class DataStats:
     # last "\n\nAssistant:": split at the last one they share, so a response spans turns
     n_empty_responses: int = 0  # responses with no text: kept (their tokens: EOS alone)
 
+    def __str__(self) -> str:
+        """"1,000 kept; 12 prompts truncated, ...": the counts that are not 0."""
+        said = {"n_prompt_truncated": "prompts truncated", "n_response_truncated": "responses truncated",
+                "n_documents_split": "documents split into windows",
+                "n_skipped_identical_pairs": "pairs skipped (chosen == rejected once truncated)",
+                "n_implicit_prompt_mismatch": "pairs split at the last Assistant turn both share",
+                "n_empty_responses": "empty responses"}
+        counts = [f"{getattr(self, name):,} {what}" for name, what in said.items() if getattr(self, name)]
+        kept = f"{self.n_examples:,} kept"
+        return f"{kept}; {', '.join(counts)}" if counts else kept
+
 
 @dataclass
 class Example:
@@ -162,6 +173,9 @@ def load_sft(path: str | Path) -> list[dict]:
     else:
         for where, record in _records(path):
             has_text, has_pair = "text" in record, "prompt" in record or "completion" in record
+            if {"chosen", "rejected"} <= record.keys() and not {"text", "completion"} & record.keys():
+                raise DataError(f"{where}: a preference pair ('chosen', 'rejected'), for train_rm.py and "
+                                f"train_dpo.py; SFT takes 'text', or 'prompt' and 'completion'")
             if has_text == has_pair:
                 raise DataError(f"{where}: expected either 'text', or 'prompt' and 'completion'"
                                 f"{' (not both)' if has_text else ''}")

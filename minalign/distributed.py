@@ -34,17 +34,24 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; pick the device.
-
-    `device` "auto" means CUDA when available, else CPU. Backend: nccl on CUDA, gloo on CPU.
-    """
+def check_device(device: str) -> str:
+    """The device a --device value names: "auto" (CUDA when available, else CPU), "cpu",
+    "cuda" or "cuda:N"; ArgumentError for another value, or for CUDA where there is none."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ArgumentError(f"--device {device!r}: must be auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+    return device
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick the device.
+
+    `device` as check_device takes it. Backend: nccl on CUDA, gloo on CPU.
+    """
+    device = check_device(device)
     if "RANK" not in os.environ:
         return DistInfo(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

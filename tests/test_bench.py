@@ -29,3 +29,22 @@ def test_benchmark_runs_and_prints_its_table(script):
     assert result.stdout.startswith("machine: CPU ") and expected in result.stdout
     if script == "bench_dpo_step.py":  # the external TRL figure belongs to the default shape only
         assert "TRL" not in result.stdout
+
+
+@pytest.mark.parametrize("script", ["bench_logprobs", "bench_gae", "bench_generate"])
+def test_a_device_that_is_not_there_is_refused_naming_the_flag(script, capsys, monkeypatch):
+    import importlib
+
+    import torch
+
+    from minalign.cli import parse_args
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in (("cuda:x", "--device 'cuda:x': must be auto, cpu, cuda or cuda:N"),
+                         ("cuda", "--device cuda: no CUDA device is available")):
+        with pytest.raises(SystemExit) as stop:
+            parse_args(bench.Args, ["--device", device])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert parse_args(bench.Args, []).device == "cpu"

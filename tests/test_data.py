@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minalign.data import (
-    ASSISTANT, IGNORE_INDEX, DataError, Example, collate, collate_pairs,
+    ASSISTANT, IGNORE_INDEX, DataError, DataStats, Example, collate, collate_pairs,
     collate_prompts, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
 )
 from minalign.tokenizer import get_tokenizer
@@ -110,6 +110,9 @@ def test_bad_sft_records(tmp_path):
         load_sft(empty)
     with pytest.raises(DataError, match="unknown format"):
         load_sft(tmp_path / "data.csv")
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": " a", "rejected": " b"}])
+    with pytest.raises(DataError, match="pairs.jsonl:1: a preference pair .*, for train_rm.py and train_dpo.py; SFT"):
+        load_sft(path)
 
 
 # ---- tokenizing and collating -------------------------------------------------------
@@ -166,6 +169,8 @@ def test_truncation_rule_and_counts():
     # the prompt keeps half, the response is cut and has no EOS
     assert ex.n_prompt == 10 and len(ex.input_ids) == 20 and tok.eos_id not in ex.input_ids
     assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 1)
+    assert str(stats) == "1 kept; 1 prompts truncated, 1 responses truncated"  # what the scripts print
+    assert str(DataStats(n_examples=1234)) == "1,234 kept"
 
 
 def test_pairs_tokenize_collate_and_skip_identical():

@@ -41,6 +41,7 @@ def test_cli_types_defaults_and_help():
     assert parse_args(Args, ["--sizes", "3", "4"]).sizes == (3, 4) and parse_args(Args, ["--sizes"]).sizes == ()
     help_text = build_parser(Args).format_help()
     assert "Peak learning rate." in help_text and "--no-compile" in help_text and "A demo command." in help_text
+    assert " ".join(help_text.split()).count("(default: none)") == 2 and "None" not in help_text  # data, sizes
 
 
 def test_cli_rejects_bad_values(capsys):

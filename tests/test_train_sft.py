@@ -196,3 +196,20 @@ def test_trained_on_knows_a_data_file_by_its_bytes_wherever_it_is(tmp_path):
     unhashed = {"args": {"data": str(tmp_path / "a.txt")}}  # from before checkpoints hashed their data
     assert train_sft.trained_on(unhashed, str(tmp_path / "." / "a.txt"))
     assert not train_sft.trained_on(unhashed, str(tmp_path / "moved.txt"))
+
+
+def test_samples_of_prompts_longer_than_half_the_block_keep_their_end(capsys):
+    import train_sft
+
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=16)).eval()
+    long = "This film was a long and winding tale of love, loss and many things besides"  # > 8 tokens
+    train_sft.print_samples(model, tok, ["A fine", long], block_size=16, seed=0)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  sample: 'A fine")
+    assert lines[1].startswith("  sample: ...'") and "This film" not in lines[1] and "besides" in lines[1]
+    train_sft.print_samples(model, tok, [], block_size=16, seed=0)  # --num-samples 0
+    assert capsys.readouterr().out == ""

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, ops
-from minalign.checkpoint import check_weights_finite, load_checkpoint, save_checkpoint
+from minalign.checkpoint import check_weights_finite, load_checkpoint, replace_earlier_run, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
@@ -148,6 +148,7 @@ def main(args: Args):
     batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size)
     total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    replace_earlier_run(args.out_dir, dist.is_main)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:

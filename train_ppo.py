@@ -27,7 +27,7 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_weights_finite, load_checkpoint, load_model,
-                                 save_checkpoint)
+                                 replace_earlier_run, save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_finite, flag, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -214,6 +214,7 @@ def main(args: Args):
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    replace_earlier_run(args.out_dir, dist.is_main)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(args.updates, enabled=dist.is_main)
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
-                                 load_checkpoint, load_model, save_checkpoint)
+                                 load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
@@ -309,6 +309,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size)
     total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    replace_earlier_run(args.out_dir, dist.is_main)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:

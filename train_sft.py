@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
-                                 load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                                 load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
 from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
@@ -275,6 +275,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     batches = distributed.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and batches.describe_left_out():
         print(f"batches of {args.batch_size}{batches.describe_left_out()}")
+    if ckpt is None:
+        replace_earlier_run(args.out_dir, dist.is_main)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
 

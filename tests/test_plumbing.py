@@ -161,6 +161,20 @@ def test_a_model_must_fit_the_runs_tokenizer_and_length(tmp_path):
         load_model(path, "cpu", builtin, max_length=33)
 
 
+def test_a_new_run_replaces_the_earlier_runs_outputs_and_nothing_else(tmp_path, capsys):
+    from minalign.checkpoint import replace_earlier_run
+
+    for name in ("ckpt.pt", "eval.json", "metrics.jsonl", "sft_data.jsonl"):
+        (tmp_path / name).write_text("earlier")
+    replace_earlier_run(tmp_path, is_main=False)  # the other processes leave it to the main one
+    assert len(list(tmp_path.iterdir())) == 4 and capsys.readouterr().out == ""
+    replace_earlier_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "sft_data.jsonl"]  # the logger's; inputs
+    assert capsys.readouterr().out == f"replacing the earlier run in {tmp_path}: removed ckpt.pt, eval.json\n"
+    replace_earlier_run(tmp_path / "new")  # nothing there: nothing said
+    assert capsys.readouterr().out == ""
+
+
 def test_cosine_schedule():
     lrs = [cosine_lr(s, 1.0, 100, 10, 0.1) for s in range(101)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

@@ -31,8 +31,15 @@ def run(args, nproc=1):
 
 @pytest.mark.slow
 def test_smoke_run_learns_and_writes_outputs(tmp_path):
+    from minalign.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt.pt", {"stage": "sft", "args": {}, "model": {}, "model_config": {}})  # earlier
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
     out = run([*TINY, "--max-steps", "30", "--lr", "3e-3", "--out-dir", str(tmp_path)])
     assert "val loss" in out and "sample:" in out and "eta" in out
+    assert f"replacing the earlier run in {tmp_path}: removed ckpt.pt, eval.json" in out
+    assert not (tmp_path / "eval.json").exists() and (tmp_path / "notes.txt").read_text() == "mine"
     rows = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [eval(r.replace("null", "None"))["loss"] for r in rows if '"loss"' in r]
     assert losses[-1] < losses[0] - 0.5  # it learns

@@ -216,7 +216,7 @@ def main(args: Args):
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     replace_earlier_run(args.out_dir, dist.is_main)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
-    progress = Progress(args.updates, enabled=dist.is_main)
+    progress = Progress(args.updates, enabled=dist.is_main, unit="update")
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
     per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
     minibatch = args.minibatch_size // dist.world_size
@@ -287,7 +287,7 @@ def main(args: Args):
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),
                            kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
-                           ev=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
+                           expl_var=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,

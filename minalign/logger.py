@@ -53,10 +53,11 @@ def _plain(v):
 
 
 class Progress:
-    """A one-line status: step, the given metrics, throughput and time left."""
+    """A one-line status: step (or `unit`), the given metrics, throughput and time left."""
 
-    def __init__(self, total_steps: int, enabled: bool = True, start_step: int = 0):
+    def __init__(self, total_steps: int, enabled: bool = True, start_step: int = 0, unit: str = "step"):
         self.total = total_steps
+        self.unit = unit
         self.enabled = enabled
         self.start = time.time()
         self.start_step = start_step  # a resumed run's first step: the rate counts from there
@@ -65,7 +66,7 @@ class Progress:
         elapsed = time.time() - self.start
         done = max(step - self.start_step, 1)
         eta = elapsed / done * (self.total - step)
-        parts = [f"step {step:>5}/{self.total}"]
+        parts = [f"{self.unit} {step:>5}/{self.total}"]
         for k, v in metrics.items():
             parts.append(f"{k} {v + 0.0:.4g}" if isinstance(v, float) else f"{k} {v}")  # + 0.0: no "-0"
         parts.append(f"elapsed {format_seconds(elapsed)}  eta {format_seconds(eta)}")

@@ -44,8 +44,10 @@ def check_room(block_size: int, tokenizer, prompts: list[str], max_new_tokens: i
     """Before any work: the longest prompt and max_new_tokens must fit in a model's block."""
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     if longest + max_new_tokens > block_size:
+        room = block_size - longest
         raise ArgumentError(f"{flag} {max_new_tokens}: prompts of up to {longest} tokens leave room for "
-                            f"{block_size - longest} in {model}'s block of {block_size}")
+                            f"{room} in {model}'s block of {block_size}"
+                            + (f": pass {flag} {room} or less" if room > 0 else ""))
 
 
 @torch.no_grad()

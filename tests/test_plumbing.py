@@ -407,3 +407,10 @@ def test_weights_gone_nan_or_infinite_are_never_saved():
         model.bias[1] = float("inf")
     with pytest.raises(Diverged, match="update 9: the weights hold NaN or infinite values"):
         check_weights_finite(9, torch.nn.Linear(2, 2), model, counter="update")
+
+
+def test_progress_line_counts_steps_or_updates():
+    from minalign.logger import Progress
+
+    assert Progress(120).line(3, loss=0.5).startswith("step     3/120 | loss 0.5 | elapsed ")
+    assert Progress(120, unit="update").line(3).startswith("update     3/120 | elapsed ")

@@ -328,7 +328,8 @@ def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_trainin
                                                   "stage": "rm"})
     args = parse_args(train_ppo.Args, ["--rm-dir", str(tmp_path / "rm"), "--sft-dir", str(tmp_path / "sft"),
                                        "--out-dir", str(tmp_path / "ppo")])
-    with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the reward model in .*rm's block of 24"):
+    with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the reward model in .*rm's block of 24: "
+                                            r"pass --max-new-tokens \d+ or less"):
         train_ppo.main(args)
     assert not (tmp_path / "sft").exists()  # no SFT policy trained first
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from minalign import data, task
+from minalign.checkpoint import load_checkpoint, weights_fingerprint
 from minalign.cli import check_args
 
 
@@ -66,16 +67,30 @@ class ExperimentArgs:
                     eval_prompts=self.n_test_prompts, seed=self.seed, device=self.device)
 
 
+def model_fingerprints(**checkpoints) -> dict:
+    """{name: fingerprint of the weights} of the checkpoints (paths) that exist."""
+    return {name: weights_fingerprint(load_checkpoint(path)["model"])
+            for name, path in checkpoints.items() if Path(path).exists()}
+
+
 def run_stage(name: str, run, stage_args) -> Path:
     """Run one training stage (`run(stage_args)`) unless its folder already holds a
-    finished run with the same arguments; returns the folder.
+    finished run with the same arguments, started from the same models (the weights in
+    its --sft-dir and --rm-dir, which an earlier stage may have trained again); returns
+    the folder.
 
     A stale or half-finished folder is cleared first: nothing of an older run is kept."""
     out = Path(stage_args.out_dir)
     done = out / "done.json"
-    settings = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
+    upstream = {field: Path(getattr(stage_args, field)) / "ckpt.pt" for field in ("sft_dir", "rm_dir")
+                if getattr(stage_args, field, None)}
+
+    def settings() -> dict:
+        arguments = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
+        return {"args": arguments, "started_from": model_fingerprints(**upstream)}
+
     try:
-        finished = done.exists() and data.read_record(done) == settings
+        finished = done.exists() and data.read_record(done) == settings()
     except data.DataError:  # damaged: run again
         finished = False
     if finished:
@@ -85,7 +100,7 @@ def run_stage(name: str, run, stage_args) -> Path:
         shutil.rmtree(out)
     print(f"== {name} -> {out}", flush=True)
     run(stage_args)
-    done.write_text(json.dumps(settings, indent=1))
+    done.write_text(json.dumps(settings(), indent=1))  # the upstream models, made by now if they were missing
     return out
 
 

@@ -34,8 +34,8 @@ import torch
 
 import train_ppo
 import train_rm
-from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, fit_gao, gao_curve, pyplot,
-                                run_stage, save_figure, write_csv)
+from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, fit_gao, gao_curve,
+                                model_fingerprints, pyplot, run_stage, save_figure, write_csv)
 from minalign import distributed, task
 from minalign.checkpoint import load_model
 from minalign.evaluate import held_out_prompts
@@ -125,7 +125,9 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
     and the gold judge (cached in bon_scores.json), then best-of-n for n = 1, 2, 4, ..."""
     cache = root / "bon_scores.json"
     settings = {"prompts": args.bon_prompts, "samples": args.bon_max_n, "max_new_tokens": args.max_new_tokens,
-                "seed": args.seed, "proxies": {str(n): str(p) for n, p in proxies.items()}}
+                "seed": args.seed, "proxies": {str(n): str(p) for n, p in proxies.items()},
+                "models": model_fingerprints(sft=Path(args.sft_dir) / "ckpt.pt",
+                                             **{str(n): path for n, path in proxies.items()})}
     if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
         scores = json.loads(cache.read_text())
     else:
@@ -195,7 +197,8 @@ def plot(args, bon_rows, rl_rows, fits, path):
     if plt is None:
         return
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex="col")
-    colors = dict(zip(args.pair_counts, ["tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple"]))
+    palette = ["tab:red", "tab:orange", "tab:green", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(args.pair_counts)}
     for col, (method, rows, title) in enumerate((("bon", bon_rows, "best-of-n (n = 1..%d)" % args.bon_max_n),
                                                    ("rl", rl_rows, "PPO, kl_coef %g" % args.ppo_kl_coef))):
         for n in args.pair_counts:

@@ -104,9 +104,11 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
 
 
 def weights_fingerprint(model) -> str:
-    """A short hash of a model's weights, to tell which model made a cached result."""
+    """A short hash of a model's weights (a module, or a state dict), to tell which model
+    made a cached result."""
+    state = model.state_dict() if hasattr(model, "state_dict") else model
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -109,6 +109,44 @@ def test_select_pairs_subsets_and_flips_exactly():
         select_pairs(pairs, flip=1.5)
 
 
+def test_a_stage_is_reused_only_with_the_same_arguments_and_the_same_upstream_weights(tmp_path, capsys):
+    from dataclasses import dataclass, replace
+
+    import torch
+
+    from experiments.common import run_stage
+    from minalign.checkpoint import save_checkpoint
+
+    @dataclass
+    class StageArgs:
+        out_dir: str
+        sft_dir: str
+        lr: float = 0.1
+
+    def sft(value, seconds):  # the same weights saved twice differ in their other entries
+        save_checkpoint(tmp_path / "sft" / "ckpt.pt", {"model": {"w": torch.full((2,), value)}, "seconds": seconds})
+
+    runs = []
+
+    def train(args):
+        runs.append(args.lr)
+        (Path(args.out_dir) / "ckpt.pt").parent.mkdir(parents=True)
+        (Path(args.out_dir) / "ckpt.pt").write_text("weights")
+
+    args = StageArgs(out_dir=str(tmp_path / "stage"), sft_dir=str(tmp_path / "sft"))
+    sft(1.0, seconds=3)
+    for stage_args, sft_value, ran in ((args, 1.0, True), (args, 1.0, False),  # reused
+                                       (replace(args, lr=0.2), 1.0, True),  # other arguments
+                                       (replace(args, lr=0.2), 2.0, True),  # the SFT policy trained again
+                                       (replace(args, lr=0.2), 2.0, False)):
+        if sft_value == 2.0:
+            sft(2.0, seconds=len(runs))  # bytes change every time; the weights only once
+        before = len(runs)
+        assert run_stage("stage", train, stage_args) == Path(stage_args.out_dir)
+        assert (len(runs) > before) == ran
+    assert "done before, reusing" in capsys.readouterr().out
+
+
 # ---- tiny runs of each experiment ----
 
 TINY = ["--n-train-prompts", "40", "--n-test-prompts", "8", "--max-length", "40", "--batch-size", "16",

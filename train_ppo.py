@@ -195,8 +195,8 @@ def main(args: Args):
         check_room(rm_block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens",
                    f"the reward model in {args.rm_dir}")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+    policy, _ = load_model(sft_path, dist.device, tokenizer)  # before a reward model is trained from it
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
-    policy, _ = load_model(sft_path, dist.device, tokenizer)
     disable_dropout(policy)  # the ratio and KL compare log-probs taken at different times
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model, _ = load_model(rm_path, dist.device, tokenizer)
@@ -214,7 +214,7 @@ def main(args: Args):
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-    replace_earlier_run(args.out_dir, dist.is_main)
+    replace_earlier_run(args.out_dir, dist)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(args.updates, enabled=dist.is_main, unit="update")
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)

@@ -309,7 +309,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size)
     total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
-    replace_earlier_run(args.out_dir, dist.is_main)
+    replace_earlier_run(args.out_dir, dist)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:

@@ -189,8 +189,8 @@ def evaluate(model, examples, tokenizer, batch_size, device, ctx):
 
 
 def print_samples(model, tokenizer, prompts, block_size, seed):
-    """A continuation of each prompt, as long as the block leaves room for; a prompt
-    longer than half the block keeps its end, as training truncates it (shown after "...")."""
+    """A continuation of each prompt, as long as the block leaves room for; of a prompt
+    longer than half the block, its last half-block of tokens (shown after "...")."""
     keep = block_size // 2
     ids = [tokenizer.encode(p) for p in prompts]
     cut = [len(i) > keep for i in ids]
@@ -276,7 +276,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if dist.is_main and batches.describe_left_out():
         print(f"batches of {args.batch_size}{batches.describe_left_out()}")
     if ckpt is None:
-        replace_earlier_run(args.out_dir, dist.is_main)
+        replace_earlier_run(args.out_dir, dist)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
 

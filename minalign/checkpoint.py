@@ -179,13 +179,17 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None, read_
         raise ArgumentError(f"{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
-def replace_earlier_run(out_dir, is_main: bool = True) -> None:
+def replace_earlier_run(out_dir, dist) -> None:
     """A new run in a folder that holds an earlier run's checkpoint or evaluation replaces
     that run: both are removed (by the main process, saying so) as training starts, after
     every check, so that a run interrupted later never leaves its metrics beside another
-    run's checkpoint. What else is there (an SFT policy's data made from pairs) stays."""
+    run's checkpoint. What else is there (an SFT policy's data made from pairs) stays.
+    `dist` is the run's DistInfo: every process has checked the folder before it changes."""
+    from minalign import distributed
+
+    distributed.barrier(dist)
     earlier = [Path(out_dir) / name for name in ("ckpt.pt", "eval.json") if (Path(out_dir) / name).exists()]
-    if is_main and earlier:
+    if dist.is_main and earlier:
         print(f"replacing the earlier run in {out_dir}: removed {', '.join(p.name for p in earlier)}")
         for path in earlier:
             path.unlink()

@@ -83,8 +83,13 @@ def wait_if_not_first_on_node() -> None:
     moment first, and torchrun stops them as soon as rank 0 has exited, so the message
     appears once per node. A mistake only another process meets is still reported, after
     the wait. (torchrun polls its processes every 0.1 s; 5 s also covers older releases.)"""
-    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+    if _other_local_rank():
         time.sleep(OTHER_RANKS_WAIT_S)
+
+
+def _other_local_rank() -> bool:
+    """Whether this is a process torchrun started, other than its node's local rank 0."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -208,7 +213,8 @@ def run(main, cls, argv=None) -> None:
     range, bad data, a missing or unreadable file, a run that diverged) ends the run with
     one line that names it and exit status 2, as a usage error does, instead of a
     traceback; Ctrl-C ends it with one line and status 130. Other errors are bugs and
-    keep their traceback. Under torchrun the line comes once a node (wait_if_not_first_on_node)."""
+    keep their traceback. Under torchrun the line comes once a node (wait_if_not_first_on_node;
+    Ctrl-C, which torchrun passes to every process: from local rank 0)."""
     args = parse_args(cls, argv)
     script = Path(sys.argv[0]).name
     try:
@@ -219,6 +225,6 @@ def run(main, cls, argv=None) -> None:
         sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
         sys.exit(2)
     except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
-        wait_if_not_first_on_node()
-        sys.stderr.write(f"{script}: interrupted\n")
+        if not _other_local_rank():  # under torchrun every process gets the signal: one says so
+            sys.stderr.write(f"{script}: interrupted\n")
         sys.exit(130)

@@ -69,12 +69,13 @@ class DataStats:
 
     def __str__(self) -> str:
         """"1,000 kept; 12 prompts truncated, ...": the counts that are not 0."""
-        said = {"n_prompt_truncated": "prompts truncated", "n_response_truncated": "responses truncated",
-                "n_documents_split": "documents split into windows",
-                "n_skipped_identical_pairs": "pairs skipped (chosen == rejected once truncated)",
-                "n_implicit_prompt_mismatch": "pairs split at the last Assistant turn both share",
-                "n_empty_responses": "empty responses"}
-        counts = [f"{getattr(self, name):,} {what}" for name, what in said.items() if getattr(self, name)]
+        said = {"n_prompt_truncated": ("prompt", "truncated"), "n_response_truncated": ("response", "truncated"),
+                "n_documents_split": ("document", "split into windows"),
+                "n_skipped_identical_pairs": ("pair", "skipped (chosen == rejected once truncated)"),
+                "n_implicit_prompt_mismatch": ("pair", "split at the last Assistant turn both share"),
+                "n_empty_responses": ("empty response", "")}
+        counts = [f"{n:,} {noun}{'s' * (n != 1)} {what}".rstrip()
+                  for name, (noun, what) in said.items() if (n := getattr(self, name))]
         kept = f"{self.n_examples:,} kept"
         return f"{kept}; {', '.join(counts)}" if counts else kept
 

@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS COMMAND...
   shift 2
   echo -e "\n=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"  # -k: SIGKILL 10 s after a SIGTERM ignored
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 124 ]; then  # timeout's status: ran out of time, which is not a failed check
     echo "=== $name: TIMED OUT after $((SECONDS - start))s (limit ${limit}s)" | tee -a "$LOG"

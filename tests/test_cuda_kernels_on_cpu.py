@@ -359,3 +359,25 @@ def test_ppo_reduction_over_more_tokens_than_one_pass_of_the_grid(kernels):
     policy = reference.ppo_policy_loss(logp, old, adv, mask, 0.25)
     for ours, theirs in zip(scalars, [policy.loss, policy.clipfrac, policy.approx_kl]):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_a_misaligned_vector_access_stops_with_a_message(kernels):
+    # 16-byte stores to a gradient 4 bytes past a 16-byte boundary fault on a GPU; here
+    # as_vectors stops the process first, so it runs in a child process
+    code = f"""if True:
+        import ctypes, torch
+        lib = ctypes.CDLL({kernels._name!r})
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        lib.token_logprobs_backward.argtypes = [ctypes.c_int, ctypes.c_bool, ctypes.c_bool, P, P, P, P, P, P,
+                                                I64, I64, I64, P]
+        N, V = 2, 64
+        logits, labels, g = torch.randn(N, V), torch.zeros(N, dtype=torch.long), torch.ones(N)
+        lse = torch.logsumexp(logits, -1)
+        out = torch.empty(N * V + 1)[1:]
+        lib.token_logprobs_backward(0, False, True, g.data_ptr(), None, logits.data_ptr(), labels.data_ptr(),
+                                    lse.data_ptr(), None, N, V, {IGNORE}, out.data_ptr())
+        print("no stop")
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no stop" not in result.stdout
+    assert "cuda_on_cpu: a 16-byte vector access at 0x" in result.stderr and "not 16-byte aligned" in result.stderr

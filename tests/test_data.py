@@ -169,8 +169,10 @@ def test_truncation_rule_and_counts():
     # the prompt keeps half, the response is cut and has no EOS
     assert ex.n_prompt == 10 and len(ex.input_ids) == 20 and tok.eos_id not in ex.input_ids
     assert (stats.n_prompt_truncated, stats.n_response_truncated) == (1, 1)
-    assert str(stats) == "1 kept; 1 prompts truncated, 1 responses truncated"  # what the scripts print
+    assert str(stats) == "1 kept; 1 prompt truncated, 1 response truncated"  # what the scripts print
     assert str(DataStats(n_examples=1234)) == "1,234 kept"
+    assert str(DataStats(n_examples=9, n_prompt_truncated=2, n_empty_responses=3)) == \
+        "9 kept; 2 prompts truncated, 3 empty responses"
 
 
 def test_pairs_tokenize_collate_and_skip_identical():

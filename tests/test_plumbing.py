@@ -42,6 +42,10 @@ def test_cli_types_defaults_and_help():
     help_text = build_parser(Args).format_help()
     assert "Peak learning rate." in help_text and "--no-compile" in help_text and "A demo command." in help_text
     assert " ".join(help_text.split()).count("(default: none)") == 2 and "None" not in help_text  # data, sizes
+    import train_rm  # a help that states its default gets no second one
+
+    rm_help = " ".join(build_parser(train_rm.Args).format_help().split())
+    assert "out/rm-<data file name>). --sft-dir" in rm_help and "(default: builtin)" in rm_help
 
 
 def test_cli_rejects_bad_values(capsys):
@@ -104,15 +108,21 @@ def test_cli_knows_which_flags_were_given_even_at_their_default():
         refuse_given(args, ("lr", "compile", "steps"), "not here")
 
 
-def test_ctrl_c_ends_a_script_with_one_line(capsys):
-    from minalign.cli import run
+def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):
+    import minalign.cli as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    with pytest.raises(SystemExit) as stop:
-        run(interrupted, Args, [])
-    assert stop.value.code == 130 and capsys.readouterr().err.endswith(": interrupted\n")
+    monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("Ctrl-C waits for nothing"))
+    for torchrun, local_rank, says in ((None, "1", True), ("run-1", "0", True), ("run-1", "1", False)):
+        if torchrun:  # torchrun hands the signal to every process: local rank 0 says so
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", torchrun)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as stop:
+            cli.run(interrupted, Args, [])
+        err = capsys.readouterr().err
+        assert stop.value.code == 130 and (err.endswith(": interrupted\n") if says else err == "")
 
 
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
@@ -166,12 +176,12 @@ def test_a_new_run_replaces_the_earlier_runs_outputs_and_nothing_else(tmp_path, 
 
     for name in ("ckpt.pt", "eval.json", "metrics.jsonl", "sft_data.jsonl"):
         (tmp_path / name).write_text("earlier")
-    replace_earlier_run(tmp_path, is_main=False)  # the other processes leave it to the main one
+    replace_earlier_run(tmp_path, distributed.DistInfo(rank=1))  # the other processes leave it to the main one
     assert len(list(tmp_path.iterdir())) == 4 and capsys.readouterr().out == ""
-    replace_earlier_run(tmp_path)
+    replace_earlier_run(tmp_path, distributed.DistInfo())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "sft_data.jsonl"]  # the logger's; inputs
     assert capsys.readouterr().out == f"replacing the earlier run in {tmp_path}: removed ckpt.pt, eval.json\n"
-    replace_earlier_run(tmp_path / "new")  # nothing there: nothing said
+    replace_earlier_run(tmp_path / "new", distributed.DistInfo())  # nothing there: nothing said
     assert capsys.readouterr().out == ""
 
 

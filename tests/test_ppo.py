@@ -130,20 +130,28 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
 @pytest.mark.slow
 def test_ppo_runs_under_two_processes(workdir, tmp_path):
     # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
-    # 8 rollouts a process; a minibatch of all 16 rollouts: 8 of each process's
-    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", "--minibatch-size", "16", nproc=2)
+    # 16 rollouts a process; minibatches of 16 in all, 8 of each process's: two steps an
+    # epoch, the second after the first has moved the policy
+    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", "--rollout-batch-size", "32",
+                   "--minibatch-size", "16", "--epochs", "1", nproc=2)
     updates = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in updates] == [1, 2]
-    assert all(0 <= r["val/num_eos_tokens"] <= 16 and math.isfinite(r["loss/policy_avg"]) for r in updates)
+    assert all(0 <= r["val/num_eos_tokens"] <= 32 and math.isfinite(r["loss/policy_avg"]) for r in updates)
+    assert all(r["val/ratio"] != 1.0 for r in updates)  # one minibatch (16 a process) would leave it at 1
     assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]
     assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "eval.json").exists()
 
 
 @pytest.mark.slow
 def test_a_diverged_ppo_run_stops_with_one_line_and_saves_nothing(workdir, tmp_path):
+    from minalign.checkpoint import save_checkpoint
+
+    # an earlier run's results: replaced as training starts, so none is left beside this run's metrics
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "model_config": {}, "args": {}, "stage": "ppo"})
+    (tmp_path / "eval.json").write_text("{}")
     stderr = run_ppo(workdir, tmp_path, "--updates", "3", "--lr", "1e30", returncode=2)
     assert "Traceback" not in stderr and "training diverged" in stderr.strip().splitlines()[-1], stderr[-2000:]
-    assert not (tmp_path / "ckpt.pt").exists()
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "eval.json").exists()
 
 
 def _score_rollout_setup(seed=0):
@@ -315,6 +323,13 @@ def test_a_reward_model_that_cannot_be_trained_here_says_how_to_make_one(tmp_pat
                                             f"failed: --max-length 64 exceeds the block size 40 .*; train one with "
                                             f"`python train_rm.py --out-dir {rm}`"):
         train_ppo.main(args)
+    # an SFT policy of another tokenizer is named as such, before a reward model is trained from it
+    ckpt = torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=True)
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", {**ckpt, "tokenizer": "gpt2"})
+    with pytest.raises(ArgumentError, match="sft.ckpt.pt was trained with tokenizer 'gpt2', not 'builtin': pass "
+                                            "--tokenizer gpt2"):
+        train_ppo.main(args)
+    assert not rm.exists()
 
 
 def test_a_reward_model_too_small_for_the_rollouts_is_refused_before_any_training(tmp_path):

@@ -61,8 +61,13 @@ def test_check_room_names_the_flag_before_any_sampling():
     prompts = ["The acting was", "I saw it on a rainy afternoon with my friends"]
     longest = max(len(tok.encode(p)) for p in prompts)
     check_room(model.config.block_size, tok, prompts, 48 - longest, "--max-new-tokens")  # fits exactly
-    with pytest.raises(ArgumentError, match=f"--max-new-tokens {49 - longest}: prompts of up to {longest} tokens"):
+    with pytest.raises(ArgumentError, match=f"^--max-new-tokens {49 - longest}: prompts of up to {longest} tokens leave "
+                                            f"room for {48 - longest} in the model's block of 48: pass "
+                                            f"--max-new-tokens {48 - longest} or less$"):
         check_room(model.config.block_size, tok, prompts, 49 - longest, "--max-new-tokens")
+    with pytest.raises(ArgumentError, match=f"prompts of up to {longest} tokens leave room for 0 in the model's block "
+                                            f"of {longest}$"):  # no value fits: none suggested
+        check_room(longest, tok, prompts, 1, "--max-new-tokens")
 
 
 def test_evaluation_scores_both_models_without_dropout():

@@ -148,13 +148,19 @@ def test_under_torchrun_a_mistake_is_reported_once(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_rm.py", "train_dpo.py"])
 def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, tmp_path):
+    from minalign.checkpoint import save_checkpoint
+
+    # an earlier run's results: replaced as training starts, so none is left beside this run's metrics
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "model_config": {}, "args": {}, "stage": script[6:-3]})
+    (tmp_path / "eval.json").write_text("{}")
     cmd = [sys.executable, script, *SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
            "--epochs", "1", "--lr", "1e30", "--out-dir", str(tmp_path),
            *(["--eval-max-new-tokens", "24"] if script == "train_dpo.py" else [])]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "training diverged" in result.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "ckpt.pt").exists()
+    assert "replacing the earlier run" in result.stdout
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "eval.json").exists()
 
 
 def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, read_only):
@@ -398,6 +404,8 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     policy, _, _, _ = train_rm.prepare_pairs(train_rm.Args(data="pairs.jsonl", sft_dir="out/sft-pairs", batch_size=8),
                                              DistInfo())
     assert torch.equal(policy.wte.weight, model.wte.weight)
+    with pytest.raises(ArgumentError, match="--max-length 65 exceeds the block size 64 of the model in .*mine"):
+        train_rm.prepare_pairs(dataclasses.replace(args, max_length=65), DistInfo())  # it must fit the pairs
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):
         train_rm.prepare_pairs(args, DistInfo())

@@ -29,7 +29,7 @@ from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
-from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
 from train_rm import PairArgs, prepare_pairs, tokenize_splits  # shared with train_rm.py
@@ -153,7 +153,7 @@ def main(args: Args):
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
         print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs"
-              f"{batches.describe_left_out('pairs')}")
+              f"{batches.describe_left_out('pairs')}{warmup_note(args.warmup_steps, total_steps)}")
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
     if gold_evals:

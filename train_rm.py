@@ -28,7 +28,7 @@ from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, che
 from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
-from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import RewardModel, accuracy, bradley_terry_loss, pair_scores, score_texts
 from minalign.rollout import sample_texts
@@ -313,7 +313,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}")
+        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}"
+              f"{warmup_note(args.warmup_steps, total_steps)}")
 
     t0 = time.time()
     for step in range(1, total_steps + 1):

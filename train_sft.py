@@ -23,7 +23,7 @@ from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finit
 from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
-from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -267,7 +267,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
     if dist.is_main:
-        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}"
+              f"{warmup_note(args.warmup_steps, args.max_steps)}")
     train_model = torch.compile(model) if args.compile else model
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)

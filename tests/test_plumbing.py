@@ -190,6 +190,11 @@ def test_cosine_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically
     assert lrs[100] == pytest.approx(0.1)
+    from minalign.optim import warmup_note
+
+    assert warmup_note(10, 100) == warmup_note(10, 10) == ""  # the peak is reached
+    assert warmup_note(500, 10) == ("\n  note: --warmup-steps 500 outlasts the 10 steps: the learning rate rises "
+                                    "throughout, to 2% of --lr")  # step 9 of the warmup: 10/500
 
 
 def test_metrics_jsonl(tmp_path):

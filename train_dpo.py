@@ -153,7 +153,9 @@ def main(args: Args):
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
         print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs"
-              f"{batches.describe_left_out('pairs')}{warmup_note(args.warmup_steps, total_steps)}")
+              f"{batches.describe_left_out('pairs')}")
+        if note := warmup_note(args.warmup_steps, total_steps):
+            print(note)
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
     if gold_evals:

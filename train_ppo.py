@@ -218,8 +218,8 @@ def main(args: Args):
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(args.updates, enabled=dist.is_main, unit="update")
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
-    per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
-    minibatch = args.minibatch_size // dist.world_size
+    rollouts_per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
+    minibatch_per_rank = args.minibatch_size // dist.world_size
     negative_kl_warned = False
     if args.eval_interval:
         distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args, logger, 0)
@@ -229,8 +229,9 @@ def main(args: Args):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
         # successive updates take successive slices of the training prompts, each rank its
         # own; the modulus starts over before a slice would run past the end of the list
-        start = ((update - 1) * args.rollout_batch_size + dist.rank * per_rank) % (len(train_prompts) - per_rank)
-        prompts = train_prompts[start : start + per_rank]
+        start = ((update - 1) * args.rollout_batch_size + dist.rank * rollouts_per_rank) % (
+            len(train_prompts) - rollouts_per_rank)
+        prompts = train_prompts[start : start + rollouts_per_rank]
         t_roll = time.time()
         rollout = sample(policy, tokenizer, prompts, args.max_new_tokens, generator, temperature=args.temperature)
         roll_tokens = rollout.response_mask.sum().item()
@@ -245,10 +246,10 @@ def main(args: Args):
         shuffle = torch.Generator().manual_seed(args.seed + update)
         order = torch.randperm(B, generator=shuffle)
         for epoch in range(args.epochs):
-            if epoch and minibatch < B:  # new minibatches each epoch (one holding all needs none)
+            if epoch and minibatch_per_rank < B:  # new minibatches each epoch (one holding all needs none)
                 order = torch.randperm(B, generator=shuffle)
-            for i in range(0, B, minibatch):
-                idx = order[i : i + minibatch].to(dist.device)
+            for i in range(0, B, minibatch_per_rank):
+                idx = order[i : i + minibatch_per_rank].to(dist.device)
                 mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
                 new = response_logprobs(train_policy, mb, temperature=args.temperature, inplace_backward=True)
                 values = response_values(train_critic, mb)
@@ -287,7 +288,7 @@ def main(args: Args):
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),
                            kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
-                           expl_var=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
+                           explained_var=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
                            **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,

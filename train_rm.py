@@ -25,7 +25,7 @@ import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
                                  load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
-from minalign.cli import ArgumentError, check_args, check_finite, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_finite, flag, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
@@ -313,8 +313,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}"
-              f"{warmup_note(args.warmup_steps, total_steps)}")
+        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}")
+        if note := warmup_note(args.warmup_steps, total_steps):
+            print(note)
 
     t0 = time.time()
     for step in range(1, total_steps + 1):
@@ -367,9 +368,10 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     try:
         return train(Args(out_dir=out_dir, **overrides), dist)
     except ArgumentError as error:  # the flags it names are train_rm.py's, not the caller's
+        settings = "".join(f" {flag(k)} {v}" for k, v in overrides.items() if v is not None and k != "device")
         raise ArgumentError(f"no reward model in {out_dir}, and training one with train_rm.py's defaults failed: "
-                            f"{error}; train one with `python train_rm.py --out-dir {out_dir}` and the flags "
-                            f"that fit") from None
+                            f"{error}; train one with `python train_rm.py --out-dir {out_dir}{settings}` and the "
+                            f"flags that fit") from None
 
 
 def main(args: Args):

@@ -192,14 +192,15 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
     """A continuation of each prompt, as long as the block leaves room for; of a prompt
     longer than half the block, its last half-block of tokens (shown after "...")."""
     keep = block_size // 2
-    ids = [tokenizer.encode(p) for p in prompts]
-    cut = [len(i) > keep for i in ids]
-    prompts = [tokenizer.decode(i[-keep:]) if c else p for p, i, c in zip(prompts, ids, cut)]
+    token_lists = [tokenizer.encode(p) for p in prompts]
+    was_cut = [len(tokens) > keep for tokens in token_lists]
+    prompts = [tokenizer.decode(tokens[-keep:]) if cut else prompt
+               for prompt, tokens, cut in zip(prompts, token_lists, was_cut)]
     if not prompts:
         return
     max_new = block_size - max(len(tokenizer.encode(p)) for p in prompts)  # as sample_texts encodes them
-    for prompt, c, text in zip(prompts, cut, sample_texts(model, tokenizer, prompts, max_new, seed=seed)):
-        print(f"  sample: {'...' if c else ''}{prompt + text!r}")
+    for prompt, cut, text in zip(prompts, was_cut, sample_texts(model, tokenizer, prompts, max_new, seed=seed)):
+        print(f"  sample: {'...' if cut else ''}{prompt + text!r}")
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
@@ -267,8 +268,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
     if dist.is_main:
-        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}"
-              f"{warmup_note(args.warmup_steps, args.max_steps)}")
+        print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")
+        if note := warmup_note(args.warmup_steps, args.max_steps):
+            print(note)
     train_model = torch.compile(model) if args.compile else model
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)

@@ -45,7 +45,8 @@ constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
 
 // The `count` vectors VecT (of 16 bytes, or of one element) at `p`. A vector access at
 // an address that is not a multiple of its size faults on the GPU; the CPU emulation,
-// where it could silently work, stops here with a message instead.
+// where it could silently work, stops here with a message instead (`count` 0: a row
+// with no vectors, whose pointer is never dereferenced, is not checked).
 template <typename VecT, typename T>
 __device__ __forceinline__ VecT* as_vectors(T* p, int64_t count) {
 #ifdef MINALIGN_CUDA_ON_CPU

@@ -67,8 +67,8 @@ class ExperimentArgs:
                     eval_prompts=self.n_test_prompts, seed=self.seed, device=self.device)
 
 
-def model_fingerprints(**checkpoints) -> dict:
-    """{name: fingerprint of the weights} of the checkpoints (paths) that exist."""
+def model_fingerprints(checkpoints: dict) -> dict:
+    """{name: fingerprint of the weights} of the checkpoints ({name: path}) that exist."""
     return {name: weights_fingerprint(load_checkpoint(path)["model"])
             for name, path in checkpoints.items() if Path(path).exists()}
 
@@ -85,12 +85,12 @@ def run_stage(name: str, run, stage_args) -> Path:
     upstream = {field: Path(getattr(stage_args, field)) / "ckpt.pt" for field in ("sft_dir", "rm_dir")
                 if getattr(stage_args, field, None)}
 
-    def settings() -> dict:
+    def stage_record() -> dict:  # a function: the upstream models may only exist once run() is done
         arguments = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
-        return {"args": arguments, "started_from": model_fingerprints(**upstream)}
+        return {"args": arguments, "started_from": model_fingerprints(upstream)}
 
     try:
-        finished = done.exists() and data.read_record(done) == settings()
+        finished = done.exists() and data.read_record(done) == stage_record()
     except data.DataError:  # damaged: run again
         finished = False
     if finished:
@@ -100,7 +100,7 @@ def run_stage(name: str, run, stage_args) -> Path:
         shutil.rmtree(out)
     print(f"== {name} -> {out}", flush=True)
     run(stage_args)
-    done.write_text(json.dumps(settings(), indent=1))  # the upstream models, made by now if they were missing
+    done.write_text(json.dumps(stage_record(), indent=1))
     return out
 
 

@@ -126,8 +126,8 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
     cache = root / "bon_scores.json"
     settings = {"prompts": args.bon_prompts, "samples": args.bon_max_n, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "proxies": {str(n): str(p) for n, p in proxies.items()},
-                "models": model_fingerprints(sft=Path(args.sft_dir) / "ckpt.pt",
-                                             **{str(n): path for n, path in proxies.items()})}
+                "models": model_fingerprints({"sft": Path(args.sft_dir) / "ckpt.pt",
+                                              **{str(n): path for n, path in proxies.items()}})}
     if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
         scores = json.loads(cache.read_text())
     else:

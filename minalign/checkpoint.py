@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from minalign import distributed
 from minalign.cli import ArgumentError, Diverged, flag as flag_name
 
 
@@ -96,7 +97,8 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
                             f"pass --tokenizer {ckpt['tokenizer']} or another checkpoint folder")
     block_size = ckpt["model_config"]["block_size"]
     if max_length is not None and max_length > block_size:
-        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}")
+        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}: "
+                            f"pass --max-length {block_size} or less, or another checkpoint folder")
     cls = RewardModel if ckpt.get("kind") == "reward" else GPT
     model = cls(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -185,8 +187,6 @@ def replace_earlier_run(out_dir, dist) -> None:
     every check, so that a run interrupted later never leaves its metrics beside another
     run's checkpoint. What else is there (an SFT policy's data made from pairs) stays.
     `dist` is the run's DistInfo: every process has checked the folder before it changes."""
-    from minalign import distributed
-
     distributed.barrier(dist)
     earlier = [Path(out_dir) / name for name in ("ckpt.pt", "eval.json") if (Path(out_dir) / name).exists()]
     if dist.is_main and earlier:

@@ -68,16 +68,25 @@ class DataStats:
     n_empty_responses: int = 0  # responses with no text: kept (their tokens: EOS alone)
 
     def __str__(self) -> str:
-        """"1,000 kept; 12 prompts truncated, ...": the counts that are not 0."""
-        said = {"n_prompt_truncated": ("prompt", "truncated"), "n_response_truncated": ("response", "truncated"),
-                "n_documents_split": ("document", "split into windows"),
-                "n_skipped_identical_pairs": ("pair", "skipped (chosen == rejected once truncated)"),
-                "n_implicit_prompt_mismatch": ("pair", "split at the last Assistant turn both share"),
-                "n_empty_responses": ("empty response", "")}
-        counts = [f"{n:,} {noun}{'s' * (n != 1)} {what}".rstrip()
-                  for name, (noun, what) in said.items() if (n := getattr(self, name))]
+        """What the scripts print, e.g. "1,000 kept; 12 prompts truncated"; counts of 0 left out."""
+        parts = []
+        for name, (noun, what) in _STATS_WORDING.items():
+            n = getattr(self, name)
+            if n:
+                nouns = noun if n == 1 else noun + "s"
+                parts.append(f"{n:,} {nouns} {what}".rstrip())
         kept = f"{self.n_examples:,} kept"
-        return f"{kept}; {', '.join(counts)}" if counts else kept
+        return f"{kept}; {', '.join(parts)}" if parts else kept
+
+
+_STATS_WORDING = {  # DataStats field: (noun, what happened to it)
+    "n_prompt_truncated": ("prompt", "truncated"),
+    "n_response_truncated": ("response", "truncated"),
+    "n_documents_split": ("document", "split into windows"),
+    "n_skipped_identical_pairs": ("pair", "skipped (chosen == rejected once truncated)"),
+    "n_implicit_prompt_mismatch": ("pair", "split at the last Assistant turn both share"),
+    "n_empty_responses": ("empty response", ""),
+}
 
 
 @dataclass

@@ -28,12 +28,12 @@ def cosine_lr(step, max_lr, total_steps, warmup_steps, min_lr_ratio=0.1):
 
 
 def warmup_note(warmup_steps: int, total_steps: int) -> str:
-    """For a run's header: what a warmup longer than the run does to the learning rate
-    (it rises throughout and never reaches its peak); "" when it fits."""
+    """A line for a run's header when its warmup outlasts it (the learning rate then rises
+    throughout and never reaches its peak); "" when the warmup fits."""
     if warmup_steps <= total_steps:
         return ""
     peak = cosine_lr(total_steps - 1, 1.0, total_steps, warmup_steps)
-    return (f"\n  note: --warmup-steps {warmup_steps} outlasts the {total_steps} steps: the learning rate rises "
+    return (f"note: --warmup-steps {warmup_steps} outlasts the {total_steps} steps: the learning rate rises "
             f"throughout, to {peak:.0%} of --lr")
 
 

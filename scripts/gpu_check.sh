@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"  # -k: SIGKILL 10 s after a SIGTERM ignored
   local rc=${PIPESTATUS[0]}
-  if [ "$rc" -eq 124 ]; then  # timeout's status: ran out of time, which is not a failed check
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then  # timeout's (137: killed by -k): reported apart from a failure
     echo "=== $name: TIMED OUT after $((SECONDS - start))s (limit ${limit}s)" | tee -a "$LOG"
     FAILED+=("$name (timed out)")
     return

@@ -193,7 +193,7 @@ def test_cosine_schedule():
     from minalign.optim import warmup_note
 
     assert warmup_note(10, 100) == warmup_note(10, 10) == ""  # the peak is reached
-    assert warmup_note(500, 10) == ("\n  note: --warmup-steps 500 outlasts the 10 steps: the learning rate rises "
+    assert warmup_note(500, 10) == ("note: --warmup-steps 500 outlasts the 10 steps: the learning rate rises "
                                     "throughout, to 2% of --lr")  # step 9 of the warmup: 10/500
 
 

@@ -321,7 +321,8 @@ def test_a_reward_model_that_cannot_be_trained_here_says_how_to_make_one(tmp_pat
     rm = tmp_path / "rm"
     with pytest.raises(ArgumentError, match=f"^no reward model in {rm}, and training one with train_rm.py's defaults "
                                             f"failed: --max-length 64 exceeds the block size 40 .*; train one with "
-                                            f"`python train_rm.py --out-dir {rm}`"):
+                                            f"`python train_rm.py --out-dir {rm} --tokenizer builtin --sft-dir "
+                                            f"{tmp_path / 'sft'}`"):
         train_ppo.main(args)
     # an SFT policy of another tokenizer is named as such, before a reward model is trained from it
     ckpt = torch.load(tmp_path / "sft" / "ckpt.pt", weights_only=True)

@@ -28,7 +28,7 @@ import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_weights_finite, load_checkpoint, load_model,
                                  replace_earlier_run, save_checkpoint)
-from minalign.cli import ArgumentError, check_args, check_finite, flag, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
@@ -178,10 +178,7 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     if args.kl_target is None:
         refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
-    for name in ("rollout_batch_size", "minibatch_size"):  # both count the sequences of all processes
-        if getattr(args, name) % dist.world_size:
-            raise ArgumentError(f"{flag(name)} {getattr(args, name)} must be divisible by the {dist.world_size} "
-                                f"processes")
+    check_divisible(args, ("rollout_batch_size", "minibatch_size"), dist.world_size)
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm", read_finished=True)  # now, not after training the SFT policy
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)

@@ -25,7 +25,7 @@ import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
                                  load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
-from minalign.cli import ArgumentError, check_args, check_finite, flag, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
@@ -164,8 +164,7 @@ def prepare_pairs(args: PairArgs, dist):
         refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
     else:
         refuse_given(args, BUILTIN_ONLY, "for the built-in task only, not with --data")
-    if args.batch_size % dist.world_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    check_divisible(args, ("batch_size",), dist.world_size)
     sft_dir = args.sft_folder()
     check_out_dir(args.out_dir, stage=args.stage)
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)

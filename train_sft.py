@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
                                  load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
-from minalign.cli import ArgumentError, check_args, check_finite, flag, given, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, given, refuse_given, run
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
@@ -219,8 +219,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if args.data is None:
         refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
         task.check_counts(args, val=("num_samples",))
-    if args.batch_size % dist.world_size:
-        raise ArgumentError(f"--batch-size {args.batch_size} must be divisible by the {dist.world_size} processes")
+    check_divisible(args, ("batch_size",), dist.world_size)
     check_out_dir(args.out_dir, stage="sft")
     torch.manual_seed(args.seed)
     ctx = autocast_context(dist.device, args.dtype)

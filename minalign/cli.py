@@ -208,6 +208,14 @@ def refuse_given(args, names, reason: str) -> None:
         raise ArgumentError(f"{', '.join(named)}: {reason}")
 
 
+def check_divisible(args, names, world_size: int) -> None:
+    """Raise ArgumentError unless each of the fields `names` (a count of sequences over all
+    processes) splits evenly across the `world_size` processes."""
+    for name in names:
+        if getattr(args, name) % world_size:
+            raise ArgumentError(f"{flag(name)} {getattr(args, name)} must be divisible by the {world_size} processes")
+
+
 def run(main, cls, argv=None) -> None:
     """main(parse_args(cls, argv)), where a mistake in what the user gave (a value out of
     range, bad data, a missing or unreadable file, a run that diverged) ends the run with

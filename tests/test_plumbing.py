@@ -10,7 +10,7 @@ import torch
 from minalign import distributed
 from minalign.checkpoint import load_checkpoint, save_checkpoint
 from minalign.data import DataError
-from minalign.cli import ArgumentError, build_parser, check_args, given, parse_args, refuse_given
+from minalign.cli import ArgumentError, build_parser, check_args, check_divisible, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
 
@@ -106,6 +106,13 @@ def test_cli_knows_which_flags_were_given_even_at_their_default():
     refuse_given(Args(steps=3), ("lr", "data"), "not here")  # none of them given: no error
     with pytest.raises(ArgumentError, match="^--lr, --compile: not here$"):
         refuse_given(args, ("lr", "compile", "steps"), "not here")
+
+
+def test_batch_sizes_must_split_evenly_across_processes():
+    check_divisible(Args(steps=12), ("steps",), 4)
+    check_divisible(Args(steps=7), ("steps",), 1)
+    with pytest.raises(ArgumentError, match="^--steps 10 must be divisible by the 4 processes$"):
+        check_divisible(Args(), ("steps",), 4)
 
 
 def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):

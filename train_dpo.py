@@ -67,29 +67,30 @@ class Args(PairArgs):
             raise ArgumentError(f"--label-smoothing applies to the sigmoid and robust losses, not {self.loss_type}")
 
 
-def dpo_metrics(out, chosen, rejected, prefix="") -> dict:
-    """TRL's DPO metric names, from a dpo_loss result and the pairs' log-probs."""
+def dpo_metrics(out, chosen_logps, rejected_logps, prefix="") -> dict:
+    """TRL's DPO metric names, from a dpo_loss result and the policy log-probs [B] it was
+    given (per-token means for IPO, sums otherwise, as TRL logs them)."""
     return {
         f"{prefix}loss": out.losses.mean().item(),
         f"{prefix}rewards/chosen": out.chosen_rewards.mean().item(),
         f"{prefix}rewards/rejected": out.rejected_rewards.mean().item(),
         f"{prefix}rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
         f"{prefix}rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        f"{prefix}logps/chosen": chosen.sum_logps.mean().item(),
-        f"{prefix}logps/rejected": rejected.sum_logps.mean().item(),
+        f"{prefix}logps/chosen": chosen_logps.mean().item(),
+        f"{prefix}logps/rejected": rejected_logps.mean().item(),
     }
 
 
 def pair_loss(model, batch, ref_logps, beta: float, loss_type: str, label_smoothing: float):
-    """DPO-family loss of a pair batch. `ref_logps` [B, 4] holds the reference's chosen
-    sum, rejected sum, chosen mean and rejected mean log-probs (dpo.reference_logps)."""
+    """DPO-family loss of a pair batch, and the policy's (chosen, rejected) log-probs [B]
+    it used. `ref_logps` [B, 4] holds the reference's chosen sum, rejected sum, chosen
+    mean and rejected mean log-probs (dpo.reference_logps)."""
     chosen, rejected = pair_logps(model, batch)
     if loss_type == "ipo":  # per-token log-probs: TRL's convention, see reference.dpo_loss
         policy_pair, ref_pair = (chosen.mean_logps, rejected.mean_logps), (ref_logps[:, 2], ref_logps[:, 3])
     else:
         policy_pair, ref_pair = (chosen.sum_logps, rejected.sum_logps), (ref_logps[:, 0], ref_logps[:, 1])
-    out = ops.dpo_loss(*policy_pair, *ref_pair, beta, loss_type, label_smoothing)
-    return out, chosen, rejected
+    return ops.dpo_loss(*policy_pair, *ref_pair, beta, loss_type, label_smoothing), policy_pair
 
 
 @torch.no_grad()
@@ -98,9 +99,9 @@ def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> 
     rows = []
     for start in range(0, len(pairs), batch_size):
         batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
-        out, chosen, rejected = pair_loss(model, batch, ref[start : start + batch_size].to(device), args.beta,
-                                          args.loss_type, args.label_smoothing)
-        rows.append((len(batch["chosen_input_ids"]), dpo_metrics(out, chosen, rejected, "eval/")))
+        out, logps = pair_loss(model, batch, ref[start : start + batch_size].to(device), args.beta,
+                               args.loss_type, args.label_smoothing)
+        rows.append((len(batch["chosen_input_ids"]), dpo_metrics(out, *logps, "eval/")))
     model.train()
     n = sum(k for k, _ in rows)
     return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
@@ -166,8 +167,8 @@ def main(args: Args):
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
         batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
-        out, chosen, rejected = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args.beta,
-                                          args.loss_type, args.label_smoothing)
+        out, logps = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args.beta, args.loss_type,
+                               args.label_smoothing)
         loss = out.losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -175,7 +176,7 @@ def main(args: Args):
         optimizer.step()
         if step % args.log_interval == 0 or step == total_steps:
             lengths = (batch["chosen_labels"] != -100).sum(1).float().mean().item()
-            metrics = {**dpo_metrics(out, chosen, rejected), "response_length": lengths,
+            metrics = {**dpo_metrics(out, *logps), "response_length": lengths,
                        "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0 - eval_seconds)}
             metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)

@@ -85,7 +85,9 @@ class Args:
     clip_eps: float = 0.2
     """PPO ratio clipping."""
     value_clip: float = 0.2
-    """Value clipping."""
+    """Value clipping (TRL's cliprange_value): a value's loss stops pulling it once it is
+    this far from its value at the rollout. Above 0 (at 0 the critic could not learn); a
+    large value such as 1e6 leaves it unclipped."""
     vf_coef: float = 0.1
     """Coefficient of the value loss in the summed loss. Policy and critic are separate
     models under Adam, which is blind to a gradient's scale, so this only sets where the
@@ -107,9 +109,9 @@ class Args:
 
     def __post_init__(self):
         check_args(self, positive=("updates", "rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens",
-                                   "temperature", "kl_target", "kl_horizon", "clip_eps", "eval_prompts",
-                                   "log_interval"),
-                   non_negative=("lr", "kl_coef", "value_clip", "vf_coef", "grad_clip", "eval_interval"),
+                                   "temperature", "kl_target", "kl_horizon", "clip_eps", "value_clip",
+                                   "eval_prompts", "log_interval"),
+                   non_negative=("lr", "kl_coef", "vf_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
         if self.rollout_batch_size >= task.SPLITS["train"]:  # a slice of the prompts must fit, with room to move
             raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
@@ -144,10 +146,12 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     non_score_reward = -beta * log_ratio.sum(1)  # (B,)
     stats = {
         "objective/kl": seq_kl.mean().item(),
+        # the exact entropy of each next-token distribution, summed over the response (TRL
+        # logs -log p of the sampled tokens: the same in expectation, noisier)
         "objective/entropy": (old.entropy * mask).sum(1).mean().item(),
         "objective/non_score_reward": non_score_reward.mean().item(),
         "objective/rlhf_reward": (scores + non_score_reward).mean().item(),
-        "objective/scores": scores.mean().item(),
+        "objective/scores": scores.mean().item(),  # after --missing-eos-score (eval/rm_score: before)
         "val/num_eos_tokens": ended.sum().item(),
         "response_length": mask.sum(1).float().mean().item(),
     }
@@ -156,7 +160,9 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
 
 def minibatch_stats(pg, vf, logprobs, old_logprobs, mask) -> dict:
     """One minibatch's losses and health figures, under TRL's names: the mean probability
-    ratio pi / pi_old over its real tokens (1 before the first step of each update)."""
+    ratio pi / pi_old over its real tokens (1 before the first step of each update).
+    Means are over real tokens only: TRL's approxkl and ratio also count the padding
+    (difference 0, ratio 1 there), so its figures sit closer to 0 and 1."""
     ratio = masked_mean(torch.exp(logprobs.detach() - old_logprobs), mask)
     return {"loss/policy_avg": pg.loss.item(), "loss/value_avg": vf.loss.item(),
             "policy/clipfrac_avg": pg.clipfrac.item(), "policy/approxkl_avg": pg.approx_kl.item(),

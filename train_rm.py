@@ -30,8 +30,8 @@ from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
-from minalign.reward import RewardModel, accuracy, bradley_terry_loss, pair_scores, score_texts
-from minalign.rollout import sample_texts
+from minalign.reward import RewardModel, accuracy, bradley_terry_loss, pair_scores, score_pairs, score_rollouts
+from minalign.rollout import sample_batches
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
@@ -255,20 +255,20 @@ def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
     return train_pairs, test_pairs
 
 
-def held_out_and_normalise(args, model, tokenizer, train_raw, test_pairs, test_raw, device) -> dict:
-    """Held-out accuracy (against the best possible, for noisy labels); then the scores
-    normalised over the training pairs' responses."""
+def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, device) -> dict:
+    """Normalise the scores over (up to 2,000 of) the training pairs' responses, as trained
+    on; then held-out accuracy (against the best possible, for noisy labels) and margin, in
+    the normalised units the checkpoint scores in."""
+    # On the built-in task the pairs' responses are the SFT policy's samples, which PPO
+    # starts from; on real data, the human-written responses.
+    chosen, rejected = score_pairs(model, train_pairs[:2000], tokenizer.pad_id, device)
+    print(f"normalising the scores over {2 * len(chosen)} responses of the training pairs", flush=True)
+    model.fit_normalisation(torch.cat([chosen, rejected]))
     results = {}
     results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, device)
     if args.data is None and args.label_temperature is not None:
         results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
         results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
-    # Normalise over SFT samples: the pairs' responses are exactly that on the built-in task
-    # (and the human-written responses on real data).
-    texts = [p["prompt"] + p[k] for p in train_raw[:2000] for k in ("chosen", "rejected")]
-    print(f"normalising the scores over {len(texts)} responses of the training pairs", flush=True)
-    raw = score_texts(model, tokenizer, texts, args.max_length, device)
-    model.fit_normalisation(raw)
     return results
 
 
@@ -278,11 +278,11 @@ def gold_correlation(args, model, tokenizer, device) -> float:
     policy, _ = load_model(Path(args.sft_folder()) / "ckpt.pt", device)
     prompts = task.prompts("test", tokenizer, n=500, seed=args.seed + 7)
     print(f"agreement with the gold judge on {len(prompts)} fresh SFT samples", flush=True)
-    responses = sample_texts(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS, seed=args.seed + 7)
-    texts = [p + r for p, r in zip(prompts, responses)]
-    rm = score_texts(model, tokenizer, texts, args.max_length, device)
-    gold = torch.tensor(task.gold_reward(texts))
-    return torch.corrcoef(torch.stack([rm, gold]))[0, 1].item()
+    rollouts = sample_batches(policy, tokenizer, prompts, args.max_length - task.MAX_PROMPT_TOKENS,
+                              seed=args.seed + 7)
+    responses = [text for rollout in rollouts for text in rollout.response_texts(tokenizer)]
+    gold = torch.tensor(task.gold_reward([p + r for p, r in zip(prompts, responses)]))
+    return torch.corrcoef(torch.stack([score_rollouts(model, rollouts), gold]))[0, 1].item()
 
 
 def save_reward_model(args, model, tokenizer, step: int, results: dict) -> None:
@@ -342,7 +342,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     train_seconds = time.time() - t0
     check_weights_finite(total_steps, model)
     if dist.is_main:
-        results = held_out_and_normalise(args, model, tokenizer, train_raw, test_pairs, test_raw, dist.device)
+        results = normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, dist.device)
         save_reward_model(args, model, tokenizer, total_steps, results)  # a failure in the slower check loses nothing
         if args.data is None:  # does the reward model agree with the gold judge?
             results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)

@@ -39,9 +39,9 @@ from experiments.common import (ExperimentArgs, best_of_n, bon_kl, eval_points, 
 from minalign import distributed, task
 from minalign.checkpoint import load_model
 from minalign.evaluate import held_out_prompts
-from minalign.reward import score_texts
+from minalign.reward import score_rollouts
 from minalign.cli import ArgumentError, check_args, run
-from minalign.rollout import sample_texts
+from minalign.rollout import sample_batches
 from minalign.tokenizer import get_tokenizer
 
 
@@ -124,7 +124,8 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
     """Sample bon_max_n SFT responses per held-out prompt, score them with every proxy
     and the gold judge (cached in bon_scores.json), then best-of-n for n = 1, 2, 4, ..."""
     cache = root / "bon_scores.json"
-    settings = {"prompts": args.bon_prompts, "samples": args.bon_max_n, "max_new_tokens": args.max_new_tokens,
+    settings = {"scored": "token ids as sampled",  # what the proxies scored: a cache that differs is made again
+                "prompts": args.bon_prompts, "samples": args.bon_max_n, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "proxies": {str(n): str(p) for n, p in proxies.items()},
                 "models": model_fingerprints({"sft": Path(args.sft_dir) / "ckpt.pt",
                                               **{str(n): path for n, path in proxies.items()}})}
@@ -135,19 +136,18 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
         tokenizer = get_tokenizer("builtin")
         policy, _ = load_model(Path(args.sft_dir) / "ckpt.pt", device)
         prompts = held_out_prompts(tokenizer, args.bon_prompts, args.seed)
-        texts = []
+        rollouts, texts = [], []  # one batch of bon_max_n responses per prompt
         for k, prompt in enumerate(prompts):
-            responses = sample_texts(policy, tokenizer, [prompt] * args.bon_max_n, args.max_new_tokens,
-                                     batch_size=args.bon_max_n, seed=args.seed + k)
-            texts.append([prompt + r for r in responses])
+            [rollout] = sample_batches(policy, tokenizer, [prompt] * args.bon_max_n, args.max_new_tokens,
+                                       batch_size=args.bon_max_n, seed=args.seed + k)
+            rollouts.append(rollout)
+            texts += [prompt + r for r in rollout.response_texts(tokenizer)]
             if (k + 1) % 8 == 0 or k + 1 == len(prompts):
                 print(f"  best-of-n: sampled {k + 1}/{len(prompts)} prompts x {args.bon_max_n}", flush=True)
-        flat = [t for row in texts for t in row]
-        scores = {"settings": settings, "gold": np.reshape(task.gold_reward(flat), (len(prompts), -1)).tolist()}
+        scores = {"settings": settings, "gold": np.reshape(task.gold_reward(texts), (len(prompts), -1)).tolist()}
         for n, path in proxies.items():
             model, _ = load_model(path, device)
-            proxy = score_texts(model, tokenizer, flat, args.max_length, device, batch_size=256)
-            scores[str(n)] = proxy.reshape(len(prompts), -1).tolist()
+            scores[str(n)] = score_rollouts(model, rollouts).reshape(len(prompts), -1).tolist()
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores))
     rows = []

@@ -39,7 +39,7 @@ def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
 
 def token_rewards(scores, kl, mask, beta: float):
     """Rewards [B, N]: -beta * kl on every response token, plus the reward-model score
-    [B] on each row's last response token; 0 on padding. The KL-penalised reward of
+    [B] on each row's last response token (its EOS, if it ended); 0 on padding. The KL-penalised reward of
     Ziegler et al. (2019), spread over tokens as in Stiennon et al. (2020)."""
     mask = mask.float()
     rewards = -beta * kl * mask  # (B, N)

@@ -13,7 +13,7 @@ al. 2019), so that the KL penalty's beta in PPO
 means the same thing whatever the reward model's scale.
 
 The same class serves as PPO's critic: `values` reads the head at every position.
-Below it: scoring pair batches and whole texts, and held-out accuracy.
+Below it: scoring pairs and sampled responses, and held-out accuracy.
 """
 
 import dataclasses
@@ -102,26 +102,30 @@ def pair_scores(model, batch):
 
 
 @torch.no_grad()
+def score_pairs(model, pairs, pad_id, device, batch_size=64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [n] of the chosen and of the rejected sequences of token pairs (as trained on)."""
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        c, r = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
+        chosen.append(c)
+        rejected.append(r)
+    model.train()
+    return torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
+
+
 def accuracy(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
     """Share of pairs scored the right way round, and the mean score margin."""
-    model.eval()
-    right, margin = 0.0, 0.0
-    for start in range(0, len(pairs), batch_size):
-        chosen, rejected = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
-        right += (chosen > rejected).float().sum().item()
-        margin += (chosen - rejected).sum().item()
-    model.train()
-    return right / len(pairs), margin / len(pairs)
+    chosen, rejected = score_pairs(model, pairs, pad_id, device, batch_size)
+    return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts, max_length, device, batch_size=64) -> torch.Tensor:
-    """Reward-model scores of whole texts (EOS appended, truncated to max_length from the left)."""
+def score_rollouts(model, rollouts) -> torch.Tensor:
+    """Scores of sampled responses (rollout.Rollout batches), concatenated: of prompt and
+    response tokens as sampled, as PPO scores them (decoding and encoding again could
+    give other tokens)."""
     model.eval()
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        ids = [(tokenizer.encode(t) + [tokenizer.eos_id])[-max_length:] for t in texts[start : start + batch_size]]
-        batch = data.collate([data.Example(x, len(x)) for x in ids], tokenizer.pad_id, device)
-        scores.append(model(batch["input_ids"], batch["attention_mask"]))
+    scores = torch.cat([model(r.sequences, r.attention_mask) for r in rollouts])
     model.train()
-    return torch.cat(scores).cpu()
+    return scores.cpu()

@@ -68,16 +68,20 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, generator=
     return Rollout(batch["input_ids"], batch["attention_mask"], ids, mask)
 
 
+def sample_batches(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                   seed: int = 0, **sampling) -> list[Rollout]:
+    """One response per prompt, sampled in batches (one Rollout each) with a seeded generator."""
+    device = model.wte.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [sample(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, generator, **sampling)
+            for start in range(0, len(prompts), batch_size)]
+
+
 def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
                  seed: int = 0, **sampling) -> list[str]:
     """Response texts for many prompts, sampled in batches with a seeded generator."""
-    device = model.wte.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        rollout = sample(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, generator, **sampling)
-        texts.extend(rollout.response_texts(tokenizer))
-    return texts
+    rollouts = sample_batches(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **sampling)
+    return [text for rollout in rollouts for text in rollout.response_texts(tokenizer)]
 
 
 def response_logprobs(model, rollout: Rollout, return_entropy: bool = False, temperature: float = 1.0,

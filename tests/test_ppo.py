@@ -285,6 +285,21 @@ def test_kl_horizon_without_kl_target_is_refused_not_ignored(tmp_path):
     assert not (tmp_path / "ppo").exists()  # refused before anything was made
 
 
+def test_a_value_clip_of_zero_is_refused_it_would_freeze_the_critic():
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+
+    from minalign import reference
+    from minalign.cli import ArgumentError
+
+    values = torch.tensor([[0.5, 1.5]], requires_grad=True)  # moved towards the returns since the rollout
+    old, returns, mask = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2)
+    reference.ppo_value_loss(values, old, returns, mask, clip=0.0).loss.backward()
+    assert values.grad.abs().max() == 0  # the clipped loss no longer pulls it: the critic cannot learn
+    with pytest.raises(ArgumentError, match="^--value-clip 0.0: must be > 0$"):
+        train_ppo.Args(value_clip=0.0)
+
+
 def test_batch_sizes_count_all_processes_and_must_split_evenly(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train_ppo

@@ -68,3 +68,25 @@ def test_normalisation_gives_mean_zero_std_one():
     torch.testing.assert_close(rm(seqs, mask).detach(), scores, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no real token"):
         rm(seqs[:2], torch.tensor([[True] * 6, [False] * 6]))
+
+
+def test_sampled_responses_are_scored_as_sampled_token_for_token():
+    from minalign.reward import score_rollouts
+    from minalign.rollout import sample_batches
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    rm = RewardModel(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)).train()
+    prompts = ["The plot was", "I saw it twice and", "Acting:"]
+    rollouts = sample_batches(policy, tok, prompts, 12, batch_size=2, seed=3)
+    assert [r.sequences.shape[0] for r in rollouts] == [2, 1]
+    scores = score_rollouts(rm, rollouts)
+    assert rm.training  # left as it was found
+    rm.eval()
+    one_by_one = []
+    for rollout in rollouts:  # each sequence alone, its padding removed: the ids PPO scores
+        for ids, mask in zip(rollout.sequences, rollout.attention_mask):
+            one_by_one.append(rm(ids[mask][None], torch.ones(1, int(mask.sum()), dtype=torch.bool)))
+    torch.testing.assert_close(scores, torch.cat(one_by_one).detach(), atol=1e-5, rtol=1e-5)

@@ -57,15 +57,34 @@ def test_pair_logps_match_one_sequence_at_a_time():
 
 def test_dpo_metrics_by_hand():
     import train_dpo
-    from minalign.reference import DPOLoss, SequenceLogprobs
+    from minalign.reference import DPOLoss
 
     out = DPOLoss(torch.tensor([0.5, 0.7, 0.9]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 5.0]))
-    logps = lambda *sums: SequenceLogprobs(None, torch.tensor(sums), None, None)
-    got = train_dpo.dpo_metrics(out, logps(-4.0, -6.0, -8.0), logps(-1.0, -2.0, -6.0), prefix="eval/")
+    got = train_dpo.dpo_metrics(out, torch.tensor([-4.0, -6.0, -8.0]), torch.tensor([-1.0, -2.0, -6.0]), prefix="eval/")
     want = {"eval/loss": 0.7, "eval/rewards/chosen": 2.0, "eval/rewards/rejected": 7 / 3,
             "eval/rewards/accuracies": 1 / 3,  # a tie is not a win
             "eval/rewards/margins": -1 / 3, "eval/logps/chosen": -6.0, "eval/logps/rejected": -3.0}
     assert got == pytest.approx(want)
+
+
+def test_held_out_margin_is_in_the_normalised_units_the_checkpoint_scores_in():
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+
+    from minalign.reward import RewardModel, accuracy, score_pairs
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    raw = [{"prompt": "The plot was", "chosen": f" great{'!' * k}", "rejected": f" dull{'.' * k}"} for k in range(8)]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    train_pairs, test_pairs = pairs[:6], pairs[6:]
+    args = train_rm.Args(data="pairs.jsonl")  # not the built-in task: no Bayes-optimal figure
+    results = train_rm.normalise_and_evaluate(args, rm, tok, train_pairs, test_pairs, raw[6:], "cpu")
+    chosen, rejected = score_pairs(rm, train_pairs, tok.pad_id, "cpu")
+    scores = torch.cat([chosen, rejected])  # normalised over the training pairs' responses
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (results["test_accuracy"], results["test_margin"]) == pytest.approx(accuracy(rm, test_pairs, tok.pad_id, "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +314,7 @@ def test_a_margin_from_gold_gaps_is_refused_with_noisy_labels():
             train_rm.Args(margin=0.5, **noise)
 
 
-def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
+def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums_and_logs_what_it_used():
     sys.path.insert(0, str(ROOT))
     import train_dpo
 
@@ -311,10 +330,13 @@ def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums():
     ref = torch.tensor([[-30.0, -40.0, -3.0, -4.0], [-20.0, -10.0, -2.5, -2.0]])  # sums, then means
     chosen, rejected = pair_logps(model, batch)
     for loss_type, cols, kind in (("ipo", [2, 3], "mean_logps"), ("sigmoid", [0, 1], "sum_logps")):
-        out, _, _ = train_dpo.pair_loss(model, batch, ref, 0.5, loss_type, 0.0)
+        out, used = train_dpo.pair_loss(model, batch, ref, 0.5, loss_type, 0.0)
         expected = ops.dpo_loss(getattr(chosen, kind), getattr(rejected, kind), ref[:, cols[0]], ref[:, cols[1]],
                                 0.5, loss_type)
         torch.testing.assert_close(out.losses, expected.losses.detach(), atol=1e-5, rtol=1e-5)
+        metrics = train_dpo.dpo_metrics(out, *used)  # TRL logs IPO's mean log-probs as logps/*
+        assert metrics["logps/chosen"] == pytest.approx(getattr(chosen, kind).mean().item(), rel=1e-5)
+        assert metrics["logps/rejected"] == pytest.approx(getattr(rejected, kind).mean().item(), rel=1e-5)
 
 
 def test_bad_data_ends_the_run_with_one_line(tmp_path):

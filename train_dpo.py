@@ -22,13 +22,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
-from minalign import data, distributed, ops
+from minalign import data, distributed, dpo, ops
 from minalign.checkpoint import check_weights_finite, load_checkpoint, replace_earlier_run, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, run
+from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
-from minalign.model import disable_dropout
+from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
@@ -81,28 +82,19 @@ def dpo_metrics(out, chosen_logps, rejected_logps, prefix="") -> dict:
     }
 
 
-def pair_loss(model, batch, ref_logps, beta: float, loss_type: str, label_smoothing: float):
-    """DPO-family loss of a pair batch, and the policy's (chosen, rejected) log-probs [B]
-    it used. `ref_logps` [B, 4] holds the reference's chosen sum, rejected sum, chosen
-    mean and rejected mean log-probs (dpo.reference_logps)."""
-    chosen, rejected = pair_logps(model, batch)
-    if loss_type == "ipo":  # per-token log-probs: TRL's convention, see reference.dpo_loss
-        policy_pair, ref_pair = (chosen.mean_logps, rejected.mean_logps), (ref_logps[:, 2], ref_logps[:, 3])
-    else:
-        policy_pair, ref_pair = (chosen.sum_logps, rejected.sum_logps), (ref_logps[:, 0], ref_logps[:, 1])
-    return ops.dpo_loss(*policy_pair, *ref_pair, beta, loss_type, label_smoothing), policy_pair
-
-
 @torch.no_grad()
-def held_out_metrics(model, pairs, ref, args, pad_id, device, batch_size=64) -> dict:
-    model.eval()
+def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=64) -> dict:
+    """The DPO metrics over held-out pairs (`ref_logps` [n, 2] their reference log-probs),
+    each a mean over all the pairs, under TRL's eval/ names."""
     rows = []
-    for start in range(0, len(pairs), batch_size):
-        batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
-        out, logps = pair_loss(model, batch, ref[start : start + batch_size].to(device), args.beta,
-                               args.loss_type, args.label_smoothing)
-        rows.append((len(batch["chosen_input_ids"]), dpo_metrics(out, *logps, "eval/")))
-    model.train()
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
+            chosen_logps, rejected_logps = pair_logps(model, batch, dpo.per_token(args.loss_type))  # (b,) each
+            ref_chosen, ref_rejected = ref_logps[start : start + batch_size].to(device).unbind(1)  # (b,) each
+            out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                               args.label_smoothing)
+            rows.append((len(chosen_logps), dpo_metrics(out, chosen_logps, rejected_logps, "eval/")))
     n = sum(k for k, _ in rows)
     return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
 
@@ -137,9 +129,10 @@ def main(args: Args):
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
     # from it, so compute them once and keep only the policy in memory while training.
+    per_token = dpo.per_token(args.loss_type)  # mean log-probs (IPO) or sums (the others)
     t_ref = time.time()
-    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, verbose=dist.is_main)  # (n, 4)
-    ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id)
+    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main)  # (n, 2)
+    ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token)  # (n_test, 2)
     reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
     if dist.is_main:
         print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t_ref:.1f}s")
@@ -167,16 +160,19 @@ def main(args: Args):
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
         batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
-        out, logps = pair_loss(train_model, batch, ref_train[idx].to(dist.device), args.beta, args.loss_type,
-                               args.label_smoothing)
+        chosen_logps, rejected_logps = pair_logps(train_model, batch, per_token)  # (B,) each
+        ref_chosen, ref_rejected = ref_train[idx].to(dist.device).unbind(1)  # (B,) each
+        out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
+                           args.label_smoothing)
         loss = out.losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
         if step % args.log_interval == 0 or step == total_steps:
-            lengths = (batch["chosen_labels"] != -100).sum(1).float().mean().item()
-            metrics = {**dpo_metrics(out, *logps), "response_length": lengths,
+            labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
+            lengths = (labels != IGNORE_INDEX).sum(1).float().mean().item()  # of both responses, as PPO's
+            metrics = {**dpo_metrics(out, chosen_logps, rejected_logps), "response_length": lengths,
                        "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0 - eval_seconds)}
             metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)

@@ -21,8 +21,9 @@ from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
                                  load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, given, refuse_given, run
+from minalign.data import IGNORE_INDEX
 from minalign.logger import MetricsLogger, Progress
-from minalign.model import GPT, GPTConfig
+from minalign.model import GPT, GPTConfig, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
@@ -170,21 +171,20 @@ def sft_loss(model, batch, scale):
     logits (they are not read again).
     """
     logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
-    labels = batch["labels"]  # (B, T), -100 where no loss: those tokens add nothing
+    labels = batch["labels"]  # (B, T), IGNORE_INDEX where no loss: those tokens add nothing
     weights = torch.ones(labels.shape, device=labels.device) * -scale
     return ops.weighted_logprob_sum(logits, labels, weights)
 
 
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, batch_size, device, ctx):
-    model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = data.collate(examples[start : start + batch_size], tokenizer.pad_id, device)
-        with ctx:
-            loss = sft_loss(model, batch, 1.0)
-        total, count = total + loss.item(), count + (batch["labels"] != -100).sum().item()
-    model.train()
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start : start + batch_size], tokenizer.pad_id, device)
+            with ctx:
+                loss = sft_loss(model, batch, 1.0)
+            total, count = total + loss.item(), count + (batch["labels"] != IGNORE_INDEX).sum().item()
     return total / max(count, 1)
 
 
@@ -298,7 +298,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         batch = data.collate([train[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
         # Mean over the global batch's tokens: DDP averages gradients over processes, so
         # scale by world_size / global token count to get exactly the single-process loss.
-        n_tokens = (batch["labels"] != -100).sum()
+        n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
         global_tokens = distributed.all_reduce_sum(n_tokens, dist).clamp(min=1)
         with ctx:
             loss = sft_loss(train_model, batch, dist.world_size / global_tokens)

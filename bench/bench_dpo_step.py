@@ -86,8 +86,8 @@ def main():
     opt_b = torch.optim.AdamW(plain_policy.parameters(), lr=1e-5)
 
     def minalign_step():
-        chosen, rejected = pair_logps(policy, batch)
-        loss = ops.dpo_loss(chosen.sum_logps, rejected.sum_logps, ref[:, 0], ref[:, 1], beta=0.1).losses.mean()
+        chosen, rejected = pair_logps(policy, batch)  # (B,) each
+        loss = ops.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=0.1).losses.mean()
         opt_a.zero_grad(set_to_none=True)
         loss.backward()
         opt_a.step()

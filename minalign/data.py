@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100  # labels that take no part in the loss (cross_entropy's default)
+from minalign.reference import IGNORE_INDEX  # labels that take no part in the loss
 ASSISTANT = "\n\nAssistant:"  # HH-RLHF's turn marker that ends an implicit prompt
 
 

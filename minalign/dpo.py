@@ -15,11 +15,21 @@ The loss itself (and its relatives IPO, SLiC-hinge, robust DPO) is
 import torch
 
 from minalign import ops
-from minalign.data import collate_pairs
+from minalign.data import IGNORE_INDEX, collate_pairs
+from minalign.model import evaluating
 
 
-def pair_logps(model, batch) -> tuple[ops.SequenceLogprobs, ops.SequenceLogprobs]:
-    """Log-probs of the chosen and rejected responses of a pair batch, in one forward pass.
+def per_token(loss_type: str) -> bool:
+    """Whether a DPO-family loss compares mean log-probs per response token: IPO's target
+    margin is per token (TRL's convention, see reference.dpo_loss); the other losses
+    compare log-probs summed over the response."""
+    return loss_type == "ipo"
+
+
+def pair_logps(model, batch, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y|x) [B] of the chosen and of the rejected responses of a pair batch, in
+    one forward pass: summed over each response's tokens, or their mean with `per_token`
+    (IPO's convention, see reference.dpo_loss).
 
     The chosen and rejected halves share one padded length, so they go through the
     model as one [2B, T] batch. Right padding needs no attention mask.
@@ -27,30 +37,24 @@ def pair_logps(model, batch) -> tuple[ops.SequenceLogprobs, ops.SequenceLogprobs
     input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
     logits, _ = model(input_ids)  # (2B, T, Vp)
-    out = ops.sequence_logprobs(logits, labels, labels != -100, inplace_backward=True)  # logits not read again
-    B = batch["chosen_input_ids"].shape[0]
-    chosen = ops.SequenceLogprobs(*(None if t is None else t[:B] for t in out))
-    rejected = ops.SequenceLogprobs(*(None if t is None else t[B:] for t in out))
-    return chosen, rejected
+    out = ops.sequence_logprobs(logits, labels, labels != IGNORE_INDEX, inplace_backward=True)  # logits not read again
+    logps = out.mean_logps if per_token else out.sum_logps  # (2B,)
+    return logps.chunk(2)  # (B,) chosen, (B,) rejected
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, batch_size=32, verbose=False) -> torch.Tensor:
-    """[n_pairs, 4] reference log-probs of every pair: chosen sum, rejected sum,
-    chosen mean, rejected mean. Computed once before training, so the reference model
-    need not stay in memory (it is the frozen SFT model). `verbose` prints progress."""
+def reference_logps(model, pairs, pad_id, per_token: bool = False, batch_size=32, verbose=False) -> torch.Tensor:
+    """[n_pairs, 2] reference log-probs of every pair, chosen then rejected (`per_token`
+    as in pair_logps). Computed once before training, so the reference model need not
+    stay in memory (it is the frozen SFT model). `verbose` prints progress."""
     device = model.wte.weight.device
-    was_training = model.training
-    model.eval()
     rows = []
     starts = range(0, len(pairs), batch_size)
     report_every = max(1, len(starts) // 10)  # batches between progress lines: about ten of them
-    for i, start in enumerate(starts, 1):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_id, device)
-        chosen, rejected = pair_logps(model, batch)
-        logps = [chosen.sum_logps, rejected.sum_logps, chosen.mean_logps, rejected.mean_logps]
-        rows.append(torch.stack(logps, 1))  # (b, 4)
-        if verbose and (i % report_every == 0 or i == len(starts)):
-            print(f"  reference log-probs: {min(start + batch_size, len(pairs))}/{len(pairs)} pairs", flush=True)
-    model.train(was_training)
+    with evaluating(model):
+        for i, start in enumerate(starts, 1):
+            batch = collate_pairs(pairs[start : start + batch_size], pad_id, device)
+            rows.append(torch.stack(pair_logps(model, batch, per_token), 1))  # (b, 2)
+            if verbose and (i % report_every == 0 or i == len(starts)):
+                print(f"  reference log-probs: {min(start + batch_size, len(pairs))}/{len(pairs)} pairs", flush=True)
     return torch.cat(rows).cpu()

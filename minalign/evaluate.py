@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minalign import task
+from minalign.model import evaluating
 from minalign.rollout import response_logprobs, sample
 
 
@@ -44,24 +45,21 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
     policy_gen = torch.Generator(device=device).manual_seed(seed)
     ref_gen = torch.Generator(device=device).manual_seed(seed + 1)
     kls, lengths, ref_lengths, policy_texts, ref_texts, rm_scores = [], [], [], [], [], []
-    was_training = policy.training, reference.training
-    policy.eval()
-    reference.eval()  # both scored without dropout: identical models give KL 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen, temperature=temperature)
-        logp = response_logprobs(policy, rollout, temperature=temperature).sum_logps  # (B,)
-        ref_logp = response_logprobs(reference, rollout, temperature=temperature).sum_logps  # (B,)
-        kls.append(logp - ref_logp)
-        lengths.append(rollout.response_mask.sum(1).float())
-        policy_texts += rollout.response_texts(tokenizer)
-        if reward_model is not None:
-            rm_scores.append(reward_model(rollout.sequences, rollout.attention_mask).float())
-        ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen, temperature=temperature)
-        ref_lengths.append(ref_rollout.response_mask.sum(1).float())
-        ref_texts += ref_rollout.response_texts(tokenizer)
-    policy.train(was_training[0])
-    reference.train(was_training[1])
+    models = [m for m in (policy, reference, reward_model) if m is not None]
+    with evaluating(*models):  # all without dropout: identical models give KL 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            rollout = sample(policy, tokenizer, chunk, max_new_tokens, policy_gen, temperature=temperature)
+            logp = response_logprobs(policy, rollout, temperature=temperature).sum_logps  # (B,)
+            ref_logp = response_logprobs(reference, rollout, temperature=temperature).sum_logps  # (B,)
+            kls.append(logp - ref_logp)
+            lengths.append(rollout.response_mask.sum(1).float())
+            policy_texts += rollout.response_texts(tokenizer)
+            if reward_model is not None:
+                rm_scores.append(reward_model(rollout.sequences, rollout.attention_mask).float())
+            ref_rollout = sample(reference, tokenizer, chunk, max_new_tokens, ref_gen, temperature=temperature)
+            ref_lengths.append(ref_rollout.response_mask.sum(1).float())
+            ref_texts += ref_rollout.response_texts(tokenizer)
     gold = torch.tensor(judge([p + r for p, r in zip(prompts, policy_texts)]))
     ref_gold = torch.tensor(judge([p + r for p, r in zip(prompts, ref_texts)]))
     wins = (gold > ref_gold).float() + 0.5 * (gold == ref_gold).float()

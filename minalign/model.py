@@ -15,6 +15,7 @@ log-probability ever gives them probability.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -278,6 +279,19 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         elif isinstance(module, GPT):
             module.config.dropout = 0.0  # saved with the checkpoint
     return model
+
+
+@contextmanager
+def evaluating(*models: nn.Module):
+    """Eval mode (no dropout) inside the block; each model's own mode again after it."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

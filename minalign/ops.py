@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from minalign import reference
-from minalign.reference import GAE, DPOLoss, PolicyLoss, SequenceLogprobs, ValueLoss
+from minalign.reference import GAE, IGNORE_INDEX, DPOLoss, PolicyLoss, SequenceLogprobs, ValueLoss
 
 _IMPORT_ERROR = None
 try:
@@ -42,7 +42,6 @@ HAS_CUDA_KERNELS = HAS_EXTENSION and bool(_C.WITH_CUDA)
 if HAS_EXTENSION:
     from minalign import op_registration  # noqa: F401  (fake kernels and autograd of torch.ops.minalign.*)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # their index is the kernels' loss_type
-IGNORE_INDEX = -100
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned = False
 

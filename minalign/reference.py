@@ -37,12 +37,15 @@ class ValueLoss(NamedTuple):
     clipfrac: Tensor  # 0-dim fraction of tokens where the clipped value's error is larger, detached
 
 
+IGNORE_INDEX = -100  # a label that takes no part in the loss (cross_entropy's default)
+
+
 class GAE(NamedTuple):
     advantages: Tensor  # [B, T], 0 where mask is 0
     returns: Tensor  # [B, T] advantages + values: the value head's targets, 0 where mask is 0
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, return_entropy: bool = False):
+def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, return_entropy: bool = False):
     """log p(label) for every row of logits, and optionally every row's entropy.
 
         logp_i = x_{i, y_i} - log sum_j exp(x_ij)      (0 where y_i == ignore_index)
@@ -65,7 +68,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100, ret
     return logprobs, torch.where(keep, entropy, 0.0)
 
 
-def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = -100) -> Tensor:
+def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """sum_i w_i logp_i over the rows of logits, a 0-dim float32 tensor (ignored rows add 0).
 
     With w_i = -1/n on the n rows whose label is not ignore_index this is
@@ -83,11 +86,11 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, return_entro
 
     logits [B, T, V], labels [B, T] already aligned (labels[b, t] is the token that
     logits[b, t] predicts), mask [B, T] (1 for the tokens that count). Labels under a
-    0 mask may hold anything (padding, -100).
+    0 mask may hold anything (padding, IGNORE_INDEX).
     """
     mask = mask.float()
-    labels = labels.masked_fill(mask == 0, -100)
-    out = token_logprobs(logits, labels, -100, return_entropy)
+    labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    out = token_logprobs(logits, labels, IGNORE_INDEX, return_entropy)
     token_logps, entropy = out if return_entropy else (out, None)
     sum_logps = token_logps.sum(-1)  # [B]
     return SequenceLogprobs(token_logps, sum_logps, sum_logps / mask.sum(-1).clamp(min=1), entropy)

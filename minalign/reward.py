@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minalign import data
-from minalign.model import GPT, GPTConfig
+from minalign.model import GPT, GPTConfig, evaluating
 
 
 class RewardModel(nn.Module):
@@ -104,13 +104,12 @@ def pair_scores(model, batch):
 @torch.no_grad()
 def score_pairs(model, pairs, pad_id, device, batch_size=64) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [n] of the chosen and of the rejected sequences of token pairs (as trained on)."""
-    model.eval()
     chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        c, r = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
-        chosen.append(c)
-        rejected.append(r)
-    model.train()
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            c, r = pair_scores(model, data.collate_pairs(pairs[start : start + batch_size], pad_id, device))
+            chosen.append(c)
+            rejected.append(r)
     return torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
 
 
@@ -125,7 +124,5 @@ def score_rollouts(model, rollouts) -> torch.Tensor:
     """Scores of sampled responses (rollout.Rollout batches), concatenated: of prompt and
     response tokens as sampled, as PPO scores them (decoding and encoding again could
     give other tokens)."""
-    model.eval()
-    scores = torch.cat([model(r.sequences, r.attention_mask) for r in rollouts])
-    model.train()
-    return scores.cpu()
+    with evaluating(model):
+        return torch.cat([model(r.sequences, r.attention_mask) for r in rollouts]).cpu()

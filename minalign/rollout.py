@@ -12,6 +12,7 @@ import torch
 from minalign import ops
 from minalign.cli import ArgumentError
 from minalign.data import IGNORE_INDEX, collate_prompts
+from minalign.model import evaluating
 
 
 @dataclass
@@ -59,12 +60,10 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, generator=
     """
     device = model.wte.weight.device
     batch = collate_prompts([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, device)
-    was_training = model.training
-    model.eval()
-    ids, mask = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                               eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                               generator=generator, **sampling)
-    model.train(was_training)
+    with evaluating(model):
+        ids, mask = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                   eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                                   generator=generator, **sampling)
     return Rollout(batch["input_ids"], batch["attention_mask"], ids, mask)
 
 

@@ -194,3 +194,15 @@ def test_weight_decay_falls_on_matrices_only():
     assert any("wte" in names[id(p)] for p in decayed["params"])  # embeddings and matmuls decay
     assert any("ln" in names[id(p)] for p in plain["params"])  # norms (and biases) do not
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_evaluating_turns_dropout_off_and_gives_each_model_its_own_mode_back():
+    from minalign.model import evaluating
+
+    a, b = torch.nn.Dropout(0.5).train(), torch.nn.Dropout(0.5).eval()
+    with evaluating(a, b):
+        assert not a.training and not b.training
+    assert a.training and not b.training
+    with pytest.raises(RuntimeError), evaluating(a):  # given back even when the block fails
+        raise RuntimeError
+    assert a.training

@@ -14,6 +14,7 @@ import torch
 from minalign import data
 from minalign.cli import ArgumentError
 from minalign.dpo import pair_logps, reference_logps
+from minalign.dpo import per_token as per_token_logps
 from minalign.model import GPT, GPTConfig
 from minalign.tokenizer import get_tokenizer
 
@@ -40,19 +41,20 @@ def test_pair_logps_match_one_sequence_at_a_time():
     raw = [{"prompt": "The plot was", "chosen": " great.", "rejected": " dull and far too long."},
            {"prompt": "I saw it", "chosen": " twice and loved it.", "rejected": " once."}]
     pairs, _ = data.tokenize_pairs(raw, tok, 48)
-    chosen, rejected = pair_logps(model, data.collate_pairs(pairs, tok.pad_id))
+    batch = data.collate_pairs(pairs, tok.pad_id)
+    sums, means = pair_logps(model, batch), pair_logps(model, batch, per_token=True)
     for i, (c, r) in enumerate(pairs):
-        for ex, got in ((c, chosen), (r, rejected)):
+        for side, ex in enumerate((c, r)):
             ids = torch.tensor([ex.input_ids])
             logp = model(ids)[0][0, :-1, : tok.vocab_size].log_softmax(-1)  # (T-1, V)
             targets = ids[0, 1:]
             want = logp.gather(1, targets[:, None])[ex.n_prompt - 1 :].sum()  # response tokens only
-            torch.testing.assert_close(got.sum_logps[i], want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(sums[side][i], want, atol=1e-4, rtol=1e-4)
             n_response = len(ex.input_ids) - ex.n_prompt
-            torch.testing.assert_close(got.mean_logps[i], want / n_response, atol=1e-4, rtol=1e-4)
-    ref = reference_logps(model, pairs, tok.pad_id, batch_size=1)
-    want = torch.stack([chosen.sum_logps, rejected.sum_logps, chosen.mean_logps, rejected.mean_logps], 1)  # (B, 4)
-    torch.testing.assert_close(ref, want.detach(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(means[side][i], want / n_response, atol=1e-4, rtol=1e-4)
+    for per_token, want in ((False, sums), (True, means)):
+        ref = reference_logps(model, pairs, tok.pad_id, per_token, batch_size=1)  # (B, 2)
+        torch.testing.assert_close(ref, torch.stack(want, 1).detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_dpo_metrics_by_hand():
@@ -314,7 +316,7 @@ def test_a_margin_from_gold_gaps_is_refused_with_noisy_labels():
             train_rm.Args(margin=0.5, **noise)
 
 
-def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums_and_logs_what_it_used():
+def test_held_out_metrics_give_ipo_the_mean_log_probs_and_the_others_the_sums():
     sys.path.insert(0, str(ROOT))
     import train_dpo
 
@@ -322,21 +324,20 @@ def test_pair_loss_gives_ipo_the_mean_log_probs_and_the_others_the_sums_and_logs
 
     tok = get_tokenizer("builtin")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)).eval()
     raw = [{"prompt": "The plot was", "chosen": " great.", "rejected": " dull and far too long."},
            {"prompt": "I saw it", "chosen": " twice and loved it.", "rejected": " once."}]
     pairs, _ = data.tokenize_pairs(raw, tok, 48)
     batch = data.collate_pairs(pairs, tok.pad_id)
-    ref = torch.tensor([[-30.0, -40.0, -3.0, -4.0], [-20.0, -10.0, -2.5, -2.0]])  # sums, then means
-    chosen, rejected = pair_logps(model, batch)
-    for loss_type, cols, kind in (("ipo", [2, 3], "mean_logps"), ("sigmoid", [0, 1], "sum_logps")):
-        out, used = train_dpo.pair_loss(model, batch, ref, 0.5, loss_type, 0.0)
-        expected = ops.dpo_loss(getattr(chosen, kind), getattr(rejected, kind), ref[:, cols[0]], ref[:, cols[1]],
-                                0.5, loss_type)
-        torch.testing.assert_close(out.losses, expected.losses.detach(), atol=1e-5, rtol=1e-5)
-        metrics = train_dpo.dpo_metrics(out, *used)  # TRL logs IPO's mean log-probs as logps/*
-        assert metrics["logps/chosen"] == pytest.approx(getattr(chosen, kind).mean().item(), rel=1e-5)
-        assert metrics["logps/rejected"] == pytest.approx(getattr(rejected, kind).mean().item(), rel=1e-5)
+    for loss_type, per_token, ref in (("ipo", True, torch.tensor([[-3.0, -4.0], [-2.5, -2.0]])),
+                                      ("sigmoid", False, torch.tensor([[-30.0, -40.0], [-20.0, -10.0]]))):
+        assert per_token_logps(loss_type) == per_token
+        args = train_dpo.Args(loss_type=loss_type, beta=0.5)
+        got = train_dpo.held_out_metrics(model, pairs, ref, args, tok.pad_id, "cpu", batch_size=1)  # one pair a batch
+        chosen, rejected = pair_logps(model, batch, per_token)
+        out = ops.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], 0.5, loss_type)
+        want = train_dpo.dpo_metrics(out, chosen, rejected, "eval/")  # TRL logs IPO's mean log-probs as logps/*
+        assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_bad_data_ends_the_run_with_one_line(tmp_path):

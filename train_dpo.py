@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, dpo, ops
-from minalign.checkpoint import check_weights_finite, load_checkpoint, replace_earlier_run, save_checkpoint
+from minalign.checkpoint import block_size_of, check_weights_finite, replace_earlier_run, save_checkpoint
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
@@ -31,9 +31,10 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
+from minalign.pairs import PairArgs, tokenize_splits
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
-from train_rm import PairArgs, prepare_pairs, tokenize_splits  # shared with train_rm.py
+from train_rm import prepare_pairs  # shared with train_rm.py
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Args(PairArgs):
     """Train a policy with DPO on preference pairs (the built-in task by default)."""
 
     stage: ClassVar[str] = "dpo"
+    builtin_only: ClassVar[tuple[str, ...]] = (*PairArgs.builtin_only, "eval_interval", "eval_max_new_tokens")
 
     beta: float = 0.1
     """Strength of the implicit KL constraint: small beta lets the policy move further."""
@@ -117,9 +119,7 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     torch.manual_seed(args.seed)
     if args.data is None:  # the gold evaluation samples: make sure it can, before any pairs or SFT are made
-        sft_path = Path(args.sft_folder()) / "ckpt.pt"
-        block_size = (load_checkpoint(sft_path)["model_config"]["block_size"] if sft_path.exists()
-                      else train_sft.Args().block_size)  # that of the SFT policy trained below
+        block_size = block_size_of(args.sft_folder(), default=train_sft.Args().block_size)  # or the one trained below
         tokenizer = get_tokenizer(args.tokenizer)
         check_room(block_size, tokenizer, held_out_prompts(tokenizer, args.n_test_prompts, args.seed),
                    args.eval_max_new_tokens, "--eval-max-new-tokens")
@@ -192,7 +192,8 @@ def main(args: Args):
             "step": total_steps, "tokenizer": tokenizer.name, "stage": "dpo"})
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         results["train_seconds"] = train_seconds
-        print("held-out pairs: " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items() if k.startswith("eval/")))
+        print("held-out pairs: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()
+                                             if k.startswith("eval/")))
         if args.data is None:  # the gold judge: better reviews than SFT, at what KL?
             gold = gold_eval(policy, reference, tokenizer, args, dist.device)
             results.update(gold)

@@ -26,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_rm
 import train_sft
 from minalign import distributed, ops, task
-from minalign.checkpoint import (check_distinct, check_out_dir, check_weights_finite, load_checkpoint, load_model,
+from minalign.checkpoint import (block_size_of, check_distinct, check_out_dir, check_weights_finite, load_model,
                                  replace_earlier_run, save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
-from minalign.ppo import AdaptiveKLController, explained_variance, kl_estimate, masked_mean, masked_whiten, token_rewards
+from minalign.ppo import AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate, masked_mean
 from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -127,9 +127,9 @@ class Args:
 
 
 @torch.no_grad()
-def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, eos_id):
-    """Everything PPO needs from a rollout before updating: old log-probs, values,
-    rewards, advantages, returns, and the statistics."""
+def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id):
+    """What PPO's update needs from a rollout: the old log-probs and values, the
+    advantages and returns (all [B, N]), and the rollout's statistics."""
     mask = rollout.response_mask  # (B, N): the response tokens, EOS included
     old = response_logprobs(policy, rollout, return_entropy=True, temperature=args.temperature)  # (B, N) each
     ref = response_logprobs(reference, rollout, temperature=args.temperature)
@@ -138,10 +138,8 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
     ended = rollout.ended(eos_id)  # (B,)
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
-    log_ratio = (old.token_logps - ref.token_logps) * mask  # (B, N): k1, the penalty (see minalign/ppo.py)
-    rewards = token_rewards(scores, log_ratio, mask, beta)  # (B, N): -beta kl_t, plus the score at the end
-    advantages, returns = ops.gae(rewards, values, mask, args.gamma, args.lam)  # (B, N) each
-    advantages = masked_whiten(advantages, mask)
+    log_ratio = kl_estimate(old.token_logps, ref.token_logps, "k1") * mask  # (B, N): the penalty (minalign/ppo.py)
+    advantages, returns = advantages_and_returns(scores, log_ratio, values, mask, beta, args.gamma, args.lam)
     seq_kl = (kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask).sum(1)  # (B,) measured
     non_score_reward = -beta * log_ratio.sum(1)  # (B,)
     stats = {
@@ -160,7 +158,8 @@ def score_rollout(policy, reference, reward_model, critic, rollout, args, beta, 
 
 def minibatch_stats(pg, vf, logprobs, old_logprobs, mask) -> dict:
     """One minibatch's losses and health figures, under TRL's names: the mean probability
-    ratio pi / pi_old over its real tokens (1 before the first step of each update).
+    ratio pi / pi_old over its real tokens (about 1 before the first step of each update:
+    a minibatch's forward pass may round differently from the whole batch's).
     Means are over real tokens only: TRL's approxkl and ratio also count the padding
     (difference 0, ratio 1 there), so its figures sit closer to 0 and 1."""
     ratio = masked_mean(torch.exp(logprobs.detach() - old_logprobs), mask)
@@ -191,12 +190,13 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
-    if not (Path(args.sft_dir) / "ckpt.pt").exists():  # refused now, not after training one that has no room
-        check_room(train_sft.Args().block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
-    if (Path(args.rm_dir) / "ckpt.pt").exists():  # likewise a reward model too small for the rollouts
-        rm_block = load_checkpoint(Path(args.rm_dir) / "ckpt.pt")["model_config"]["block_size"]
-        check_room(rm_block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens",
-                   f"the reward model in {args.rm_dir}")
+    # Room for prompt + response in the policy that samples the rollouts and in the reward
+    # model that scores them (the critic is its copy): refused now, not after training one.
+    sft_block = block_size_of(args.sft_dir, default=train_sft.Args().block_size)
+    rm_block = block_size_of(args.rm_dir, default=sft_block)  # one trained below starts from the SFT policy
+    for model, folder, block in (("the SFT policy", args.sft_dir, sft_block),
+                                 ("the reward model", args.rm_dir, rm_block)):
+        check_room(block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens", f"{model} in {folder}")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     policy, _ = load_model(sft_path, dist.device, tokenizer)  # before a reward model is trained from it
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
@@ -207,9 +207,6 @@ def main(args: Args):
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     policy.train()
 
-    check_room(policy.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens")
-    check_room(reward_model.config.block_size, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens",
-               f"the reward model in {args.rm_dir}")  # it scores, and the critic values, every rollout
     # One AdamW over both models, at torch's default betas (0.9, 0.999) and no weight decay,
     # as TRL's PPO trainer; Adam normalises each parameter's step, so the summed loss below
     # trains each model on its own loss.
@@ -239,7 +236,7 @@ def main(args: Args):
         rollout = sample(policy, tokenizer, prompts, args.max_new_tokens, generator, temperature=args.temperature)
         roll_tokens = rollout.response_mask.sum().item()
         rollout_seconds = time.time() - t_roll
-        old_logps, old_values, advantages, returns, stats = score_rollout(
+        old_logps, old_values, advantages, returns, stats = prepare_update(
             policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id)
         mask = rollout.response_mask
 

@@ -12,7 +12,6 @@ correlation of its scores with the gold judge.
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -29,81 +28,12 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
-from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
-from minalign.reward import RewardModel, accuracy, bradley_terry_loss, pair_scores, score_pairs, score_rollouts
+from minalign.pairs import PairArgs, tokenize_splits
+from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
+from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
+                             score_rollouts)
 from minalign.rollout import sample_batches
-from minalign.tokenizer import TOKENIZERS, get_tokenizer
-
-
-@dataclass
-class PairArgs:
-    """Where the preference pairs come from, and the run settings train_rm.py and
-    train_dpo.py share."""
-
-    stage: ClassVar[str]  # "rm" or "dpo": names the default folders
-
-    data: str | None = None
-    """Preference pairs, .jsonl(.gz) with {"prompt","chosen","rejected"} or HH-RLHF's
-    {"chosen","rejected"}. None: the built-in task's pairs, made by the SFT policy."""
-    tokenizer: str = "builtin"
-    """Tokenizer: "builtin" or "gpt2"."""
-    out_dir: str | None = None
-    """Where ckpt.pt, metrics.jsonl and eval.json go (default out/<stage>, with what differs from the
-    default pairs appended: out/rm-t0.5, out/dpo-n1000-flip0.1, out/rm-<data file name>)."""
-    sft_dir: str | None = None
-    """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
-    SFT on the chosen responses of the training pairs)."""
-    pairs_dir: str = "out/pairs"
-    """Built-in task: where the generated pairs are cached (a subfolder per labelling)."""
-    label_temperature: float | None = None
-    """Built-in task: None ranks pairs by gold score; t > 0 draws Bradley-Terry labels
-    with p = sigmoid(delta gold / t) (noisy, like annotators)."""
-    n_train_prompts: int = 1000
-    """Built-in task: training prompts (4 samples each, up to 6 pairs)."""
-    n_test_prompts: int = 200
-    """Built-in task: held-out prompts for evaluation."""
-    n_train_pairs: int | None = None
-    """Built-in task: train on a random subset of this many pairs (None: all of them)."""
-    label_flip: float = 0.0
-    """Built-in task: give this share of the training pairs the wrong label (held-out pairs stay clean)."""
-    test_fraction: float = 0.1
-    """--data: share of pairs held out for evaluation."""
-    max_length: int = 64
-    """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
-    batch_size: int = 32
-    """Pairs per optimizer step, summed over processes."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: no clipping)."""
-    log_interval: int = 10
-    """Steps between progress lines."""
-    seed: int = 1337
-    """Random seed."""
-    device: str = "auto"
-    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
-
-    def __post_init__(self):
-        check_args(self, positive=("label_temperature", "n_train_prompts", "n_test_prompts", "n_train_pairs",
-                                   "max_length", "batch_size", "log_interval"),
-                   non_negative=("warmup_steps", "grad_clip"), fractions=("label_flip",),
-                   choices={"tokenizer": TOKENIZERS})
-        if not 0 < self.test_fraction < 1:
-            raise ArgumentError(f"--test-fraction {self.test_fraction}: must be between 0 and 1, both left out")
-        if self.data is None:
-            task.check_counts(self, train=("n_train_prompts",), test=("n_test_prompts",), max_length=("max_length",))
-            most = self.n_train_prompts * math.comb(SAMPLES_PER_PROMPT, 2)  # fewer when samples tie
-            if self.n_train_pairs is not None and self.n_train_pairs > most:
-                raise ArgumentError(f"--n-train-pairs {self.n_train_pairs}: --n-train-prompts {self.n_train_prompts} "
-                                    f"give at most {most} pairs; raise --n-train-prompts")
-            pairs = most if self.n_train_pairs is None else self.n_train_pairs
-            if self.batch_size > pairs:
-                raise ArgumentError(f"--batch-size {self.batch_size}: more than the {pairs} training pairs at most")
-        self.out_dir = default_folders(self)[0]  # --sft-dir stays as given: None or the user's own folder
-
-    def sft_folder(self) -> str:
-        """--sft-dir, or the default folder named after the pairs."""
-        return default_folders(self)[1]
+from minalign.tokenizer import get_tokenizer
 
 
 @dataclass
@@ -111,6 +41,7 @@ class Args(PairArgs):
     """Train a reward model on preference pairs (the built-in task by default)."""
 
     stage: ClassVar[str] = "rm"
+    builtin_only: ClassVar[tuple[str, ...]] = (*PairArgs.builtin_only, "margin")
 
     epochs: float = 4.0
     """Passes over the training pairs."""
@@ -133,29 +64,6 @@ class Args(PairArgs):
                                 f"the gold-score gap would tell the model which labels are wrong")
 
 
-def default_folders(args: PairArgs) -> tuple[str, str]:
-    """(out_dir, sft_dir): as given, or named after the stage and what goes in, so that
-    runs on other pairs never overwrite (or reuse) the default ones: out/rm, out/rm-t0.5
-    (noisy labels), out/dpo-n1000-flip0.1, out/rm-<data file name> with its own
-    out/sft-<data file name>."""
-    name = args.stage
-    if args.data is None:
-        stem = "" if args.label_temperature is None else f"-t{args.label_temperature:g}"
-        stem += "" if args.n_train_pairs is None else f"-n{args.n_train_pairs}"
-        stem += f"-flip{args.label_flip:g}" if args.label_flip else ""
-        default_out, default_sft = f"out/{name}{stem}", "out/sft"  # one SFT policy for all
-    else:
-        stem = f"-{data.data_name(args.data)}"
-        default_out, default_sft = f"out/{name}{stem}", f"out/sft{stem}"
-    return (default_out if args.out_dir is None else args.out_dir,
-            default_sft if args.sft_dir is None else args.sft_dir)
-
-
-# Flags of train_rm.py and train_dpo.py that make or judge the built-in pairs.
-BUILTIN_ONLY = ("pairs_dir", "label_temperature", "n_train_prompts", "n_test_prompts", "n_train_pairs",
-                "label_flip", "margin", "eval_interval", "eval_max_new_tokens")
-
-
 def prepare_pairs(args: PairArgs, dist):
     """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing,
     once the flags and folders are checked (out_dir is made). Shared by train_rm.py and
@@ -163,7 +71,7 @@ def prepare_pairs(args: PairArgs, dist):
     if args.data is None:
         refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
     else:
-        refuse_given(args, BUILTIN_ONLY, "for the built-in task only, not with --data")
+        refuse_given(args, args.builtin_only, "for the built-in task only, not with --data")
     check_divisible(args, ("batch_size",), dist.world_size)
     sft_dir = args.sft_folder()
     check_out_dir(args.out_dir, stage=args.stage)
@@ -240,21 +148,6 @@ def prepare_pairs(args: PairArgs, dist):
     return policy, tokenizer, train_pairs, test_pairs
 
 
-def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
-    """Token pairs of both splits, with what was truncated or skipped printed; a split
-    left empty (every pair identical once truncated) is refused."""
-    train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
-    test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
-    if is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
-    for name, pairs, raw in (("training", train_pairs, train_raw), ("held-out", test_pairs, test_raw)):
-        if not pairs:
-            why = (f"none of the {len(raw)} is left: chosen and rejected are the same within --max-length "
-                   f"{args.max_length}" if raw else "there are none")
-            raise data.DataError(f"{args.data or 'the built-in pairs'}: no {name} pairs: {why}")
-    return train_pairs, test_pairs
-
-
 def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, device) -> dict:
     """Normalise the scores over (up to 2,000 of) the training pairs' responses, as trained
     on; then held-out accuracy (against the best possible, for noisy labels) and margin, in
@@ -265,7 +158,8 @@ def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test
     print(f"normalising the scores over {2 * len(chosen)} responses of the training pairs", flush=True)
     model.fit_normalisation(torch.cat([chosen, rejected]))
     results = {}
-    results["test_accuracy"], results["test_margin"] = accuracy(model, test_pairs, tokenizer.pad_id, device)
+    results["test_accuracy"], results["test_margin"] = accuracy_and_margin(model, test_pairs, tokenizer.pad_id,
+                                                                           device)
     if args.data is None and args.label_temperature is not None:
         results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
         results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
@@ -322,8 +216,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
         batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
-        chosen, rejected = pair_scores(train_model, batch)
-        margin = args.margin * gold_gap[idx].to(dist.device) if args.margin else None
+        chosen, rejected = pair_scores(train_model, batch)  # (B,) each
+        margin = args.margin * gold_gap[idx].to(dist.device) if args.margin else None  # (B,)
         loss = bradley_terry_loss(chosen, rejected, margin, args.center_coef).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

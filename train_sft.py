@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -20,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
                                  load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
-from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, given, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
 from minalign.data import IGNORE_INDEX
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import GPT, GPTConfig, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
+from minalign.resume import resumed_args, trained_on
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -113,46 +114,12 @@ class Args:
             self.out_dir = "out/sft" if self.data is None else f"out/sft-{data.data_name(self.data)}"
 
 
-# What a resumed run may set anew; every other setting continues as the checkpoint's run.
+# What a resumed run may set anew; every other setting continues as the checkpoint's run
+# (minalign/resume.py).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_interval", "eval_interval",
                      "eval_examples", "num_samples")
 # This invocation's own, whether given or not: the rest, left out, take the checkpoint's values.
 NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")
-
-
-def same_setting(name: str, a, b) -> bool:
-    """Whether two values of a setting agree (a data file however its path is written)."""
-    if name == "data" and a is not None and b is not None:
-        return Path(a).resolve() == Path(b).resolve()
-    return a == b
-
-
-def trained_on(ckpt: dict, data_path: str | None) -> bool:
-    """Whether an SFT checkpoint was trained on this --data file (None: the built-in
-    task): the same bytes wherever the file is now, or, for a checkpoint from before
-    they were hashed, the same path."""
-    found = ckpt["args"].get("data")
-    if data_path is None or found is None:
-        return data_path is None and found is None
-    if ckpt.get("data_sha256") and Path(data_path).is_file():
-        return file_fingerprint(data_path) == ckpt["data_sha256"]
-    return Path(data_path).resolve() == Path(found).resolve()
-
-
-def resumed_args(args: Args, saved: dict) -> Args:
-    """The settings of the run a checkpoint continues (`saved`: its args), for --resume.
-    A flag left out takes the checkpoint's value; one given a value other than the
-    checkpoint's is refused, its default too (the run would not continue as it started),
-    unless it is in RESUME_MAY_CHANGE."""
-    names = [f.name for f in fields(Args) if f.name in saved]
-    changed = [k for k in names if k in given(args) and k not in RESUME_MAY_CHANGE
-               and not same_setting(k, getattr(args, k), saved[k])]
-    if changed:
-        raise ArgumentError(f"--resume continues the run in {args.out_dir} with its own settings: "
-                            + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {saved[k]})" for k in changed))
-    resumed = replace(args, **{k: saved[k] for k in names if k not in given(args) and k not in NOT_RESUMED})
-    resumed._given = given(args)  # what the command line named, for the checks that follow
-    return resumed
 
 
 def autocast_context(device: str, dtype: str):
@@ -213,7 +180,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         saved = ckpt["args"]
         if args.data is not None and trained_on(ckpt, args.data):
             saved = {**saved, "data": args.data}  # the same file, wherever it is now
-        args = resumed_args(args, saved)
+        args = resumed_args(args, saved, may_change=RESUME_MAY_CHANGE, own=NOT_RESUMED)
         if args.stop_at is not None and args.stop_at <= ckpt["step"]:
             raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
     if args.data is None:
@@ -249,12 +216,13 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
         prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
         prompts = prompts[: args.num_samples]
-    train, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
-    val, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
-    evaluated = f" (the first {args.eval_examples} evaluated)" if len(val) > args.eval_examples else ""
+    train_examples, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
+    val_examples, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
+    evaluated = f" (the first {args.eval_examples} evaluated)" if len(val_examples) > args.eval_examples else ""
     if dist.is_main:
-        print(f"data: {len(train)} train / {len(val)} val examples{evaluated}\n  train: {stats}\n  val: {val_stats}")
-    val = val[: args.eval_examples]
+        print(f"data: {len(train_examples)} train / {len(val_examples)} val examples{evaluated}\n"
+              f"  train: {stats}\n  val: {val_stats}")
+    val_examples = val_examples[: args.eval_examples]
 
     # ---- model and optimizer ----
     model = GPT(config).to(dist.device)
@@ -274,7 +242,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if dist.enabled:
         train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
-    batches = distributed.Batches(len(train), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
+    batches = distributed.Batches(len(train_examples), args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and batches.describe_left_out():
         print(f"batches of {args.batch_size}{batches.describe_left_out()}")
     if ckpt is None:
@@ -295,7 +263,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     while step < last_step:
         lr = cosine_lr(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, lr)
-        batch = data.collate([train[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
+        batch = data.collate([train_examples[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
         # Mean over the global batch's tokens: DDP averages gradients over processes, so
         # scale by world_size / global token count to get exactly the single-process loss.
         n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
@@ -319,7 +287,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             # the main process evaluates and every process learns the result, so that all of
             # them stop alike if training diverged, before a checkpoint is written
             check_weights_finite(step, model)
-            val_loss = evaluate(model, val, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
+            val_loss = evaluate(model, val_examples, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
             val_loss = torch.tensor(val_loss, dtype=torch.float64, device=dist.device)
             val_loss = distributed.all_reduce_sum(val_loss, dist).item()
             check_finite(step, val_loss=val_loss)

@@ -90,12 +90,13 @@ void check_row_vector(const at::Tensor& t, const char* name, int64_t N) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                                   int64_t ignore_index, bool with_entropy,
                                                                   bool /*inplace_backward*/) {
-  check_inputs(logits, labels, ignore_index);
+  constexpr const char* op = "minalign.token_logprobs";
+  check_inputs(op, logits, labels, ignore_index);
   const int64_t N = logits.size(0);
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({N}, opts), lse = at::empty({N}, opts);
   at::Tensor entropy = at::empty({with_entropy ? N : 0}, opts);
-  dispatch_logits(logits.scalar_type(), [&](auto t) {
+  dispatch_logits(op, logits.scalar_type(), [&](auto t) {
     forward_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index, with_entropy,
                               logprobs.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
                               with_entropy ? entropy.mutable_data_ptr<float>() : nullptr);
@@ -107,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
 void backward_into(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
                    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                    const std::optional<at::Tensor>& entropy, int64_t ignore_index, at::Tensor& grad_logits) {
-  check_inputs(logits, labels, ignore_index);
+  constexpr const char* op = "minalign.token_logprobs_backward";
+  check_inputs(op, logits, labels, ignore_index);
   const int64_t N = logits.size(0);
   check_row_vector(grad_logprobs, "grad_logprobs", N);
   check_row_vector(lse, "lse", N);
@@ -118,7 +120,7 @@ void backward_into(const at::Tensor& grad_logprobs, const std::optional<at::Tens
     check_row_vector(*grad_entropy, "grad_entropy", N);
     check_row_vector(*entropy, "entropy", N);
   }
-  dispatch_logits(logits.scalar_type(), [&](auto t) {
+  dispatch_logits(op, logits.scalar_type(), [&](auto t) {
     backward_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index,
                                grad_logprobs.const_data_ptr<float>(),
                                with_entropy ? grad_entropy->const_data_ptr<float>() : nullptr,

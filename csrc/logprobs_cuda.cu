@@ -71,7 +71,7 @@ token_logprobs_kernel(const scalar_t* __restrict__ logits, const int64_t* __rest
   if (threadIdx.x == kThreads - 1) fold_partial<kEntropy, kVec>(s, x, split.tail, V - split.tail);
 
   const VecT* body = as_vectors<const VecT>(x + split.head, split.num_vecs);
-  for_each_vector<kUnroll>(body, 0, split.num_vecs,
+  for_each_vector(body, 0, split.num_vecs,
                            [&](const VecT& v, int64_t) { fold_vector<kEntropy>(s, v); });
 
   s = block_merge<kEntropy>(s);
@@ -117,7 +117,7 @@ token_logprobs_backward_kernel(const float* __restrict__ grad_logprobs,
   write_edge_grads(grad, x, dx, V, split);
   const VecT* body = as_vectors<const VecT>(x + split.head, split.num_vecs);
   VecT* dbody = as_vectors<VecT>(dx + split.head, split.num_vecs);
-  for_each_vector<kUnroll>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
+  for_each_vector(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
     dbody[k] = grad(v, split.head + k * kVec);
   });
 }

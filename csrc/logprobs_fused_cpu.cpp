@@ -53,16 +53,17 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
 
 at::Tensor token_logprobs_fused_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& weights,
                                     int64_t ignore_index) {
-  check_inputs(logits, labels, ignore_index);
+  constexpr const char* op = "minalign.token_logprobs_fused_";
+  check_inputs(op, logits, labels, ignore_index);
   const int64_t N = logits.size(0);
-  TORCH_CHECK(weights.scalar_type() == at::kFloat, "minalign.token_logprobs_fused_: weights must be float32, got ",
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, op, ": weights must be float32, got ",
               dtype_name(weights.scalar_type()));
-  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == N, "minalign.token_logprobs_fused_: weights must have shape [",
-              N, "], got ", weights.sizes());
-  TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous(),
-              "minalign.token_logprobs_fused_: weights must be a contiguous CPU tensor like the logits");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == N, op, ": weights must have shape [", N, "], got ",
+              weights.sizes());
+  TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous(), op,
+              ": weights must be a contiguous CPU tensor like the logits");
   at::Tensor logprobs = at::empty({N}, logits.options().dtype(at::kFloat));
-  dispatch_logits(logits.scalar_type(), [&](auto t) {
+  dispatch_logits(op, logits.scalar_type(), [&](auto t) {
     fused_rows<decltype(t)>(logits, labels.const_data_ptr<int64_t>(), ignore_index, weights.const_data_ptr<float>(),
                             logprobs.mutable_data_ptr<float>());
   });

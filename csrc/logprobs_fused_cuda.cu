@@ -28,7 +28,7 @@
 namespace minalign {
 namespace {
 
-constexpr int kFusedUnroll = 8;  // loads in flight per thread: 2 blocks per SM, 16 warps
+constexpr int kFusedLoadsInFlight = 8;  // loads in flight per thread: 2 blocks per SM, 16 warps
 
 // The forward and the gradient of sum_r w_r logprob_r in one visit to each row,
 // written over the logits: w ([j == y] - p_j) is known as soon as the row's lse is.
@@ -70,7 +70,7 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   if (threadIdx.x == 0) fold_partial<false, kVec>(s, x, 0, split.head);
   if (threadIdx.x == kThreads - 1) fold_partial<false, kVec>(s, x, split.tail, V - split.tail);
   VecT* body = as_vectors<VecT>(x + split.head, split.num_vecs);
-  for_each_vector<kFusedUnroll>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
+  for_each_vector<kFusedLoadsInFlight>(body, 0, split.num_vecs, [&](const VecT& v, int64_t k) {
     if (k < cached) cache[k] = v;
     fold_vector<false>(s, v);
   });
@@ -91,7 +91,7 @@ token_logprobs_fused_kernel(scalar_t* logits, const int64_t* __restrict__ labels
   grad.hot_col = label;
   write_edge_grads(grad, x, x, V, split);
   auto write_grad = [&](const VecT& v, int64_t k) { body[k] = grad(v, split.head + k * kVec); };
-  for_each_vector<kUnroll>(body, cached, split.num_vecs, write_grad);  // from L2
+  for_each_vector(body, cached, split.num_vecs, write_grad);  // from L2
   for (int64_t k = threadIdx.x; k < cached; k += kThreads) {
     const VecT v = cache[k];  // one 16-byte shared load (a reference would load each element)
     write_grad(v, k);

@@ -167,32 +167,32 @@ int64_t rows_per_task(int64_t V) { return std::max<int64_t>(1, at::internal::GRA
 
 // Calls f(T{}) with T the C++ type of the logits' dtype.
 template <typename F>
-void dispatch_logits(at::ScalarType dtype, F&& f) {
+void dispatch_logits(const char* op, at::ScalarType dtype, F&& f) {
   switch (dtype) {
     case at::kFloat: return f(float{});
     case at::kBFloat16: return f(at::BFloat16{});
     case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "minalign.token_logprobs: logits must be float32, bfloat16 or float16, got ", dtype_name(dtype));
+    default: TORCH_CHECK(false, op, ": logits must be float32, bfloat16 or float16, got ", dtype_name(dtype));
   }
 }
 
-void check_inputs(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "minalign.token_logprobs: logits must be 2-D [N, V], got shape ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
-              "minalign.token_logprobs: labels must be 1-D [N] with N = logits.size(0) = ", logits.size(0),
-              ", got shape ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "minalign.token_logprobs: labels must be int64, got ", dtype_name(labels.scalar_type()));
-  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(),
-              "minalign.token_logprobs: logits and labels must be on the same device, got ", logits.device(),
-              " and ", labels.device());
-  TORCH_CHECK(logits.size(0) > 0, "minalign.token_logprobs: empty batch (logits has 0 rows)");
-  TORCH_CHECK(logits.size(1) > 0, "minalign.token_logprobs: empty vocabulary (logits has 0 columns)");
-  TORCH_CHECK(logits.is_contiguous(), "minalign.token_logprobs: logits must be contiguous (call .contiguous())");
-  TORCH_CHECK(labels.is_contiguous(), "minalign.token_logprobs: labels must be contiguous (call .contiguous())");
+// Checks logits [N, V] and labels [N] for the op named `op`, labels' range included.
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op,
+              ": labels must be 1-D [N] with N = logits.size(0) = ", logits.size(0), ", got shape ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+              dtype_name(labels.scalar_type()));
+  TORCH_CHECK(logits.device().is_cpu() && labels.device().is_cpu(), op,
+              ": logits and labels must both be on the CPU, got ", logits.device(), " and ", labels.device());
+  TORCH_CHECK(logits.size(0) > 0, op, ": empty batch (logits has 0 rows)");
+  TORCH_CHECK(logits.size(1) > 0, op, ": empty vocabulary (logits has 0 columns)");
+  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous (call .contiguous())");
+  TORCH_CHECK(labels.is_contiguous(), op, ": labels must be contiguous (call .contiguous())");
   const int64_t V = logits.size(1);
   const int64_t* y = labels.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < labels.size(0); ++r)
-    TORCH_CHECK(y[r] == ignore_index || (0 <= y[r] && y[r] < V), "minalign.token_logprobs: labels[", r, "] = ", y[r],
+    TORCH_CHECK(y[r] == ignore_index || (0 <= y[r] && y[r] < V), op, ": labels[", r, "] = ", y[r],
                 " is out of range: labels must be in [0, ", V, ") or equal ignore_index = ", ignore_index);
 }
 

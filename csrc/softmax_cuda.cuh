@@ -41,7 +41,7 @@ namespace minalign {
 
 constexpr int kThreads = 256;  // one block per row
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kUnroll = 4;  // 16-byte loads each thread issues before using the first
+constexpr int kLoadsInFlight = 4;  // 16-byte loads each thread issues before using the first
 
 // ------------------------------------------------------------- online softmax
 
@@ -176,9 +176,9 @@ __device__ __forceinline__ void fold_vector(SoftmaxStats& s, const Vec<scalar_t,
 
 // Calls f(v, k) for each vector v = body[k] of k in [begin, end) that falls to this
 // thread (k = begin + threadIdx.x, then every kThreads), in that order. Each thread
-// issues kLoads loads before the first call: one load at a time would leave the
-// memory system idle for most of its latency.
-template <int kLoads, typename VecT, typename F>
+// issues kLoads loads (kLoadsInFlight unless told) before the first call: one load at
+// a time would leave the memory system idle for most of its latency.
+template <int kLoads = kLoadsInFlight, typename VecT, typename F>
 __device__ __forceinline__ void for_each_vector(const VecT* body, int64_t begin, int64_t end,
                                                 F&& f) {
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads * kLoads) {

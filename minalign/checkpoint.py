@@ -4,9 +4,9 @@ A checkpoint holds the model's weights and config, the run's arguments, its step
 tokenizer's name and the stage that wrote it ("sft", "rm", "dpo", "ppo": a folder is
 never read or written as another stage's); an SFT checkpoint also holds what
 `--resume` needs to continue bit for bit, the optimizer and RNG state, and a hash of
-its --data file (a changed file cannot be continued). Writing
-to a temporary file and renaming it means a crash mid-write never leaves a torn
-checkpoint behind; `weights_only=True` means loading one never runs pickled code.
+its --data file (a changed file cannot be continued). Writing to a temporary file and
+renaming it means a crash mid-write never leaves a torn checkpoint behind;
+`weights_only=True` means loading one never runs pickled code.
 """
 
 import hashlib
@@ -103,6 +103,13 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
     model = cls(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+def block_size_of(folder, default: int) -> int:
+    """The block size of the model in folder/ckpt.pt, or `default` (that of the model
+    that would be trained there) when the folder holds none."""
+    path = Path(folder) / "ckpt.pt"
+    return load_checkpoint(path)["model_config"]["block_size"] if path.exists() else default
 
 
 def weights_fingerprint(model) -> str:

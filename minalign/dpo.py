@@ -8,8 +8,9 @@ on the policy alone, with no reward model and no sampling:
 
     loss = -log sigmoid(beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))])
 
-The loss itself (and its relatives IPO, SLiC-hinge, robust DPO) is
-`minalign.ops.dpo_loss`; this module computes the log-probabilities it needs.
+The loss itself and its relatives (IPO, SLiC-hinge, robust DPO) are a few lines of
+`dpo_loss` in minalign/reference.py, the spec; `minalign.ops.dpo_loss` computes the
+same in C++/CUDA. This module computes the log-probabilities it needs.
 """
 
 import torch

@@ -303,11 +303,12 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V) each
+        sorted_probs = sorted_logits.softmax(-1)  # (B, V)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # (B, V): the mass of the tokens ranked above
         # drop a token once the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        drop_sorted = before >= top_p  # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V), back in vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

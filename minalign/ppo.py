@@ -13,12 +13,15 @@ E[grad log pi * kl_t] is the gradient of KL(pi || pi_ref). k3 estimates the KL's
 with less variance, but as a reward its policy gradient is grad KL(pi || pi_ref) -
 grad KL(pi_ref || pi), which nearly vanishes near the reference; it only measures.
 
-GAE (`minalign.ops.gae`, gamma 1, lambda 0.95) turns rewards and the critic's values
-into advantages, whitened over the real tokens; the losses are `ops.ppo_policy_loss`
-and `ops.ppo_value_loss`. This file holds pure functions; train_ppo.py runs the loop.
+GAE (gamma 1, lambda 0.95) turns rewards and the critic's values into advantages,
+whitened over the real tokens (`advantages_and_returns`). The losses are
+`ops.ppo_policy_loss` and `ops.ppo_value_loss`; their spec, like GAE's, is a few lines
+in minalign/reference.py. This file holds pure functions; train_ppo.py runs the loop.
 """
 
 import torch
+
+from minalign import ops
 
 
 def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
@@ -48,6 +51,15 @@ def token_rewards(scores, kl, mask, beta: float):
     return rewards
 
 
+def advantages_and_returns(scores, kl, values, mask, beta: float, gamma: float = 1.0, lam: float = 0.95):
+    """PPO's targets for one rollout, [B, N] each: the rewards above (scores [B], the
+    per-token penalty kl [B, N]), GAE over the critic's values, and the advantages
+    whitened over the real tokens; the returns are the critic's targets."""
+    rewards = token_rewards(scores, kl, mask, beta)  # (B, N)
+    advantages, returns = ops.gae(rewards, values, mask, gamma, lam)  # (B, N) each
+    return masked_whiten(advantages, mask), returns
+
+
 def masked_mean(x, mask):
     """The mean of x over the positions where mask is true (0 when there are none)."""
     mask = mask.float()
@@ -75,15 +87,15 @@ def explained_variance(values, returns, mask) -> float:
 class AdaptiveKLController:
     """Ziegler et al. (2019)'s controller: move beta so the KL drifts toward a target,
 
-        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon).
+        beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon),
 
-    With target None, beta stays fixed."""
+    n_samples being the rollouts since the last update. With target None, beta stays fixed."""
 
     def __init__(self, beta: float, target: float | None = None, horizon: int = 10_000):
         self.value, self.target, self.horizon = beta, target, horizon
 
-    def update(self, kl: float, n_steps: int) -> None:
+    def update(self, kl: float, n_samples: int) -> None:
         if self.target is None:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value *= 1.0 + error * n_samples / self.horizon

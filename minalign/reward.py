@@ -2,15 +2,16 @@
 
 The score of a sequence is a linear function of the trunk's final hidden state at its
 last real token (the EOS, unless the response was cut short), so it sees the whole
-prompt and response and does not depend on padding. Training uses the Bradley-Terry model of preferences,
+prompt and response and does not depend on padding. Training uses the Bradley-Terry
+model of preferences,
 
     P(chosen > rejected) = sigmoid(r(chosen) - r(rejected)),
 
 and minimises its negative log-likelihood (Christiano et al. 2017; Ouyang et al. 2022).
 After training the scores are normalised to mean 0 and standard deviation 1 over the
 training pairs' responses (on the built-in task, samples of the SFT policy; Ziegler et
-al. 2019), so that the KL penalty's beta in PPO
-means the same thing whatever the reward model's scale.
+al. 2019), so that the KL penalty's beta in PPO means the same thing whatever the
+reward model's scale.
 
 The same class serves as PPO's critic: `values` reads the head at every position.
 Below it: scoring pairs and sampled responses, and held-out accuracy.
@@ -64,7 +65,7 @@ class RewardModel(nn.Module):
             return values
         if not attention_mask.bool().any(1).all():
             raise ValueError("RewardModel: a sequence with no real token (its attention_mask row is all False)")
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         last = torch.where(attention_mask.bool(), positions, -1).max(1).values  # (B,)
         return values.gather(1, last[:, None]).squeeze(1)
 
@@ -113,7 +114,7 @@ def score_pairs(model, pairs, pad_id, device, batch_size=64) -> tuple[torch.Tens
     return torch.cat(chosen).cpu(), torch.cat(rejected).cpu()
 
 
-def accuracy(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
+def accuracy_and_margin(model, pairs, pad_id, device, batch_size=64) -> tuple[float, float]:
     """Share of pairs scored the right way round, and the mean score margin."""
     chosen, rejected = score_pairs(model, pairs, pad_id, device, batch_size)
     return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()

@@ -85,9 +85,10 @@ def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
 
 def response_logprobs(model, rollout: Rollout, return_entropy: bool = False, temperature: float = 1.0,
                       inplace_backward: bool = False) -> ops.SequenceLogprobs:
-    """log pi(response token | everything before it), [B, N] (0 off the response mask),
-    under softmax(logits / temperature): pass the temperature the tokens were sampled
-    at, so that PPO's ratios and KL penalty are those of the sampling policy.
+    """log pi(response token | everything before it): token_logps and entropy [B, N] (0
+    off the response mask), sum_logps and mean_logps [B], under softmax(logits /
+    temperature): pass the temperature the tokens were sampled at, so that PPO's
+    ratios and KL penalty are those of the sampling policy.
     inplace_backward: backward writes the gradient over the logits (nothing else reads
     them; see ops.token_logprobs).
 
@@ -99,18 +100,20 @@ def response_logprobs(model, rollout: Rollout, return_entropy: bool = False, tem
     logits, _ = model(rollout.sequences, rollout.attention_mask)  # (B, P+N, Vp)
     if temperature != 1.0:
         logits = logits / temperature
-    labels = torch.full((B, P + N), IGNORE_INDEX, dtype=torch.long, device=logits.device)
-    labels[:, P - 1 : P + N - 1] = rollout.response_ids
-    mask = torch.zeros(B, P + N, dtype=torch.bool, device=logits.device)
-    mask[:, P - 1 : P + N - 1] = rollout.response_mask
+    predicts_response = slice(P - 1, P + N - 1)  # the positions whose next token is a response token
+    labels = torch.full((B, P + N), IGNORE_INDEX, dtype=torch.long, device=logits.device)  # (B, P+N)
+    labels[:, predicts_response] = rollout.response_ids
+    mask = torch.zeros(B, P + N, dtype=torch.bool, device=logits.device)  # (B, P+N)
+    mask[:, predicts_response] = rollout.response_mask
     out = ops.sequence_logprobs(logits, labels, mask, return_entropy, inplace_backward)
-    entropy = None if out.entropy is None else out.entropy[:, P - 1 : P + N - 1]
-    return ops.SequenceLogprobs(out.token_logps[:, P - 1 : P + N - 1], out.sum_logps, out.mean_logps, entropy)
+    entropy = None if out.entropy is None else out.entropy[:, predicts_response]  # (B, N)
+    return ops.SequenceLogprobs(out.token_logps[:, predicts_response], out.sum_logps, out.mean_logps, entropy)
 
 
 def response_values(critic, rollout: Rollout) -> torch.Tensor:
     """A critic's values [B, N] of the states before each response token: position
     P-1+j has seen the prompt and response tokens before j, as in response_logprobs."""
     P, N = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    # through forward, not critic.values: DDP synchronises the gradients of forward calls only
     values = critic(rollout.sequences, rollout.attention_mask, per_token=True)  # (B, P+N)
     return values[:, P - 1 : P + N - 1]

@@ -172,13 +172,13 @@ def _score_rollout_setup(seed=0):
     return policy, reference, reward_model, Rollout(prompt_ids, prompt_mask, response_ids, response_mask), eos
 
 
-def test_score_rollout_by_hand():
+def test_prepare_update_by_hand():
     import train_ppo
     from minalign.rollout import response_logprobs
 
     policy, reference, reward_model, rollout, eos = _score_rollout_setup()
     args = train_ppo.Args(kl_coef=0.3, missing_eos_score=-1.0)
-    old_logps, values, advantages, returns, stats = train_ppo.score_rollout(
+    old_logps, values, advantages, returns, stats = train_ppo.prepare_update(
         policy, reference, reward_model, reward_model, rollout, args, 0.3, eos)
     mask = rollout.response_mask
     kl = (response_logprobs(policy, rollout).token_logps - response_logprobs(reference, rollout).token_logps) * mask
@@ -197,7 +197,7 @@ def test_score_rollout_by_hand():
     assert (advantages[~mask] == 0).all() and (returns[~mask] == 0).all()
     # k3 only measures: the penalty, and so every advantage, stays the log ratio's
     k3_args = train_ppo.Args(kl_coef=0.3, missing_eos_score=-1.0, kl_estimator="k3")
-    *_, k3_advantages, k3_returns, k3_stats = train_ppo.score_rollout(
+    *_, k3_advantages, k3_returns, k3_stats = train_ppo.prepare_update(
         policy, reference, reward_model, reward_model, rollout, k3_args, 0.3, eos)
     assert torch.equal(k3_advantages, advantages) and torch.equal(k3_returns, returns)
     assert k3_stats["objective/rlhf_reward"] == stats["objective/rlhf_reward"]
@@ -345,6 +345,12 @@ def test_a_reward_model_that_cannot_be_trained_here_says_how_to_make_one(tmp_pat
     with pytest.raises(ArgumentError, match="sft.ckpt.pt was trained with tokenizer 'gpt2', not 'builtin': pass "
                                             "--tokenizer gpt2"):
         train_ppo.main(args)
+    assert not rm.exists()
+    # an SFT policy with no room for the rollouts: refused before a reward model is trained from it
+    save_checkpoint(tmp_path / "sft" / "ckpt.pt", ckpt)
+    with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the SFT policy in .*sft's block of 40: "
+                                            r"pass --max-new-tokens \d+ or less"):
+        train_ppo.main(dataclasses.replace(args, max_new_tokens=40))
     assert not rm.exists()
 
 

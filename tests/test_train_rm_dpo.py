@@ -73,7 +73,7 @@ def test_held_out_margin_is_in_the_normalised_units_the_checkpoint_scores_in():
     sys.path.insert(0, str(ROOT))
     import train_rm
 
-    from minalign.reward import RewardModel, accuracy, score_pairs
+    from minalign.reward import RewardModel, accuracy_and_margin, score_pairs
 
     tok = get_tokenizer("builtin")
     torch.manual_seed(0)
@@ -86,7 +86,8 @@ def test_held_out_margin_is_in_the_normalised_units_the_checkpoint_scores_in():
     chosen, rejected = score_pairs(rm, train_pairs, tok.pad_id, "cpu")
     scores = torch.cat([chosen, rejected])  # normalised over the training pairs' responses
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
-    assert (results["test_accuracy"], results["test_margin"]) == pytest.approx(accuracy(rm, test_pairs, tok.pad_id, "cpu"))
+    want = accuracy_and_margin(rm, test_pairs, tok.pad_id, "cpu")  # measured now, after the normalisation
+    assert (results["test_accuracy"], results["test_margin"]) == pytest.approx(want)
 
 
 @pytest.fixture(scope="module")
@@ -389,13 +390,15 @@ def test_a_split_left_empty_by_tokenizing_is_refused():
     sys.path.insert(0, str(ROOT))
     import train_rm
 
+    from minalign.pairs import tokenize_splits
+
     tok = get_tokenizer("builtin")
     train_raw = [{"prompt": "The plot", "chosen": " was good.", "rejected": " was bad."}]
     test_raw = [{"prompt": "The plot", "chosen": " was good and long", "rejected": " was good and dull"}]
     args = train_rm.Args(data="p.jsonl", max_length=5)  # the test pair differs only past 5 tokens
     with pytest.raises(data.DataError, match=r"p.jsonl: no held-out pairs: none of the 1 is left: .* --max-length 5"):
-        train_rm.tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
-    train_pairs, test_pairs = train_rm.tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
+        tokenize_splits(args, tok, train_raw, test_raw, is_main=False)
+    train_pairs, test_pairs = tokenize_splits(train_rm.Args(data="p.jsonl"), tok, train_raw, test_raw, False)
     assert len(train_pairs) == len(test_pairs) == 1
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minalign import resume
 from minalign.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,15 +136,17 @@ def test_resume_takes_what_was_left_out_from_the_checkpoint():
 
     saved = asdict(parse_args(train_sft.Args, ["--data", "d/x.jsonl", "--eval-interval", "20", "--lr", "0.01",
                                                "--device", "cpu", "--out-dir", "a"]))
-    resumed = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--data", "d/../d/x.jsonl",
-                                                                 "--out-dir", "b"]), saved)
+    def resumed_args(argv):
+        return resume.resumed_args(parse_args(train_sft.Args, argv), saved, may_change=train_sft.RESUME_MAY_CHANGE,
+                                   own=train_sft.NOT_RESUMED)
+
+    resumed = resumed_args(["--resume", "--data", "d/../d/x.jsonl", "--out-dir", "b"])
     assert (resumed.eval_interval, resumed.lr, resumed.data) == (20, 0.01, "d/../d/x.jsonl")  # the same file
     assert (resumed.out_dir, resumed.device, resumed.resume) == ("b", "auto", True)  # this invocation's own
-    again = train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--eval-interval", "5",
-                                                               "--num-samples", "2000"]), saved)
+    again = resumed_args(["--resume", "--eval-interval", "5", "--num-samples", "2000"])
     assert (again.eval_interval, again.num_samples) == (5, 2000)  # may change; --data has more than 1,000 to show
     with pytest.raises(ArgumentError, match=r"--data y.jsonl \(it has d/x.jsonl\)"):
-        train_sft.resumed_args(parse_args(train_sft.Args, ["--resume", "--data", "y.jsonl"]), saved)
+        resumed_args(["--resume", "--data", "y.jsonl"])
 
 
 @pytest.mark.slow
@@ -188,22 +191,19 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
 
 
 def test_trained_on_knows_a_data_file_by_its_bytes_wherever_it_is(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    import train_sft
-
     from minalign.checkpoint import file_fingerprint
 
     (tmp_path / "a.txt").write_text("some documents")
     (tmp_path / "moved.txt").write_text("some documents")
     (tmp_path / "other.txt").write_text("other documents")
     ckpt = {"args": {"data": str(tmp_path / "a.txt")}, "data_sha256": file_fingerprint(tmp_path / "a.txt")}
-    assert train_sft.trained_on(ckpt, str(tmp_path / "moved.txt"))
-    assert not train_sft.trained_on(ckpt, str(tmp_path / "other.txt")) and not train_sft.trained_on(ckpt, None)
+    assert resume.trained_on(ckpt, str(tmp_path / "moved.txt"))
+    assert not resume.trained_on(ckpt, str(tmp_path / "other.txt")) and not resume.trained_on(ckpt, None)
     builtin = {"args": {"data": None}}
-    assert train_sft.trained_on(builtin, None) and not train_sft.trained_on(builtin, str(tmp_path / "a.txt"))
+    assert resume.trained_on(builtin, None) and not resume.trained_on(builtin, str(tmp_path / "a.txt"))
     unhashed = {"args": {"data": str(tmp_path / "a.txt")}}  # from before checkpoints hashed their data
-    assert train_sft.trained_on(unhashed, str(tmp_path / "." / "a.txt"))
-    assert not train_sft.trained_on(unhashed, str(tmp_path / "moved.txt"))
+    assert resume.trained_on(unhashed, str(tmp_path / "." / "a.txt"))
+    assert not resume.trained_on(unhashed, str(tmp_path / "moved.txt"))
 
 
 def test_samples_of_prompts_longer_than_half_the_block_keep_their_end(capsys):

@@ -28,7 +28,7 @@ from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
-from minalign.logger import MetricsLogger, Progress
+from minalign.logger import MetricsLogger, Progress, counted
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.pairs import PairArgs, tokenize_splits
@@ -146,7 +146,7 @@ def main(args: Args):
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== DPO ({args.loss_type}, beta {args.beta}): {total_steps} steps of {args.batch_size} pairs"
+        print(f"== DPO ({args.loss_type}, beta {args.beta}): {counted(total_steps, 'step')} of {args.batch_size} pairs"
               f"{batches.describe_left_out('pairs')}")
         if note := warmup_note(args.warmup_steps, total_steps):
             print(note)

@@ -14,8 +14,8 @@ temperature).
 
 import copy
 import math
+import sys
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +46,8 @@ class Args:
     out_dir: str = "out/ppo"
     """Where ckpt.pt, metrics.jsonl and eval.json go."""
     sft_dir: str = "out/sft"
-    """SFT checkpoint folder: the initial policy and the KL reference (trained if absent)."""
+    """SFT checkpoint folder, of a policy of the built-in task: the initial policy and the KL
+    reference (trained if absent)."""
     rm_dir: str = "out/rm"
     """Reward-model checkpoint folder: the score, and the critic's initialisation (trained if absent)."""
     updates: int = 120
@@ -277,9 +278,9 @@ def main(args: Args):
         stats = distributed.reduce_metrics(stats, dist, summed=["val/num_eos_tokens"])
         kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
-            warnings.warn("mean KL estimate is negative: with k1 and a small batch this happens by chance; "
-                          "--kl-estimator k3 measures it with less variance (never negative), and a larger "
-                          "--rollout-batch-size steadies the penalty too", stacklevel=1)
+            print(f"note: update {update}'s mean KL estimate is negative: with k1 and a small batch this happens by "
+                  f"chance; --kl-estimator k3 measures it with less variance (never negative), and a larger "
+                  f"--rollout-batch-size steadies the penalty too", file=sys.stderr, flush=True)
             negative_kl_warned = True
         logger.log(update, **stats)
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})

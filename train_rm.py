@@ -23,17 +23,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
-                                 load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
+                                 finished, load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, refuse_given, run
 from minalign.evaluate import write_eval
-from minalign.logger import MetricsLogger, Progress
+from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.pairs import PairArgs, tokenize_splits
 from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
 from minalign.rollout import sample_batches
-from minalign.tokenizer import get_tokenizer
+from minalign.tokenizer import data_note, get_tokenizer
 
 
 @dataclass
@@ -104,36 +104,38 @@ def prepare_pairs(args: PairArgs, dist):
     n_test = max(1, int(len(pairs) * args.test_fraction))
     test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
     if args.batch_size > len(train_pairs):  # now, not after the SFT policy is trained on them
-        raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only {len(train_pairs)} training "
-                            f"pairs ({n_test} held out by --test-fraction {args.test_fraction})")
+        raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only "
+                            f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
+                            f"{args.test_fraction})")
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
+        if note := data_note(args):
+            print(note)
     sft_file = Path(sft_dir) / "sft_data.jsonl"
     source_file = Path(sft_dir) / "source.json"  # which pairs the SFT data came from
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}
     if (Path(sft_dir) / "ckpt.pt").exists():
         made_from = data.read_record(source_file) if source_file.exists() else None
-        if made_from is None and args.sft_dir is not None:  # the user's own SFT policy, taken as it is
-            sft_path = Path(sft_dir) / "ckpt.pt"
-            check_stage(load_checkpoint(sft_path), sft_path, "sft", f"--sft-dir {sft_dir}")
-            policy, ckpt = load_model(sft_path, dist.device, tokenizer, args.max_length)
-            if dist.is_main:
-                print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
-            return policy, tokenizer, train_pairs, test_pairs
-        if made_from is None:  # in the default folder, and not made there from pairs
-            raise ArgumentError(f"{sft_dir} holds an SFT policy not made from these pairs: pass --sft-dir "
-                                f"{sft_dir} to start from it as it is, or another --sft-dir (and --out-dir)")
-        if made_from != source:  # the SFT data must be this run's training pairs: no held-out pair in it
-            why = ", ".join(f"{k} {made_from.get(k)} there, {v} here" for k, v in source.items()
-                            if made_from.get(k) != v)
+        from_this_file = made_from is not None and made_from.get("sha256") == source["sha256"]
+        if args.sft_dir is not None and not from_this_file:  # the user's own SFT policy, taken as it is
+            return own_sft_policy(args, sft_dir, dist, tokenizer), tokenizer, train_pairs, test_pairs
+        if not from_this_file:  # in the default folder, which another file of this name would share
+            what = ("not made from these pairs" if made_from is None
+                    else f"made from the chosen responses of other pairs ({made_from.get('data')})")
+            raise ArgumentError(f"{sft_dir} holds an SFT policy {what}: pass --sft-dir {sft_dir} to start from it "
+                                f"as it is, or another --sft-dir (and --out-dir)")
+        split = ("sha256", "seed", "test_fraction")  # the same training pairs, wherever the file is now
+        if any(made_from.get(k) != source[k] for k in split):  # no held-out pair may be in the SFT data
+            why = ", ".join(f"{k} {made_from.get(k)} there, {source[k]} here" for k in split
+                            if made_from.get(k) != source[k])
             raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
-                                f"other training pairs ({why}): pass another --sft-dir (and --out-dir), or remove "
-                                f"the folder")
+                                f"another split of these pairs ({why}), some of them held out here: pass another "
+                                f"--sft-dir (and --out-dir)")
     elif dist.is_main:  # SFT on the preferred responses
         rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
-        print(f"SFT data: the {len(rows)} non-empty chosen responses of the training pairs "
-              f"({len(train_pairs) - len(rows)} empty ones left out) -> {sft_file}")
+        print(f"SFT data: the {len(rows):,} non-empty chosen responses of the training pairs "
+              f"({counted(len(train_pairs) - len(rows), 'empty one')} left out) -> {sft_file}")
         write_jsonl(sft_file, rows)
         source_file.write_text(json.dumps(source, indent=1))
     distributed.barrier(dist)
@@ -146,6 +148,21 @@ def prepare_pairs(args: PairArgs, dist):
                             f"({sft_file}): {error}") from None
     policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
     return policy, tokenizer, train_pairs, test_pairs
+
+
+def own_sft_policy(args, sft_dir, dist, tokenizer):
+    """The SFT policy the user named with --sft-dir, taken as it is: a finished one."""
+    sft_path = Path(sft_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(sft_path)
+    check_stage(ckpt, sft_path, "sft", f"--sft-dir {sft_dir}")
+    if not finished(ckpt):
+        raise ArgumentError(f"--sft-dir {sft_dir}: its SFT run stopped at step {ckpt['step']} of "
+                            f"{ckpt['args']['max_steps']}: finish it first, with `python train_sft.py --resume "
+                            f"--out-dir {sft_dir}`")
+    policy, ckpt = load_model(sft_path, dist.device, tokenizer, args.max_length)
+    if dist.is_main:
+        print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
+    return policy
 
 
 def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, device) -> dict:
@@ -195,7 +212,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
     gold_gap = torch.tensor([p.get("chosen_gold", 0.0) - p.get("rejected_gold", 0.0) for p in kept])
 
-    model = RewardModel.from_policy(policy).to(dist.device)
+    model = RewardModel.from_policy(policy, args.seed).to(dist.device)  # however the SFT policy came to be
     del policy
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
@@ -206,7 +223,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
     if dist.is_main:
-        print(f"== reward model: {total_steps} steps of {args.batch_size} pairs{batches.describe_left_out('pairs')}")
+        print(f"== reward model: {counted(total_steps, 'step')} of {args.batch_size} pairs"
+              f"{batches.describe_left_out('pairs')}")
         if note := warmup_note(args.warmup_steps, total_steps):
             print(note)
 

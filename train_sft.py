@@ -20,14 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
                                  load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
-from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
+from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, given, refuse_given, run
 from minalign.data import IGNORE_INDEX
-from minalign.logger import MetricsLogger, Progress
+from minalign.logger import MetricsLogger, Progress, counted
 from minalign.model import GPT, GPTConfig, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
 from minalign.resume import resumed_args, trained_on
 from minalign.rollout import sample_texts
-from minalign.tokenizer import TOKENIZERS, get_tokenizer
+from minalign.tokenizer import TOKENIZERS, data_note, get_tokenizer
 
 
 @dataclass
@@ -181,6 +181,12 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         if args.data is not None and trained_on(ckpt, args.data):
             saved = {**saved, "data": args.data}  # the same file, wherever it is now
         args = resumed_args(args, saved, may_change=RESUME_MAY_CHANGE, own=NOT_RESUMED)
+        if args.data is not None and "data" not in given(args) and not Path(args.data).exists():
+            raise ArgumentError(f"--resume: the run's data file {args.data} is not there any more: pass --data "
+                                f"and where it is now")
+        if ckpt["step"] >= args.max_steps:
+            raise ArgumentError(f"--resume: the run in {args.out_dir} finished at step {ckpt['step']}: nothing is "
+                                f"left to train")
         if args.stop_at is not None and args.stop_at <= ckpt["step"]:
             raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
     if args.data is None:
@@ -220,8 +226,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     val_examples, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
     evaluated = f" (the first {args.eval_examples} evaluated)" if len(val_examples) > args.eval_examples else ""
     if dist.is_main:
-        print(f"data: {len(train_examples)} train / {len(val_examples)} val examples{evaluated}\n"
+        print(f"data: {len(train_examples):,} train / {len(val_examples):,} val examples{evaluated}\n"
               f"  train: {stats}\n  val: {val_stats}")
+        if note := data_note(args):
+            print(note)
     val_examples = val_examples[: args.eval_examples]
 
     # ---- model and optimizer ----
@@ -297,7 +305,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                 checkpoint()
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main:
-        print(f"done: {step} steps in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
+        print(f"done: {counted(step, 'step')} in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
     distributed.barrier(dist)  # the other processes load the final checkpoint next
     return ckpt_path
 
@@ -313,7 +321,8 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
         wanted, found = overrides.get("data"), ckpt["args"].get("data")
         if not trained_on(ckpt, wanted):
             raise ArgumentError(f"{out_dir} holds an SFT policy trained on {found or 'the built-in task'}, not on "
-                                f"{wanted or 'the built-in task'}: pass another --sft-dir, or remove the folder")
+                                f"{wanted or 'the built-in task'}: pass an --sft-dir that holds one trained on "
+                                f"{wanted or 'the built-in task'}, or a new folder to train one in")
         if finished(ckpt):
             return str(path)
         # finished here (if the folder moved) on the data named now (if the file did)

@@ -70,7 +70,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     T = args.prompt_len + args.response_len
-    config = GPTConfig(block_size=T, vocab_size=50258, n_layer=4, n_head=4, n_embd=256)
+    config = GPTConfig(block_size=T, vocab_size=50258, n_layer=4, n_head=4, n_embd=256)  # GPT-2's 50,257 + PAD
     policy = GPT(config)
     reference = copy.deepcopy(policy).eval()
     pairs = []
@@ -122,7 +122,7 @@ def main():
             if rep:
                 times[name].append(time.perf_counter() - t0)
     print(describe("cpu"))
-    print(f"DPO step, CPU {args.threads} threads: 4 layers x 256 wide, V=50,257, {args.pairs} pairs of {T} tokens; "
+    print(f"DPO step, CPU {args.threads} threads: 4 layers x 256 wide, V=50,258 (GPT-2's + PAD), {args.pairs} pairs of {T} tokens; "
           f"median of {args.reps}; all but the last take the reference log-probs computed once")
     print("| implementation | s/step | steps/s | vs minalign |\n| --- | ---: | ---: | ---: |")
     ours = statistics.median(times["minalign (train_dpo.py step)"])

@@ -164,10 +164,10 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
         for name in names:
             value = getattr(args, name)
             for v in value if isinstance(value, tuple) else (value,):
-                if v is not None and not ok(v):  # NaN fails every rule
-                    raise ArgumentError(f"{flag(name)} {v}: {rule}")
-                if isinstance(v, float) and math.isinf(v):
+                if isinstance(v, float) and not math.isfinite(v):
                     raise ArgumentError(f"{flag(name)} {v}: must be finite")
+                if v is not None and not ok(v):
+                    raise ArgumentError(f"{flag(name)} {v}: {rule}")
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:
         raise ArgumentError(f"--seed {seed}: must be in [0, 2^32)")

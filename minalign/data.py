@@ -135,7 +135,7 @@ def _records(path: Path):
             continue  # a blank line (often the last one) holds no record
         where = f"{path}:{lineno}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.rstrip("\r\n"))  # a column past the end is on this line, not the next
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); "
                             f"expected one JSON object per line") from None

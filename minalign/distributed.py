@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from minalign.cli import ArgumentError
+from minalign.logger import counted
 
 
 @dataclass
@@ -130,7 +131,7 @@ class Batches:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size}")
         if n < batch_size:
-            raise ArgumentError(f"--batch-size {batch_size}: only {n} examples, not enough for one batch")
+            raise ArgumentError(f"--batch-size {batch_size}: only {counted(n, 'example')}, not enough for one batch")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = n // batch_size
@@ -141,7 +142,7 @@ class Batches:
         left_out = self.n % self.batch_size
         if not left_out:
             return ""
-        return f" ({left_out} of the {self.n} {what} left out of each epoch, drawn anew each epoch)"
+        return f" ({left_out:,} of the {self.n:,} {what} left out of each epoch, drawn anew each epoch)"
 
     def order(self, epoch: int) -> list[int]:
         """All example indices in the order of one epoch."""

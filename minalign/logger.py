@@ -77,6 +77,11 @@ class Progress:
             print(self.line(step, **metrics), flush=True)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 step', '2,077 steps': a count and its noun, with an s for any number but one."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def format_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

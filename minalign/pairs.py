@@ -34,8 +34,9 @@ class PairArgs:
     """Where ckpt.pt, metrics.jsonl and eval.json go (default out/<stage>, with what differs from the
     default pairs appended: out/rm-t0.5, out/dpo-n1000-flip0.1, out/rm-<data file name>)."""
     sft_dir: str | None = None
-    """SFT checkpoint folder, trained there if absent (default out/sft, or out/sft-<data name>:
-    SFT on the chosen responses of the training pairs)."""
+    """SFT checkpoint folder, trained there if absent (default out/sft, or with --data
+    out/sft-<data name>: 300 steps of 16 on the chosen responses of the training pairs;
+    for other settings, train one with train_sft.py --data and name it here)."""
     pairs_dir: str = "out/pairs"
     """Built-in task: where the generated pairs are cached (a subfolder per labelling)."""
     label_temperature: float | None = None

@@ -42,9 +42,12 @@ class RewardModel(nn.Module):
         self.register_buffer("offset", torch.tensor(0.0))
 
     @classmethod
-    def from_policy(cls, policy: GPT) -> "RewardModel":
-        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT model)."""
-        model = cls(dataclasses.replace(policy.config))  # its own config: disable_dropout edits it
+    def from_policy(cls, policy: GPT, seed: int) -> "RewardModel":
+        """A reward model whose trunk starts as a copy of `policy` (e.g. the SFT model),
+        its head drawn from `seed` alone: the same model whatever ran before it."""
+        with torch.random.fork_rng(devices=[]):  # the global random state is left as it was
+            torch.manual_seed(seed)
+            model = cls(dataclasses.replace(policy.config))  # its own config: disable_dropout edits it
         model.trunk.load_state_dict(policy.state_dict())
         return model
 

@@ -33,6 +33,7 @@ is left to merge past 1,126, so no larger size exists for this corpus.
 
 import base64
 import functools
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from minalign.cli import check_args, parse_args
+from minalign.cli import ArgumentError, check_args, given, parse_args
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -102,13 +103,28 @@ def get_tokenizer(name: str = "builtin") -> Tokenizer:
                                      mergeable_ranks=ranks, special_tokens=specials)
     elif name == "gpt2":
         # Needs GPT-2's BPE file: downloaded once by tiktoken, or found in TIKTOKEN_CACHE_DIR.
-        gpt2 = tiktoken.get_encoding("gpt2")
+        try:
+            gpt2 = tiktoken.get_encoding("gpt2")
+        except OSError as error:  # requests' connection errors are OSErrors too
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+            where = f"TIKTOKEN_CACHE_DIR={cache} does not hold them" if cache else "TIKTOKEN_CACHE_DIR is not set"
+            raise ArgumentError(f"--tokenizer gpt2: GPT-2's BPE files could not be downloaded "
+                                f"({type(error).__name__}) and {where}: set it to a folder holding them (this "
+                                f"project's data folder has one: ../shared/data/tiktoken)") from None
         specials = {EOS: gpt2.eot_token, PAD: gpt2.n_vocab}  # EOS 50256, PAD 50257
         encoding = tiktoken.Encoding("minalign-gpt2", pat_str=gpt2._pat_str,
                                      mergeable_ranks=gpt2._mergeable_ranks, special_tokens=specials)
     else:
         raise ValueError(f"unknown tokenizer {name!r}: choose 'builtin' or 'gpt2'")
     return Tokenizer(name, encoding)
+
+
+def data_note(args) -> str | None:
+    """A line for a --data run on the built-in tokenizer by default, not by choice."""
+    if args.data is not None and args.tokenizer == "builtin" and "tokenizer" not in given(args):
+        return ("note: --tokenizer builtin, the default, was made for the built-in task's reviews: other text takes "
+                "more of its tokens (HH-RLHF about twice as many as with --tokenizer gpt2)")
+    return None
 
 
 # ---------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_implicit_prompt_mismatch_is_split_at_last_shared_turn(tmp_path):
 
 
 BAD_LINES = [
-    ('{"prompt": "p", "chosen": "c", "rejected": "r"', "malformed JSON"),
+    ('{"prompt": "p", "chosen": "c", "rejected": "r"', r"malformed JSON \(Expecting ',' delimiter, column 47\)"),
     ('{"prompt": "p", "chosen": "c"}', "missing key 'rejected'"),
     ('{"prompt": "p", "chosen": "c", "rejected": 3}', "'rejected' must be a string, got int"),
     ('{"prompt": "", "chosen": "c", "rejected": "r"}', "'prompt' is empty"),

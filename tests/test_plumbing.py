@@ -241,7 +241,7 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         ("train_sft", ["--batch-size", "0"], "--batch-size 0: must be > 0"),
         ("train_sft", ["--dtype", "bf16"], "--dtype 'bf16': must be one of"),
         ("train_sft", ["--n-embd", "130"], "--n-embd 130 must be a multiple of --n-head 4"),
-        ("train_sft", ["--lr", "nan"], "--lr nan: must be >= 0"),
+        ("train_sft", ["--lr", "nan"], "--lr nan: must be finite"),
         ("train_sft", ["--lr", "inf"], "--lr inf: must be finite"),
         ("train_sft", ["--val-fraction", "1"], "--val-fraction 1.0: must be below 1"),
         ("train_ppo", ["--kl-coef", "inf"], "--kl-coef inf: must be finite"),

@@ -30,10 +30,18 @@ def test_score_reads_the_last_real_token_whatever_the_padding():
 def test_head_init_and_from_policy():
     torch.manual_seed(0)
     policy = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=400, block_size=8))
-    rm = RewardModel.from_policy(policy)
+    rm = RewardModel.from_policy(policy, seed=3)
     assert torch.equal(rm.trunk.wte.weight, policy.wte.weight)
     assert rm.head.bias.item() == 0
     assert rm.head.weight.std().item() == pytest.approx(1 / 401 ** 0.5, rel=0.15)
+    state = torch.random.get_rng_state()
+    torch.rand(1000)  # other work (an SFT policy trained first) draws from the global generator
+    again = RewardModel.from_policy(policy, seed=3)
+    assert torch.equal(again.head.weight, rm.head.weight)  # the same model all the same
+    assert not torch.equal(RewardModel.from_policy(policy, seed=4).head.weight, rm.head.weight)
+    torch.random.set_rng_state(state)
+    RewardModel.from_policy(policy, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # and it leaves the global generator alone
 
 
 def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down():

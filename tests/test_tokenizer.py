@@ -76,3 +76,26 @@ def test_train_bpe_small():
     assert list(ranks.values()) == list(range(260))
     # " low" is by far the most frequent word: its pieces are merged first
     assert ranks[b"lo"] == 256 and b" low" in ranks
+
+
+def test_gpt2_offline_without_its_files_is_one_clear_line(monkeypatch):
+    import tiktoken
+
+    from minalign.cli import ArgumentError
+
+    def offline(name):
+        raise ConnectionError("no route to host")  # what requests raises is an OSError too
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(ArgumentError, match=r"^--tokenizer gpt2: GPT-2's BPE files could not be downloaded "
+                                                r"\(ConnectionError\) and TIKTOKEN_CACHE_DIR is not set: set it to a "
+                                                r"folder holding them"):
+            get_tokenizer("gpt2")
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "/nowhere")
+        with pytest.raises(ArgumentError, match="TIKTOKEN_CACHE_DIR=/nowhere does not hold them"):
+            get_tokenizer("gpt2")
+    finally:
+        get_tokenizer.cache_clear()  # the other tests get the real tokenizer again

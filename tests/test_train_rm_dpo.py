@@ -229,25 +229,44 @@ def test_a_batch_larger_than_the_data_files_pairs_is_refused_before_sft(tmp_path
     assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()
 
 
-def test_an_sft_policy_made_from_other_pairs_is_not_reused(tmp_path):
+def test_an_sft_policy_made_from_other_pairs_is_reused_only_when_named_and_never_from_another_split(
+        tmp_path, monkeypatch):
     # The default folders are named after the data file, so two files of one name would
     # share them: the SFT policy records which pairs it came from.
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+
+    from minalign.checkpoint import file_fingerprint, save_checkpoint
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    monkeypatch.chdir(tmp_path)
     pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         rows = pairs if name == "a" else pairs[::-1]
         (tmp_path / name / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sft = tmp_path / "sft"
-    from minalign.checkpoint import save_checkpoint
-    save_checkpoint(sft / "ckpt.pt", {"model": {}, "model_config": {}, "args": {}, "stage": "sft"})  # "made from a"
-    source = {"data": str((tmp_path / "a" / "pairs.jsonl").resolve()), "sha256": "0" * 16, "seed": 1337,
-              "test_fraction": 0.1}
-    (sft / "source.json").write_text(json.dumps(source))
-    result = subprocess.run([sys.executable, "train_rm.py", "--data", str(tmp_path / "b" / "pairs.jsonl"),
-                             "--sft-dir", str(sft), "--out-dir", str(tmp_path / "rm"), "--batch-size", "8"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "trained on the chosen responses of other training pairs (data " in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    model = GPT(GPTConfig(vocab_size=get_tokenizer("builtin").vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          block_size=64))
+    save_checkpoint(tmp_path / "out" / "sft-pairs" / "ckpt.pt", {
+        "model": model.state_dict(), "model_config": vars(model.config), "args": {}, "stage": "sft",
+        "tokenizer": "builtin"})  # made from a's training pairs:
+    made_from_a = {"data": str((tmp_path / "a" / "pairs.jsonl").resolve()), "sha256": file_fingerprint("a/pairs.jsonl"),
+                   "seed": 1337, "test_fraction": 0.1}
+    (tmp_path / "out" / "sft-pairs" / "source.json").write_text(json.dumps(made_from_a))
+    on_b = train_rm.Args(data="b/pairs.jsonl", batch_size=8)
+    with pytest.raises(ArgumentError, match=r"^out/sft-pairs holds an SFT policy made from the chosen responses of "
+                                            r"other pairs \(.*a/pairs.jsonl\): pass --sft-dir out/sft-pairs to start "
+                                            r"from it as it is"):
+        train_rm.prepare_pairs(on_b, DistInfo())
+    policy, *_ = train_rm.prepare_pairs(dataclasses.replace(on_b, sft_dir="out/sft-pairs"), DistInfo())  # named
+    assert torch.equal(policy.wte.weight, model.wte.weight)
+    # a's pairs split another way: some of the SFT data would be held out here, named or not
+    on_a = train_rm.Args(data="a/pairs.jsonl", batch_size=8, seed=7, sft_dir="out/sft-pairs")
+    with pytest.raises(ArgumentError, match=r"^--sft-dir out/sft-pairs holds an SFT policy trained on the chosen "
+                                            r"responses of another split of these pairs \(seed 1337 there, 7 here\), "
+                                            r"some of them held out here"):
+        train_rm.prepare_pairs(on_a, DistInfo())
 
 
 def test_an_sft_policy_trained_on_other_data_is_not_reused(tmp_path):
@@ -435,6 +454,10 @@ def test_an_sft_policy_named_by_sft_dir_is_taken_as_it_is(tmp_path, monkeypatch)
     save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "stage": "dpo"})
     with pytest.raises(ArgumentError, match="holds a DPO policy, not an SFT policy"):
         train_rm.prepare_pairs(args, DistInfo())
+    save_checkpoint(tmp_path / "mine" / "ckpt.pt", {**ckpt, "args": {"data": "mine.txt", "max_steps": 30}})
+    with pytest.raises(ArgumentError, match=r"--sft-dir .*mine: its SFT run stopped at step 1 of 30: finish it "
+                                            r"first, with `python train_sft.py --resume --out-dir .*mine`"):
+        train_rm.prepare_pairs(args, DistInfo())  # not taken half-trained
 
 
 def test_dpo_checks_room_for_its_evaluation_before_making_anything(tmp_path):

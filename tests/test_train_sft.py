@@ -163,9 +163,13 @@ def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
     path = train_sft.ensure(str(tmp_path / "b"), DistInfo())
     assert path == str(tmp_path / "b" / "ckpt.pt") and load_checkpoint(path)["step"] == 4
     assert not (tmp_path / "a").exists()
-    with pytest.raises(ArgumentError, match="--stop-at 3: the run in .* is at step 4 already"):
+    with pytest.raises(ArgumentError, match="^--resume: the run in .*b finished at step 4: nothing is left to train$"):
         train_sft.train(train_sft.Args(**{**load_checkpoint(path)["args"], "out_dir": str(tmp_path / "b"),
-                                         "resume": True, "stop_at": 3}), DistInfo())
+                                         "resume": True, "stop_at": None}), DistInfo())
+    run([*TINY, "--max-steps", "4", "--stop-at", "2", "--out-dir", str(tmp_path / "c")])
+    with pytest.raises(ArgumentError, match="--stop-at 1: the run in .* is at step 2 already"):
+        train_sft.train(train_sft.Args(**{**load_checkpoint(tmp_path / "c" / "ckpt.pt")["args"],
+                                         "out_dir": str(tmp_path / "c"), "resume": True, "stop_at": 1}), DistInfo())
 
 
 def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
@@ -188,6 +192,12 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "docs.txt has changed since the run in" in result.stderr
+    docs.rename(tmp_path / "moved.txt")  # a file that moved is asked for where it is now
+    result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.endswith(f"--resume: the run's data file {docs} is not there any more: pass --data and "
+                                  f"where it is now\n")
 
 
 def test_trained_on_knows_a_data_file_by_its_bytes_wherever_it_is(tmp_path):

@@ -28,10 +28,10 @@ from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
-from minalign.logger import MetricsLogger, Progress, counted
+from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
-from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
-from minalign.pairs import PairArgs, tokenize_splits
+from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.pairs import PairArgs, pair_batches, tokenize_splits
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
 from train_rm import prepare_pairs  # shared with train_rm.py
@@ -135,21 +135,14 @@ def main(args: Args):
     ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token)  # (n_test, 2)
     reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
     if dist.is_main:
-        print(f"reference log-probs of {len(train_pairs) + len(test_pairs)} pairs in {time.time() - t_ref:.1f}s")
+        print(f"reference log-probs of {len(train_pairs) + len(test_pairs):,} pairs in {time.time() - t_ref:.1f}s")
 
     optimizer = make_optimizer(policy, args.lr, weight_decay=0.0, device=dist.device)
     train_model = DDP(policy) if dist.enabled else policy
-    batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
-                           world_size=dist.world_size)
-    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
-    replace_earlier_run(args.out_dir, dist)
+    batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
+    replace_earlier_run(args.out_dir, dist)  # every check passed
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
-    if dist.is_main:
-        print(f"== DPO ({args.loss_type}, beta {args.beta}): {counted(total_steps, 'step')} of {args.batch_size} pairs"
-              f"{batches.describe_left_out('pairs')}")
-        if note := warmup_note(args.warmup_steps, total_steps):
-            print(note)
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
     if gold_evals:

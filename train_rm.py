@@ -27,8 +27,8 @@ from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, che
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress, counted
-from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
-from minalign.pairs import PairArgs, tokenize_splits
+from minalign.optim import cosine_lr, make_optimizer, set_lr
+from minalign.pairs import PairArgs, pair_batches, tokenize_splits
 from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
@@ -93,11 +93,11 @@ def prepare_pairs(args: PairArgs, dist):
             args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main, lambda: distributed.barrier(dist))
         if args.n_train_pairs is not None or args.label_flip:
             if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
-                raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs)} training pairs exist; "
+                raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs):,} training pairs exist; "
                                     f"raise --n-train-prompts for more")
             train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
             if dist.is_main:
-                print(f"training on {len(train_pairs)} pairs, {flipped} of them with the wrong label")
+                print(f"training on {len(train_pairs):,} pairs, {flipped:,} of them with the wrong label")
         return policy, tokenizer, train_pairs, test_pairs
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -108,7 +108,7 @@ def prepare_pairs(args: PairArgs, dist):
                             f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
                             f"{args.test_fraction})")
     if dist.is_main:
-        print(f"data: {args.data}: {len(train_pairs)} train / {len(test_pairs)} test pairs; {stats}")
+        print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
         if note := data_note(args):
             print(note)
     sft_file = Path(sft_dir) / "sft_data.jsonl"
@@ -144,7 +144,7 @@ def prepare_pairs(args: PairArgs, dist):
                                     block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
                                     device=args.device)
     except ArgumentError as error:  # its settings are this function's, not the user's flags
-        raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs)} training pairs "
+        raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs):,} training pairs "
                             f"({sft_file}): {error}") from None
     policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
     return policy, tokenizer, train_pairs, test_pairs
@@ -172,7 +172,7 @@ def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test
     # On the built-in task the pairs' responses are the SFT policy's samples, which PPO
     # starts from; on real data, the human-written responses.
     chosen, rejected = score_pairs(model, train_pairs[:2000], tokenizer.pad_id, device)
-    print(f"normalising the scores over {2 * len(chosen)} responses of the training pairs", flush=True)
+    print(f"normalising the scores over {2 * len(chosen):,} responses of the training pairs", flush=True)
     model.fit_normalisation(torch.cat([chosen, rejected]))
     results = {}
     results["test_accuracy"], results["test_margin"] = accuracy_and_margin(model, test_pairs, tokenizer.pad_id,
@@ -216,17 +216,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     del policy
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
-    batches = distributed.Batches(len(train_pairs), args.batch_size, seed=args.seed, rank=dist.rank,
-                           world_size=dist.world_size)
-    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
-    replace_earlier_run(args.out_dir, dist)
+    batches, total_steps = pair_batches(args, dist, len(train_pairs), "reward model")
+    replace_earlier_run(args.out_dir, dist)  # every check passed
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
     progress = Progress(total_steps, enabled=dist.is_main)
-    if dist.is_main:
-        print(f"== reward model: {counted(total_steps, 'step')} of {args.batch_size} pairs"
-              f"{batches.describe_left_out('pairs')}")
-        if note := warmup_note(args.warmup_steps, total_steps):
-            print(note)
 
     t0 = time.time()
     for step in range(1, total_steps + 1):

@@ -9,8 +9,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from minalign import data, task
+from minalign import data, distributed, task
 from minalign.cli import ArgumentError, check_args
+from minalign.logger import counted
+from minalign.optim import warmup_note
 from minalign.preferences import SAMPLES_PER_PROMPT
 from minalign.tokenizer import TOKENIZERS
 
@@ -108,13 +110,26 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
             default_sft if args.sft_dir is None else args.sft_dir)
 
 
+def pair_batches(args: PairArgs, dist, n_pairs: int, title: str) -> tuple[distributed.Batches, int]:
+    """Each process's batches of an --epochs run over n_pairs training pairs, and its
+    number of steps; the run's header line is printed."""
+    batches = distributed.Batches(n_pairs, args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
+    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    if dist.is_main:
+        print(f"== {title}: {counted(total_steps, 'step')} of {args.batch_size} pairs"
+              f"{batches.describe_left_out('pairs')}")
+        if note := warmup_note(args.warmup_steps, total_steps):
+            print(note)
+    return batches, total_steps
+
+
 def tokenize_splits(args, tokenizer, train_raw, test_raw, is_main: bool):
     """Token pairs of both splits, with what was truncated or skipped printed; a split
     left empty (every pair identical once truncated) is refused."""
     train_pairs, stats = data.tokenize_pairs(train_raw, tokenizer, args.max_length)
     test_pairs, test_stats = data.tokenize_pairs(test_raw, tokenizer, args.max_length)
     if is_main:
-        print(f"pairs: {len(train_pairs)} train / {len(test_pairs)} test\n  train: {stats}\n  test: {test_stats}")
+        print(f"pairs: {len(train_pairs):,} train / {len(test_pairs):,} test\n  train: {stats}\n  test: {test_stats}")
     for name, pairs, raw in (("training", train_pairs, train_raw), ("held-out", test_pairs, test_raw)):
         if not pairs:
             why = (f"none of the {len(raw)} is left: chosen and rejected are the same within --max-length "

@@ -151,10 +151,12 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
             prompts = task.prompts(split, tokenizer, n=n, seed=seed + offset)
             pairs, stats = make_pairs(policy, tokenizer, prompts, SAMPLES_PER_PROMPT, max_new_tokens,
                                       label_temperature, seed + 1000 * offset,
-                                      progress=lambda done, total: print(f"  {split}: {done}/{total} samples", flush=True))
+                                      progress=lambda done, total: print(f"  {split}: {done:,}/{total:,} samples",
+                                                                         flush=True))
             write_jsonl(pairs_dir / f"{split}.jsonl", pairs)
             meta[split] = stats
-            print(f"  {split}: {stats}")
+            print(f"  {split}: {stats['pairs']:,} pairs from {stats['samples']:,} samples of {stats['prompts']:,} "
+                  f"prompts ({stats['ties_dropped']:,} tied pairs dropped)")
         meta_path.write_text(json.dumps(meta, indent=1))
     barrier()
     counts = data.read_record(meta_path)

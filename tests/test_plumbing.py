@@ -436,3 +436,11 @@ def test_progress_line_counts_steps_or_updates():
 
     assert Progress(120).line(3, loss=0.5).startswith("step     3/120 | loss 0.5 | elapsed ")
     assert Progress(120, unit="update").line(3).startswith("update     3/120 | elapsed ")
+
+
+def test_counts_read_as_words():
+    from minalign.logger import counted
+
+    assert counted(1, "step") == "1 step"
+    assert counted(0, "empty one") == "0 empty ones"
+    assert counted(2077, "step") == "2,077 steps"

@@ -387,3 +387,28 @@ def test_a_read_only_reward_model_folder_is_only_read(tmp_path, read_only):
     with pytest.raises(ArgumentError, match=r"--max-new-tokens 40: .* in the reward model in .*rm's block of 24"):
         train_ppo.main(args)
     assert listing(tmp_path / "shared") == before
+
+
+def test_advantages_and_returns_by_hand():
+    from minalign import reference
+    from minalign.ppo import advantages_and_returns, masked_whiten
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    scores, kl, values = torch.tensor([1.5, -0.5]), torch.randn(2, 4) * mask, torch.randn(2, 4)
+    adv, ret = advantages_and_returns(scores, kl, values, mask, beta=0.3, gamma=0.9, lam=0.8)
+    rewards = -0.3 * kl * mask
+    rewards[0, 2] += 1.5
+    rewards[1, 3] += -0.5
+    want = reference.gae(rewards, values, mask, 0.9, 0.8)
+    torch.testing.assert_close(adv, masked_whiten(want.advantages, mask))
+    torch.testing.assert_close(ret, want.returns)  # the critic's targets: not whitened
+
+
+def test_prepare_update_passes_gamma_and_lam():
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+    policy, reference_, rm, rollout, eos = _score_rollout_setup()
+    a = train_ppo.prepare_update(policy, reference_, rm, rm, rollout, train_ppo.Args(), 0.3, eos)
+    b = train_ppo.prepare_update(policy, reference_, rm, rm, rollout, train_ppo.Args(gamma=0.5, lam=0.5), 0.3, eos)
+    assert not torch.allclose(a[3], b[3])  # the returns follow --gamma and --lam

@@ -98,3 +98,42 @@ def test_sampled_responses_are_scored_as_sampled_token_for_token():
         for ids, mask in zip(rollout.sequences, rollout.attention_mask):
             one_by_one.append(rm(ids[mask][None], torch.ones(1, int(mask.sum()), dtype=torch.bool)))
     torch.testing.assert_close(scores, torch.cat(one_by_one).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_accuracy_and_margin_by_hand():
+    from minalign import data
+    from minalign.model import GPTConfig
+    from minalign.reward import RewardModel, accuracy_and_margin, score_pairs
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48,
+                               dropout=0.5)).train()
+    raw = [{"prompt": "The plot was", "chosen": f" great{'!' * k}", "rejected": f" dull{'.' * k}"} for k in range(8)]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    c, r = score_pairs(rm, pairs, tok.pad_id, "cpu", batch_size=3)
+    assert rm.training
+    rm.eval()
+    one = [rm(torch.tensor([ex.input_ids]), torch.ones(1, len(ex.input_ids), dtype=torch.bool)).item()
+           for pair in pairs for ex in pair]
+    torch.testing.assert_close(torch.stack([c, r], 1).flatten(), torch.tensor(one), atol=1e-5, rtol=1e-5)
+    acc, margin = accuracy_and_margin(rm.train(), pairs, tok.pad_id, "cpu")
+    assert acc == pytest.approx((c > r).float().mean().item())
+    assert margin == pytest.approx((c - r).mean().item(), abs=1e-5)
+
+
+def test_sampled_responses_are_scored_without_dropout():
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel, score_rollouts
+    from minalign.rollout import sample_batches
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    rm = RewardModel(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48,
+                               dropout=0.5)).train()
+    rollouts = sample_batches(policy, tok, ["The plot was", "I saw it"], 8, batch_size=2, seed=3)
+    torch.testing.assert_close(score_rollouts(rm, rollouts), score_rollouts(rm, rollouts))
+    assert rm.training

@@ -99,3 +99,18 @@ def test_gpt2_offline_without_its_files_is_one_clear_line(monkeypatch):
             get_tokenizer("gpt2")
     finally:
         get_tokenizer.cache_clear()  # the other tests get the real tokenizer again
+
+
+def test_a_data_run_left_on_the_builtin_tokenizer_by_default_gets_a_note():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_sft
+
+    from minalign.cli import parse_args
+    from minalign.tokenizer import data_note
+
+    assert data_note(parse_args(train_sft.Args, ["--data", "x.jsonl"])).startswith("note: --tokenizer builtin")
+    assert data_note(parse_args(train_sft.Args, ["--data", "x.jsonl", "--tokenizer", "builtin"])) is None
+    assert data_note(parse_args(train_sft.Args, [])) is None

@@ -471,3 +471,63 @@ def test_dpo_checks_room_for_its_evaluation_before_making_anything(tmp_path):
     with pytest.raises(ArgumentError, match=r"--eval-max-new-tokens 70: .* in the model's block of 64"):
         train_dpo.main(args)
     assert not any(tmp_path.iterdir())  # no SFT policy, pairs or output folder made
+
+
+def test_per_token_only_for_ipo():
+    from minalign import ops
+    from minalign.dpo import per_token
+
+    assert [per_token(t) for t in ops.DPO_LOSS_TYPES] == [t == "ipo" for t in ops.DPO_LOSS_TYPES]
+
+
+def _sft_from_a(tmp_path, monkeypatch):
+    from minalign.checkpoint import file_fingerprint, save_checkpoint
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
+    for name in ("a", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    model = GPT(GPTConfig(vocab_size=get_tokenizer("builtin").vocab_size, n_layer=1, n_head=2, n_embd=32,
+                          block_size=64))
+    save_checkpoint(tmp_path / "out" / "sft-pairs" / "ckpt.pt", {
+        "model": model.state_dict(), "model_config": vars(model.config), "stage": "sft", "step": 1,
+        "args": {"data": "out/sft-pairs/sft_data.jsonl", "max_steps": 1}, "tokenizer": "builtin"})
+    (tmp_path / "out" / "sft-pairs" / "source.json").write_text(json.dumps({
+        "data": str((tmp_path / "a" / "pairs.jsonl").resolve()), "sha256": file_fingerprint("a/pairs.jsonl"),
+        "seed": 1337, "test_fraction": 0.1}))
+    return model
+
+
+def test_sft_policy_of_a_moved_pairs_file_is_reused(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+    from minalign.distributed import DistInfo
+
+    model = _sft_from_a(tmp_path, monkeypatch)
+    policy, *_ = train_rm.prepare_pairs(train_rm.Args(data="c/pairs.jsonl", batch_size=8), DistInfo())
+    assert torch.equal(policy.wte.weight, model.wte.weight)
+
+
+def test_sft_policy_of_another_test_fraction_is_refused(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train_rm
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    _sft_from_a(tmp_path, monkeypatch)
+    with pytest.raises(ArgumentError, match=r"another split of these pairs \(test_fraction 0.1 there, 0.2 here\)"):
+        train_rm.prepare_pairs(train_rm.Args(data="a/pairs.jsonl", batch_size=8, test_fraction=0.2,
+                                             sft_dir="out/sft-pairs"), DistInfo())
+
+
+@pytest.mark.slow
+def test_ipo_starts_at_its_target_margin(workdir, tmp_path):
+    run("train_dpo.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+                         "--out-dir", str(tmp_path / "ipo"), "--loss-type", "ipo", "--epochs", "1",
+                         "--eval-max-new-tokens", "24", "--eval-interval", "0"])
+    first = [r for r in metrics(tmp_path / "ipo" / "metrics.jsonl") if "loss" in r][0]
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-4)  # policy == reference, in the same units
+    assert first["loss"] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-3)

@@ -209,6 +209,7 @@ def test_trained_on_knows_a_data_file_by_its_bytes_wherever_it_is(tmp_path):
     ckpt = {"args": {"data": str(tmp_path / "a.txt")}, "data_sha256": file_fingerprint(tmp_path / "a.txt")}
     assert resume.trained_on(ckpt, str(tmp_path / "moved.txt"))
     assert not resume.trained_on(ckpt, str(tmp_path / "other.txt")) and not resume.trained_on(ckpt, None)
+    assert not resume.trained_on(ckpt, str(tmp_path / "gone.txt"))  # a file no longer there: False, not an error
     builtin = {"args": {"data": None}}
     assert resume.trained_on(builtin, None) and not resume.trained_on(builtin, str(tmp_path / "a.txt"))
     unhashed = {"args": {"data": str(tmp_path / "a.txt")}}  # from before checkpoints hashed their data

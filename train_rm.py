@@ -77,28 +77,43 @@ def prepare_pairs(args: PairArgs, dist):
     check_out_dir(args.out_dir, stage=args.stage)
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
     check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
-    labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
-    if args.data is None and not (Path(args.pairs_dir) / labels / "meta.json").exists():  # cached pairs: only read
-        check_out_dir(args.pairs_dir, "--pairs-dir")
     tokenizer = get_tokenizer(args.tokenizer)
-    builtin = args.data is None
-    if builtin:
-        if not (Path(sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
-            raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
-                                f"of the SFT policy that would be trained in {sft_dir}")
-        sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
-        policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
-        train_pairs, test_pairs = builtin_pairs(
-            Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
-            args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main, lambda: distributed.barrier(dist))
-        if args.n_train_pairs is not None or args.label_flip:
-            if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
-                raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs):,} training pairs exist; "
-                                    f"raise --n-train-prompts for more")
-            train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
-            if dist.is_main:
-                print(f"training on {len(train_pairs):,} pairs, {flipped:,} of them with the wrong label")
-        return policy, tokenizer, train_pairs, test_pairs
+    if args.data is None:
+        policy, train_pairs, test_pairs = builtin_task_pairs(args, dist, tokenizer, sft_dir)
+    else:
+        policy, train_pairs, test_pairs = data_file_pairs(args, dist, tokenizer, sft_dir)
+    return policy, tokenizer, train_pairs, test_pairs
+
+
+def builtin_task_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
+    """Built-in task: the SFT policy (trained if missing) and the pairs it samples, judged by
+    the gold judge (cached in --pairs-dir), optionally subsampled or with flipped labels."""
+    labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
+    if not (Path(args.pairs_dir) / labels / "meta.json").exists():  # cached pairs: only read
+        check_out_dir(args.pairs_dir, "--pairs-dir")
+    if not (Path(sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
+        raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
+                            f"of the SFT policy that would be trained in {sft_dir}")
+    sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
+    train_pairs, test_pairs = builtin_pairs(
+        Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
+        args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main,
+        lambda: distributed.barrier(dist))
+    if args.n_train_pairs is not None or args.label_flip:
+        if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
+            raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs):,} training pairs exist; "
+                                f"raise --n-train-prompts for more")
+        train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
+        if dist.is_main:
+            print(f"training on {len(train_pairs):,} pairs, {flipped:,} of them with the wrong label")
+    return policy, train_pairs, test_pairs
+
+
+def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
+    """--data: the file's pairs split by --seed and --test-fraction, and an SFT policy for
+    them: the one --sft-dir names, or one trained on the chosen responses of the training
+    pairs."""
     pairs, stats = data.load_pairs(args.data)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_test = max(1, int(len(pairs) * args.test_fraction))
@@ -111,33 +126,45 @@ def prepare_pairs(args: PairArgs, dist):
         print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
         if note := data_note(args):
             print(note)
-    sft_file = Path(sft_dir) / "sft_data.jsonl"
-    source_file = Path(sft_dir) / "source.json"  # which pairs the SFT data came from
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
-              "test_fraction": args.test_fraction}
+              "test_fraction": args.test_fraction}  # which pairs the SFT data comes from
+    source_file = Path(sft_dir) / "source.json"
     if (Path(sft_dir) / "ckpt.pt").exists():
         made_from = data.read_record(source_file) if source_file.exists() else None
-        from_this_file = made_from is not None and made_from.get("sha256") == source["sha256"]
-        if args.sft_dir is not None and not from_this_file:  # the user's own SFT policy, taken as it is
-            return own_sft_policy(args, sft_dir, dist, tokenizer), tokenizer, train_pairs, test_pairs
-        if not from_this_file:  # in the default folder, which another file of this name would share
+        if made_from is None or made_from.get("sha256") != source["sha256"]:
+            if args.sft_dir is not None:  # the user's own SFT policy, taken as it is
+                return own_sft_policy(args, sft_dir, dist, tokenizer), train_pairs, test_pairs
             what = ("not made from these pairs" if made_from is None
                     else f"made from the chosen responses of other pairs ({made_from.get('data')})")
             raise ArgumentError(f"{sft_dir} holds an SFT policy {what}: pass --sft-dir {sft_dir} to start from it "
                                 f"as it is, or another --sft-dir (and --out-dir)")
-        split = ("sha256", "seed", "test_fraction")  # the same training pairs, wherever the file is now
-        if any(made_from.get(k) != source[k] for k in split):  # no held-out pair may be in the SFT data
-            why = ", ".join(f"{k} {made_from.get(k)} there, {source[k]} here" for k in split
-                            if made_from.get(k) != source[k])
-            raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
-                                f"another split of these pairs ({why}), some of them held out here: pass another "
-                                f"--sft-dir (and --out-dir)")
-    elif dist.is_main:  # SFT on the preferred responses
+        check_same_split(sft_dir, made_from, source)
+    policy = sft_on_chosen(args, dist, tokenizer, sft_dir, train_pairs, source)
+    return policy, train_pairs, test_pairs
+
+
+def check_same_split(sft_dir: str, made_from: dict, source: dict) -> None:
+    """An SFT policy made from this file must have seen only this run's training pairs: the
+    same file (wherever it is now), seed and test fraction, so no held-out pair is in its data."""
+    split = ("sha256", "seed", "test_fraction")
+    if any(made_from.get(k) != source[k] for k in split):
+        why = ", ".join(f"{k} {made_from.get(k)} there, {source[k]} here" for k in split
+                        if made_from.get(k) != source[k])
+        raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
+                            f"another split of these pairs ({why}), some of them held out here: pass another "
+                            f"--sft-dir (and --out-dir)")
+
+
+def sft_on_chosen(args: PairArgs, dist, tokenizer, sft_dir: str, train_pairs: list, source: dict):
+    """The SFT policy trained on the chosen responses of the training pairs (with fixed
+    settings; see --sft-dir's help), or the one already in sft_dir, resumed if unfinished."""
+    sft_file = Path(sft_dir) / "sft_data.jsonl"
+    if dist.is_main and not (Path(sft_dir) / "ckpt.pt").exists():
         rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
         print(f"SFT data: the {len(rows):,} non-empty chosen responses of the training pairs "
               f"({counted(len(train_pairs) - len(rows), 'empty one')} left out) -> {sft_file}")
         write_jsonl(sft_file, rows)
-        source_file.write_text(json.dumps(source, indent=1))
+        (Path(sft_dir) / "source.json").write_text(json.dumps(source, indent=1))
     distributed.barrier(dist)
     try:
         sft_path = train_sft.ensure(sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
@@ -147,7 +174,7 @@ def prepare_pairs(args: PairArgs, dist):
         raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs):,} training pairs "
                             f"({sft_file}): {error}") from None
     policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
-    return policy, tokenizer, train_pairs, test_pairs
+    return policy
 
 
 def own_sft_policy(args, sft_dir, dist, tokenizer):

@@ -97,7 +97,7 @@ class Args:
     grad_clip: float = 1.0
     """Clip each model's gradient norm to this (0: no clipping)."""
     eval_prompts: int = 200
-    """Held-out prompts for the final evaluation."""
+    """Held-out prompts for each evaluation (the final one and every --eval-interval updates)."""
     eval_interval: int = 0
     """Also evaluate on the held-out prompts before training and every this many updates,
     logged as eval/* (gold reward, reward-model score, KL); 0: only at the end."""

@@ -1,6 +1,6 @@
 """Preference pairs for the built-in task, labelled by the gold judge.
 
-As in the DPO paper's IMDb experiment (Rafailov et al. 2023, section 6.1): for each
+As in the DPO paper's IMDb experiment (Rafailov et al. 2023, section 6.1; the procedure is in appendix C.1): for each
 prompt, sample 4 completions from the SFT policy (full distribution, temperature 1),
 score each with the gold judge, and form all 6 pairs, the higher score chosen. Pairs
 with equal scores carry no preference: they are dropped and counted. Two equal

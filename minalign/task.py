@@ -21,7 +21,7 @@ English only.
 
 Corpus (one fixed seed, 22,000 distinct reviews): 20,000 train / 1,000 val / 1,000
 test, consecutive slices of one stream, so they are disjoint. Reviews are 1-3
-sentences of 8-40 words (mean 15.9; 18.8 builtin tokens, 18.9 GPT-2 tokens), mixed
+sentences of 8-40 words (mean 15.9; 18.7 builtin tokens, 18.9 GPT-2 tokens), mixed
 in tone: 35% positive, 30% negative, 20% mixed, 15% neutral. Gold scores over the
 train split: mean +0.07, 37% above +0.5, 28% below -0.5, 17% exactly 0 (test: +0.05,
 37%, 31%, 18%). So a policy has room to improve: the reviews it learns to imitate

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build the CUDA extension, run the
 # CUDA tests, run them again under compute-sanitizer memcheck (0 errors expected),
-# run the fused log-prob tests under racecheck, and run the benchmarks on the GPU.
-# Each step has a time limit so the whole check stays within 8 minutes; every step
+# run the kernels that share memory between threads under racecheck, and run the
+# benchmarks on the GPU.
+# Each step has a time limit, so that a hung step cannot hold the machine (about 3
+# minutes in all on an H100; 10 if every step ran to its limit); every step
 # runs even if an earlier one failed, and the script exits non-zero if any failed.
 # Everything goes to the log.
 #
@@ -68,6 +70,11 @@ step "memcheck" 80 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memc
 # of it, none of it), on rows small enough for racecheck's pace.
 step "racecheck" 40 "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "$PYTHON" -m pytest -q -x -k "cuda and (cache_size or (matches_reference and not 50257))" tests/test_ops_logprobs_fused.py
+# The other kernels share memory only in their block reductions (softmax_cuda.cuh,
+# sum_cuda.cuh) and GAE's scan across warps.
+step "racecheck, reductions and scan" 45 "$SANITIZER" --tool racecheck --error-exitcode 1 \
+  "$PYTHON" -m pytest -q -x -k "cuda and (matches_reference or by_hand) and not 50257" \
+  tests/test_ops_logprobs.py tests/test_ops_losses.py tests/test_ops_gae.py
 
 echo -e "\nlog: $LOG" | tee -a "$LOG"
 if [ ${#FAILED[@]} -gt 0 ]; then

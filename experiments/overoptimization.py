@@ -81,6 +81,13 @@ class Args(ExperimentArgs):
                 raise ArgumentError(str(error).replace("--n-train-pairs", "--pair-counts")) from None
 
 
+def proxy_epochs(args: Args, n_pairs: int) -> float:
+    """--rm-epochs over n_pairs, or more if that gives fewer than --rm-min-steps steps."""
+    steps_per_epoch = n_pairs // args.batch_size  # train_rm.py leaves the last partial batch out
+    # + 0.5: train_rm.py's int(epochs * steps_per_epoch) is then rm_min_steps, never one short
+    return max(args.rm_epochs, (args.rm_min_steps + 0.5) / steps_per_epoch)
+
+
 def main(args: Args):
     t0 = time.time()
     root = Path(args.out_dir) / "overoptimization"
@@ -89,8 +96,8 @@ def main(args: Args):
           f"at the defaults) -> {root}")
     proxies = {}
     for n in args.pair_counts:
-        epochs = max(args.rm_epochs, args.rm_min_steps * args.batch_size / n)
-        stage = train_rm.Args(out_dir=str(root / f"rm-{n}"), n_train_pairs=n, epochs=epochs, **args.pair_settings())
+        stage = train_rm.Args(out_dir=str(root / f"rm-{n}"), n_train_pairs=n, epochs=proxy_epochs(args, n),
+                              **args.pair_settings())
         proxies[n] = run_stage(f"proxy reward model, {n} pairs", train_rm.main, stage) / "ckpt.pt"
     bon_rows = best_of_n_curves(args, proxies, root)
     rl_rows = []

@@ -90,6 +90,16 @@ def test_pair_counts_the_prompts_cannot_give_are_refused_before_any_proxy_is_tra
         overoptimization.Args(pair_counts=(16, 250))
 
 
+def test_each_proxy_gets_at_least_rm_min_steps_steps():
+    from experiments import overoptimization
+
+    args = overoptimization.Args()  # 32 pairs a batch, 4 epochs, at least 150 steps
+    steps = {n: int(overoptimization.proxy_epochs(args, n) * (n // args.batch_size)) for n in (250, 1000, 1100, 4000)}
+    assert steps == {250: 150, 1000: 150, 1100: 150, 4000: 500}  # 4,000 pairs: 4 epochs of 125 steps
+    for n in range(32, 2000, 7):  # never one short by a rounding
+        assert int(overoptimization.proxy_epochs(args, n) * (n // 32)) >= 150
+
+
 def test_select_pairs_subsets_and_flips_exactly():
     pairs = [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}", "chosen_gold": 1.0,
               "rejected_gold": -1.0, "p_chosen": 0.9} for i in range(40)]

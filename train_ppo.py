@@ -121,6 +121,9 @@ class Args:
         if self.minibatch_size > self.rollout_batch_size:
             raise ArgumentError(f"--minibatch-size {self.minibatch_size}: more than the --rollout-batch-size "
                                 f"{self.rollout_batch_size} sequences there are")
+        if self.rollout_batch_size % self.minibatch_size:  # one short minibatch would weigh its sequences more
+            raise ArgumentError(f"--minibatch-size {self.minibatch_size} must divide --rollout-batch-size "
+                                f"{self.rollout_batch_size}")
         if self.kl_target is not None and self.kl_coef == 0:
             raise ArgumentError("--kl-target: the controller scales --kl-coef, which is 0 and would stay 0")
         if self.missing_eos_score is not None and not math.isfinite(self.missing_eos_score):

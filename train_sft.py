@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minalign import data, distributed, ops, task
 from minalign.checkpoint import (check_out_dir, check_stage, check_weights_finite, file_fingerprint, finished,
-                                 load_checkpoint, replace_earlier_run, rng_state, save_checkpoint, set_rng_state)
+                                 load_checkpoint, remove_unfinished_saves, replace_earlier_run, rng_state,
+                                 save_checkpoint, set_rng_state)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, given, refuse_given, run
 from minalign.data import IGNORE_INDEX
 from minalign.logger import MetricsLogger, Progress, counted
@@ -189,6 +190,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                                 f"left to train")
         if args.stop_at is not None and args.stop_at <= ckpt["step"]:
             raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
+    if args.stop_at is not None and args.stop_at > args.max_steps:  # the run's own end comes first
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --max-steps {args.max_steps}; stop it "
+                            f"earlier or leave --stop-at out")
     if args.data is None:
         refuse_given(args, ("val_fraction",), "applies to --data; the built-in task has its own validation split")
         task.check_counts(args, val=("num_samples",))
@@ -242,6 +246,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         step = ckpt["step"]
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
+            remove_unfinished_saves(args.out_dir)
     if dist.is_main:
         print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")
         if note := warmup_note(args.warmup_steps, args.max_steps):

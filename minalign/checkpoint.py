@@ -200,6 +200,17 @@ def replace_earlier_run(out_dir, dist) -> None:
         print(f"replacing the earlier run in {out_dir}: removed {', '.join(p.name for p in earlier)}")
         for path in earlier:
             path.unlink()
+    if dist.is_main:
+        remove_unfinished_saves(out_dir)
+
+
+def remove_unfinished_saves(out_dir) -> None:
+    """Remove what a save cut off by kill -9 (or a power cut) left: its temporary file,
+    which save_checkpoint would otherwise have renamed or removed. Called as a run starts
+    in out_dir, when no other save can be under way there."""
+    for tmp in Path(out_dir).glob("ckpt.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        print(f"removed {tmp}, a checkpoint whose writing was cut off")
 
 
 def check_distinct(**folders: str) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import math
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -216,15 +217,26 @@ def check_divisible(args, names, world_size: int) -> None:
             raise ArgumentError(f"{flag(name)} {getattr(args, name)} must be divisible by the {world_size} processes")
 
 
+class Terminated(BaseException):
+    """SIGTERM (from `timeout`, a job scheduler, `docker stop`), raised where the run is so
+    that it unwinds as from Ctrl-C: a checkpoint being written is removed, not left half-done."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run(main, cls, argv=None) -> None:
     """main(parse_args(cls, argv)), where a mistake in what the user gave (a value out of
     range, bad data, a missing or unreadable file, a run that diverged) ends the run with
     one line that names it and exit status 2, as a usage error does, instead of a
-    traceback; Ctrl-C ends it with one line and status 130. Other errors are bugs and
-    keep their traceback. Under torchrun the line comes once a node (wait_if_not_first_on_node;
-    Ctrl-C, which torchrun passes to every process: from local rank 0)."""
+    traceback; Ctrl-C ends it with one line and status 130, SIGTERM with one line and
+    status 143. Other errors are bugs and keep their traceback. Under torchrun the line
+    comes once a node (wait_if_not_first_on_node; Ctrl-C and SIGTERM, which torchrun
+    passes to every process: from local rank 0)."""
     args = parse_args(cls, argv)
     script = Path(sys.argv[0]).name
+    on_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(args)
     except (ArgumentError, DataError, Diverged, FileNotFoundError, IsADirectoryError, NotADirectoryError,
@@ -232,7 +244,10 @@ def run(main, cls, argv=None) -> None:
         wait_if_not_first_on_node()
         sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
         sys.exit(2)
-    except KeyboardInterrupt:  # checkpoints are written atomically: the last one is whole
+    except (KeyboardInterrupt, Terminated) as stop:  # checkpoints are written atomically: the last one is whole
+        ctrl_c = isinstance(stop, KeyboardInterrupt)
         if not _other_local_rank():  # under torchrun every process gets the signal: one says so
-            sys.stderr.write(f"{script}: interrupted\n")
-        sys.exit(130)
+            sys.stderr.write(f"{script}: {'interrupted' if ctrl_c else 'terminated'}\n")
+        sys.exit(130 if ctrl_c else 128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)

@@ -66,6 +66,7 @@ class DataStats:
     n_implicit_prompt_mismatch: int = 0  # implicit-prompt pairs that differ before their
     # last "\n\nAssistant:": split at the last one they share, so a response spans turns
     n_empty_responses: int = 0  # responses with no text: kept (their tokens: EOS alone)
+    n_blank_lines: int = 0  # lines of a .jsonl file with no record on them
 
     def __str__(self) -> str:
         """What the scripts print, e.g. "1,000 kept; 12 prompts truncated"; counts of 0 left out."""
@@ -86,6 +87,7 @@ _STATS_WORDING = {  # DataStats field: (noun, what happened to it)
     "n_skipped_identical_pairs": ("pair", "skipped (chosen == rejected once truncated)"),
     "n_implicit_prompt_mismatch": ("pair", "split at the last Assistant turn both share"),
     "n_empty_responses": ("empty response", ""),
+    "n_blank_lines": ("blank line", "skipped"),
 }
 
 
@@ -128,11 +130,14 @@ def _format(path: Path) -> str:
     raise DataError(f"{path}: unknown format, expected .txt or .jsonl (optionally .gz)")
 
 
-def _records(path: Path):
-    """Yield ("file:line", object) for each non-blank line of a JSONL file."""
+def _records(path: Path, stats: DataStats | None = None):
+    """Yield ("file:line", object) for each non-blank line of a JSONL file (blank ones are
+    counted in `stats`)."""
     for lineno, line in _lines(path):
-        if not line.strip():
-            continue  # a blank line (often the last one) holds no record
+        if not line.strip():  # holds no record
+            if stats is not None:
+                stats.n_blank_lines += 1
+            continue
         where = f"{path}:{lineno}"
         try:
             record = json.loads(line.rstrip("\r\n"))  # a column past the end is on this line, not the next
@@ -244,7 +249,7 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
     if _format(path) != "jsonl":
         raise DataError(f"{path}: preference pairs must be .jsonl (optionally .gz)")
     pairs, stats = [], DataStats()
-    for where, record in _records(path):
+    for where, record in _records(path, stats):
         # a response may be empty (the model stopped at once: its tokens are just EOS)
         chosen, rejected = (_text(record, key, where, allow_empty=True) for key in ("chosen", "rejected"))
         if "prompt" in record:

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from minalign.logger import counted
+
 
 def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu"):
     """AdamW; weight decay on 2-D weights (matmuls, embeddings), none on biases and norms."""
@@ -33,7 +35,7 @@ def warmup_note(warmup_steps: int, total_steps: int) -> str:
     if warmup_steps <= total_steps:
         return ""
     peak = cosine_lr(total_steps - 1, 1.0, total_steps, warmup_steps)
-    return (f"note: --warmup-steps {warmup_steps} outlasts the {total_steps} steps: the learning rate rises "
+    return (f"note: --warmup-steps {warmup_steps} outlasts the {counted(total_steps, 'step')}: the learning rate rises "
             f"throughout, to {peak:.0%} of --lr")
 
 

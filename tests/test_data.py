@@ -49,6 +49,15 @@ def test_load_pairs_explicit_and_implicit(tmp_path):
     assert stats.n_implicit_prompt_mismatch == 0
 
 
+def test_blank_lines_of_a_pairs_file_are_skipped_and_counted(tmp_path):
+    row = json.dumps({"prompt": "Say hi.", "chosen": " Hi!", "rejected": " No."})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{row}\n\n{row}\n  \n{row}\n")
+    pairs, stats = load_pairs(path)
+    assert len(pairs) == 3 and stats.n_blank_lines == 2
+    assert str(stats) == "3 kept; 2 blank lines skipped"
+
+
 def test_implicit_prompt_mismatch_is_split_at_last_shared_turn(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [
         {"chosen": "\n\nHuman: q\n\nAssistant: a\n\nAssistant: b",

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -132,6 +134,32 @@ def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):
         assert stop.value.code == 130 and (err.endswith(": interrupted\n") if says else err == "")
 
 
+def test_sigterm_ends_a_script_with_one_line_and_no_half_written_checkpoint(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import minalign.cli as cli
+    from minalign.checkpoint import replace_earlier_run
+    from minalign.distributed import DistInfo
+
+    def terminated_while_saving(args):  # as `timeout` or a scheduler would stop a run
+        monkeypatch.setattr(torch, "save", lambda obj, f: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(5))
+        save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(terminated_while_saving, Args, [])
+    assert stop.value.code == 143 and capsys.readouterr().err.endswith(": terminated\n")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is removed, no ckpt.pt appears
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+    (tmp_path / "ckpt.pt.x1y2.tmp").write_bytes(b"cut off by kill -9")  # which no handler can clean up
+    (tmp_path / "metrics.jsonl").write_text("")
+    replace_earlier_run(tmp_path, DistInfo())  # a new run starts in the folder
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert "a checkpoint whose writing was cut off" in capsys.readouterr().out
+
+
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     path = tmp_path / "run" / "ckpt.pt"
     state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "args": {"lr": 0.1, "data": None}}
@@ -202,6 +230,7 @@ def test_cosine_schedule():
     assert warmup_note(10, 100) == warmup_note(10, 10) == ""  # the peak is reached
     assert warmup_note(500, 10) == ("note: --warmup-steps 500 outlasts the 10 steps: the learning rate rises "
                                     "throughout, to 2% of --lr")  # step 9 of the warmup: 10/500
+    assert "outlasts the 1 step:" in warmup_note(20, 1)
 
 
 def test_metrics_jsonl(tmp_path):
@@ -259,6 +288,7 @@ def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
         ("train_rm", ["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be in [0, 2^32)"),
         ("train_ppo", ["--seed", "-1"], "--seed -1: must be in [0, 2^32)"),
         ("train_ppo", ["--minibatch-size", "100"], "--minibatch-size 100: more than the --rollout-batch-size 64"),
+        ("train_ppo", ["--minibatch-size", "48"], "--minibatch-size 48 must divide --rollout-batch-size 64"),
         ("train_ppo", ["--kl-target", "6", "--kl-coef", "0"], "--kl-target: the controller scales --kl-coef"),
     ]
     for script, argv, message in cases:

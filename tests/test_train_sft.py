@@ -170,6 +170,12 @@ def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
     with pytest.raises(ArgumentError, match="--stop-at 1: the run in .* is at step 2 already"):
         train_sft.train(train_sft.Args(**{**load_checkpoint(tmp_path / "c" / "ckpt.pt")["args"],
                                          "out_dir": str(tmp_path / "c"), "resume": True, "stop_at": 1}), DistInfo())
+    with pytest.raises(ArgumentError, match="^--stop-at 5: the run ends at --max-steps 4; stop it earlier"):
+        train_sft.train(train_sft.Args(**{**load_checkpoint(tmp_path / "c" / "ckpt.pt")["args"],
+                                         "out_dir": str(tmp_path / "c"), "resume": True, "stop_at": 5}), DistInfo())
+    with pytest.raises(ArgumentError, match="^--stop-at 9: the run ends at --max-steps 4"):  # a new run too
+        train_sft.train(train_sft.Args(max_steps=4, stop_at=9, out_dir=str(tmp_path / "d")), DistInfo())
+    assert not (tmp_path / "d").exists()
 
 
 def test_data_with_nothing_left_to_train_on_is_named(tmp_path):

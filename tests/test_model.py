@@ -145,6 +145,17 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(picks.tolist()) == {0, 1}  # 0.5 < 0.7 needs the second token; never the third
     greedy = sample_token(logits, temperature=0)
     assert (greedy == 0).all()
+    unsorted = torch.log(torch.tensor([[0.05, 0.15, 0.3, 0.5]]).expand(2000, 4))  # the nucleus is at the end
+    picks = sample_token(unsorted, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {2, 3}  # the kept set is mapped back from sorted to vocabulary order
+    halves = sample_token(torch.zeros(2000, 2), top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert len(set(halves.tolist())) == 1  # one token of 0.5 reaches top_p = 0.5: the second is dropped
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).expand(4000, 4)
+    picks = sample_token(logits, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0, 1}  # the k-th token is kept, the (k+1)-th is not
 
 
 def test_too_long_raises():

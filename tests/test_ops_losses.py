@@ -59,6 +59,12 @@ def test_dpo_loss_by_hand(device):
     pc, pr, rc, rr = (torch.tensor([x], device=device) for x in (-1.0, -2.0, -4.0, -4.0))
     torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=1.0).losses.item(), math.log1p(math.exp(-1)))
     torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="hinge").losses.item(), 0.5)
+    # conservative DPO, e = 0.1: -(0.9) log sigmoid(1) - 0.1 log sigmoid(-1) = log(1 + e^-1) + 0.1
+    torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=1.0, label_smoothing=0.1).losses.item(),
+                               math.log1p(math.exp(-1)) + 0.1)
+    # each response's implicit reward against its own reference: 0.5 (-1 + 4), 0.5 (-2 + 3)
+    out = ops.dpo_loss(pc, pr, rc, torch.tensor([-3.0], device=device), beta=0.5)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((1.5, 0.5))
     # huge margins stay finite: sigmoid loss ~ 0 on the right side, ~ beta |h| on the wrong one
     big = torch.tensor([1e4, -1e4], device=device)
     losses = ops.dpo_loss(big, -big, torch.zeros(2, device=device), torch.zeros(2, device=device), beta=0.1).losses
@@ -165,6 +171,9 @@ def test_ppo_losses_by_hand(device):
     out = ops.ppo_value_loss(v, t(1.0), t(0.0), t(1.0))
     out.loss.backward()
     torch.testing.assert_close((out.loss.item(), out.clipfrac.item(), v.grad.item()), (4.5, 0.0, 3.0))
+    # value == old value: the clipped value is the value itself, so nothing counts as clipped
+    out = ops.ppo_value_loss(t(1.0), t(1.0), t(0.0), t(1.0))
+    assert out.clipfrac.item() == 0 and out.loss.item() == pytest.approx(0.5)
     # an all-zero mask: the masked means divide by 1, everything is 0
     out = ops.ppo_value_loss(t(3.0), t(1.0), t(0.0), t(0.0))
     assert out.loss.item() == 0 and out.clipfrac.item() == 0

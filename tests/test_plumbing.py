@@ -225,6 +225,10 @@ def test_cosine_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically
     assert lrs[100] == pytest.approx(0.1)
+    assert cosine_lr(10, 1.0, 100, 10) == pytest.approx(1.0)  # the end of the warmup is the peak
+    assert max(cosine_lr(s, 1.0, 100, 10) for s in range(200)) == pytest.approx(1.0)  # never above it
+    assert cosine_lr(55, 1.0, 100, 10) == pytest.approx(0.55)  # half way through the decay: (1 + 0.1) / 2
+    assert cosine_lr(150, 1.0, 100, 10) == pytest.approx(0.1)  # past the end: stays at the floor
     from minalign.optim import warmup_note
 
     assert warmup_note(10, 100) == warmup_note(10, 10) == ""  # the peak is reached

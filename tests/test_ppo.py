@@ -74,6 +74,21 @@ def test_whitening_ignores_padding():
     real = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0])
     torch.testing.assert_close(white[mask], (real - real.mean()) / real.std(unbiased=False), atol=1e-5, rtol=1e-5)
     assert (white[~mask] == 0).all()
+    one = masked_whiten(torch.tensor([[2.0, 5.0]]), torch.tensor([[True, False]]))
+    assert torch.equal(one, torch.zeros(1, 2))  # one real token (variance 0): zeros, not NaN
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+def test_ppo_losses_give_no_gradient_to_old_logprobs_advantages_or_returns(impl):
+    from minalign import reference
+
+    module = ops if impl == "ops" else reference
+    lp, old, adv = (torch.tensor([[a, b]], requires_grad=True) for a, b in ((-1.0, -2.0), (-1.5, -1.0), (1.0, -2.0)))
+    module.ppo_policy_loss(lp, old, adv, torch.ones(1, 2)).loss.backward()
+    assert lp.grad is not None and old.grad is None and adv.grad is None
+    v, old_v, ret = (torch.tensor([[a, b]], requires_grad=True) for a, b in ((1.0, 3.0), (0.5, 0.5), (0.0, 1.0)))
+    module.ppo_value_loss(v, old_v, ret, torch.ones(1, 2)).loss.backward()
+    assert v.grad is not None and old_v.grad is None and ret.grad is None
 
 
 def run_ppo(workdir, out, *extra, nproc=1, returncode=0):
@@ -204,6 +219,18 @@ def test_prepare_update_by_hand():
     k3 = (kl_estimate(old_logps, response_logprobs(reference, rollout).token_logps, "k3") * mask).sum(1)
     assert k3_stats["objective/kl"] == pytest.approx(k3.mean().item(), abs=1e-5)
     assert abs(k3_stats["objective/kl"] - stats["objective/kl"]) > 1e-3
+
+
+def test_prepare_update_takes_both_models_at_the_runs_temperature():
+    import train_ppo
+    from minalign.rollout import response_logprobs
+
+    policy, reference, reward_model, rollout, eos = _score_rollout_setup()
+    args = train_ppo.Args(kl_coef=0.3, temperature=0.5)
+    *_, stats = train_ppo.prepare_update(policy, reference, reward_model, reward_model, rollout, args, 0.3, eos)
+    kl = (response_logprobs(policy, rollout, temperature=0.5).token_logps
+          - response_logprobs(reference, rollout, temperature=0.5).token_logps) * rollout.response_mask
+    assert stats["objective/kl"] == pytest.approx(kl.sum(1).mean().item(), abs=1e-5)
 
 
 def test_minibatch_stats_by_hand():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -59,6 +61,22 @@ def test_bradley_terry_margin_and_centring():
     assert bradley_terry_loss(c, r, margin=torch.tensor([1.0])).item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
     assert bradley_terry_loss(c, r, center_coef=0.5).item() == pytest.approx(
         bradley_terry_loss(c, r).item() + 0.5 * 1.0)
+    # centring penalises the sum (r_c + r_r)^2, not the gap: chosen 1, rejected 2 gives 0.5 * 9
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([2.0]), center_coef=0.5).item() == pytest.approx(
+        math.log1p(math.e) + 0.5 * 9.0)
+
+
+def test_tied_scores_are_not_counted_as_right():
+    from minalign import data
+    from minalign.reward import accuracy_and_margin
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    rm = RewardModel(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48))
+    with torch.no_grad():
+        rm.head.weight.zero_()  # every score is the bias: a collapsed reward model ties every pair
+    pairs, _ = data.tokenize_pairs([{"prompt": "The plot was", "chosen": " great", "rejected": " dull"}], tok, 48)
+    assert accuracy_and_margin(rm, pairs, tok.pad_id, "cpu") == (0.0, 0.0)
 
 
 def test_normalisation_gives_mean_zero_std_one():
@@ -73,6 +91,11 @@ def test_normalisation_gives_mean_zero_std_one():
     state = rm.state_dict()
     assert "gain" in state and "offset" in state  # saved with the checkpoint
     rm.fit_normalisation(scores)  # fitting again, on what it gives now, changes nothing
+    torch.testing.assert_close(rm(seqs, mask).detach(), scores, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # scores off by a scale and a shift are fitted back to mean 0, std 1
+        rm.gain.mul_(2.0)
+        rm.offset.fill_(3.0)
+    rm.fit_normalisation(rm(seqs, mask).detach())
     torch.testing.assert_close(rm(seqs, mask).detach(), scores, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no real token"):
         rm(seqs[:2], torch.tensor([[True] * 6, [False] * 6]))

@@ -156,3 +156,49 @@ def test_response_texts_leave_out_eos_and_padding():
     rollout = Rollout(ids[:, :1], torch.ones(2, 1, dtype=torch.bool), ids, mask)
     assert rollout.response_texts(tok) == [" great fun.", " dull"]
     assert rollout.ended(tok.eos_id).tolist() == [True, False]
+
+
+def test_a_batch_of_prompts_of_different_lengths_samples_as_each_prompt_alone():
+    from minalign.model import GPT, GPTConfig
+    from minalign.rollout import sample
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)).eval()
+    with torch.no_grad():  # larger weights: varied greedy continuations
+        for p in model.parameters():
+            p.mul_(4.0)
+    prompts = ["The plot was", "I saw it twice and it was"]  # the first is left-padded in the batch
+    batch = sample(model, tok, prompts, 8, temperature=0)
+    for i, prompt in enumerate(prompts):  # padding is masked out and positions start at each prompt
+        alone = sample(model, tok, [prompt], 8, temperature=0).response_ids[0]
+        assert torch.equal(batch.response_ids[i, : len(alone)], alone)
+
+
+def test_evaluation_judges_prompt_and_response_and_scores_them_unpadded():
+    import copy
+
+    from minalign.evaluate import evaluate_policy
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel
+    from minalign.rollout import sample
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32)
+    reference, reward_model = GPT(config).eval(), RewardModel(config).eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        policy.wte.weight.mul_(2.0)
+    prompts = ["The plot was", "I saw it twice and it was", "This film"]  # padded to different lengths
+    result = evaluate_policy(policy, reference, tok, prompts, max_new_tokens=6, seed=5, reward_model=reward_model,
+                             judge=lambda texts: [float(len(t)) for t in texts])
+    for prompt, s in zip(prompts, result["samples"]):
+        assert s["gold"] == len(prompt + s["response"])  # the judge reads the whole review
+    rollout = sample(policy, tok, prompts, 6, torch.Generator().manual_seed(5))
+    assert result["response_length"] == pytest.approx(rollout.response_mask.sum(1).float().mean().item())  # with EOS
+    alone = [reward_model(ids[m][None], torch.ones(1, int(m.sum()), dtype=torch.bool)).item()
+             for ids, m in zip(rollout.sequences, rollout.attention_mask)]  # each sequence without its padding
+    assert result["rm_score"] == pytest.approx(sum(alone) / len(alone), abs=1e-5)

@@ -2,7 +2,7 @@
 & Hilton 2022, "Scaling Laws for Reward Model Overoptimization", at laptop scale).
 
 Proxy reward models are trained on small random subsets of the built-in task's
-gold-labelled pairs (250, 1,000 and 4,000 by default). Against each proxy:
+gold-labelled pairs (100, 250, 1,000 and 4,000 by default). Against each proxy:
 
 - best-of-n: sample n = 1..256 responses per held-out prompt from the SFT policy and
   keep the one the proxy likes best; KL(best-of-n || SFT) = log n - (n - 1)/n;
@@ -49,7 +49,7 @@ from minalign.tokenizer import get_tokenizer
 class Args(ExperimentArgs):
     """Proxy reward models from few pairs; best-of-n and PPO against them, judged by the gold judge."""
 
-    pair_counts: tuple[int, ...] = (250, 1000, 4000)
+    pair_counts: tuple[int, ...] = (100, 250, 1000, 4000)
     """Training pairs of each proxy reward model (a random subset of the task's pairs)."""
     rm_epochs: float = 4.0
     """Passes over each proxy's pairs ..."""

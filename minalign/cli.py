@@ -249,5 +249,9 @@ def run(main, cls, argv=None) -> None:
         if not _other_local_rank():  # under torchrun every process gets the signal: one says so
             sys.stderr.write(f"{script}: {'interrupted' if ctrl_c else 'terminated'}\n")
         sys.exit(130 if ctrl_c else 128 + signal.SIGTERM)
+    except BrokenPipeError:  # the output went to a reader that stopped (`| head`): stop too, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes into nothing
+        sys.stderr.write(f"{script}: stopped: the program reading its output closed the pipe\n")
+        sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)

@@ -160,6 +160,22 @@ def test_sigterm_ends_a_script_with_one_line_and_no_half_written_checkpoint(tmp_
     assert "a checkpoint whose writing was cut off" in capsys.readouterr().out
 
 
+def test_a_closed_output_pipe_stops_a_script_with_one_line():
+    import subprocess
+    import sys
+
+    code = ("from dataclasses import dataclass\nfrom minalign.cli import run\n"
+            "@dataclass\nclass Args:\n    'A script that prints a lot.'\n"
+            "def main(args):\n    for i in range(10**6):\n        print('progress', i, flush=True)\n"
+            "run(main, Args, [])\n")
+    script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert script.stdout.readline() == "progress 0\n"
+    script.stdout.close()  # as `| head -1` does
+    err = script.stderr.read()
+    assert script.wait(timeout=60) == 1
+    assert err == "-c: stopped: the program reading its output closed the pipe\n"
+
+
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     path = tmp_path / "run" / "ckpt.pt"
     state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "args": {"lr": 0.1, "data": None}}

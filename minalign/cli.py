@@ -241,6 +241,7 @@ def run(main, cls, argv=None) -> None:
         main(args)
     except (ArgumentError, DataError, Diverged, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError) as error:
+        signal.signal(signal.SIGTERM, on_sigterm)  # torchrun's SIGTERM may end a waiting process quietly
         wait_if_not_first_on_node()
         sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
         sys.exit(2)

@@ -335,7 +335,7 @@ def test_batch_sizes_count_all_processes_and_must_split_evenly(tmp_path, monkeyp
     from minalign.distributed import DistInfo
 
     monkeypatch.setattr(train_ppo.distributed, "setup", lambda device: DistInfo(world_size=4))
-    for sizes, message in (({"rollout_batch_size": 66}, "--rollout-batch-size 66 must be divisible by the 4"),
+    for sizes, message in (({"rollout_batch_size": 66, "minibatch_size": 66}, "--rollout-batch-size 66 must be divisible by the 4"),
                            ({"rollout_batch_size": 36, "minibatch_size": 18}, "--minibatch-size 18 must be divisible by the 4")):
         with pytest.raises(ArgumentError, match=message):
             train_ppo.main(train_ppo.Args(out_dir=str(tmp_path / "ppo"), **sizes))

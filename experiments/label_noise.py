@@ -11,7 +11,7 @@ all from the same SFT policy, and measures:
 The methods are only machinery that consumes the preferences: the worse the labels,
 the worse every one of them ends, and at 50% there is nothing left to learn.
 
-    python -m experiments.label_noise       # about 11 minutes on 2 CPU cores
+    python -m experiments.label_noise       # about 13 minutes on 2 CPU cores
 
 Writes out/experiments/label_noise/{label_noise.csv, label_noise.png}.
 """
@@ -52,7 +52,7 @@ def main(args: Args):
     t0 = time.time()
     root = Path(args.out_dir) / "label_noise"
     print(f"label noise: reward model, DPO and PPO at {len(args.flips)} shares of flipped labels "
-          f"(about 11 minutes on 2 CPU cores at the defaults) -> {root}")
+          f"(about 13 minutes on 2 CPU cores at the defaults) -> {root}")
     rows = []
     for k, flip in enumerate(args.flips):
         name = f"flip{flip:g}"

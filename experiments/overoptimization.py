@@ -17,7 +17,7 @@ are fitted to the gold curves (gold reward minus the SFT policy's), and the fit
 quality reported. The highest-scoring samples of the most over-optimised run show
 what the policy learned to exploit.
 
-    python -m experiments.overoptimization      # about 12 minutes on 2 CPU cores
+    python -m experiments.overoptimization      # about 18 minutes on 2 CPU cores
 
 Writes out/experiments/overoptimization/{rl.csv, bon.csv, fits.csv, samples.md,
 overoptimization.png}.
@@ -92,7 +92,7 @@ def main(args: Args):
     t0 = time.time()
     root = Path(args.out_dir) / "overoptimization"
     print(f"overoptimization: proxies from {', '.join(map(str, args.pair_counts))} pairs; best-of-n up to "
-          f"{args.bon_max_n} and {args.ppo_updates} PPO updates against each (about 12 minutes on 2 CPU cores "
+          f"{args.bon_max_n} and {args.ppo_updates} PPO updates against each (about 18 minutes on 2 CPU cores "
           f"at the defaults) -> {root}")
     proxies = {}
     for n in args.pair_counts:

@@ -147,10 +147,13 @@ def test_ppo_runs_under_two_processes(workdir, tmp_path):
     # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
     # 16 rollouts a process; minibatches of 16 in all, 8 of each process's: two steps an
     # epoch, the second after the first has moved the policy
+    # the KL controller moves beta by the global batch's KL and count: 32 rollouts, not 16
     rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", "--rollout-batch-size", "32",
-                   "--minibatch-size", "16", "--epochs", "1", nproc=2)
+                   "--minibatch-size", "16", "--epochs", "1", "--kl-target", "1", "--kl-horizon", "320", nproc=2)
     updates = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in updates] == [1, 2]
+    error = min(max(updates[0]["objective/kl"] / 1 - 1, -0.2), 0.2)
+    assert updates[0]["kl_coef"] == 0.05 and updates[1]["kl_coef"] == pytest.approx(0.05 * (1 + error * 32 / 320))
     assert all(0 <= r["val/num_eos_tokens"] <= 32 and math.isfinite(r["loss/policy_avg"]) for r in updates)
     assert all(r["val/ratio"] != 1.0 for r in updates)  # one minibatch (16 a process) would leave it at 1
     assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]

@@ -10,6 +10,7 @@ written to out/dpo/eval.json.
     python train_dpo.py
     python train_dpo.py --beta 0.5 --loss-type ipo
     python train_dpo.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2 --max-length 256
+    python train_dpo.py --resume                          # continue a run that was cut short
 """
 
 import copy
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train_sft
 from minalign import data, distributed, dpo, ops
-from minalign.checkpoint import block_size_of, check_weights_finite, replace_earlier_run, save_checkpoint
+from minalign.checkpoint import block_size_of, check_weights_finite, save_checkpoint, weights_fingerprint
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
@@ -31,7 +32,8 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import PairArgs, pair_batches, tokenize_splits
+from minalign.pairs import NOT_RESUMED, RESUME_MAY_CHANGE, PairArgs, pair_batches, pairs_fingerprint, tokenize_splits
+from minalign.resume import check_started_from, continue_run, start_or_resume
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
 from train_rm import prepare_pairs  # shared with train_rm.py
@@ -117,6 +119,10 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
 
 def main(args: Args):
     dist = distributed.setup(args.device)
+    ckpt = None
+    if args.resume:
+        args, ckpt = continue_run(args, "dpo", (*RESUME_MAY_CHANGE, "eval_interval", "eval_max_new_tokens"),
+                                  NOT_RESUMED)
     torch.manual_seed(args.seed)
     if args.data is None:  # the gold evaluation samples: make sure it can, before any pairs or SFT are made
         block_size = block_size_of(args.sft_folder(), default=train_sft.Args().block_size)  # or the one trained below
@@ -125,30 +131,53 @@ def main(args: Args):
                    args.eval_max_new_tokens, "--eval-max-new-tokens")
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
+    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
+    if ckpt is not None:
+        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_folder()}",
+                                                "pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
+    batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
+    if args.stop_at is not None and args.stop_at > total_steps:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {total_steps}; stop it earlier or "
+                            f"leave --stop-at out")
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
-    # from it, so compute them once and keep only the policy in memory while training.
+    # from it, so compute them once (a resumed run has them in its checkpoint) and keep only
+    # the policy in memory while training.
     per_token = dpo.per_token(args.loss_type)  # mean log-probs (IPO) or sums (the others)
-    t_ref = time.time()
-    ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main)  # (n, 2)
-    ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token)  # (n_test, 2)
     reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
-    if dist.is_main:
-        print(f"reference log-probs of {len(train_pairs) + len(test_pairs):,} pairs in {time.time() - t_ref:.1f}s")
+    if ckpt is None:
+        t_ref = time.time()
+        ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main)  # (n, 2)
+        ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token)  # (n_test, 2)
+        if dist.is_main:
+            print(f"reference log-probs of {len(train_pairs) + len(test_pairs):,} pairs in "
+                  f"{time.time() - t_ref:.1f}s")
+    else:
+        ref_train, ref_test = ckpt["resume"]["ref_train"], ckpt["resume"]["ref_test"]
 
     optimizer = make_optimizer(policy, args.lr, weight_decay=0.0, device=dist.device)
     train_model = DDP(policy) if dist.enabled else policy
-    batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
-    replace_earlier_run(args.out_dir, dist)  # every check passed
-    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
-    progress = Progress(total_steps, enabled=dist.is_main)
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer)  # every check passed
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
+    progress = Progress(total_steps, enabled=dist.is_main, start_step=first - 1)
+    last = args.stop_at or total_steps
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
-    if gold_evals:
+    if gold_evals and ckpt is None:
         distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device, logger, 0)
     t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of steps_per_s and train_seconds
-    for step in range(1, total_steps + 1):
+
+    def save(step: int, resumable: bool):
+        state = {"model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+                 "step": step, "tokenizer": tokenizer.name, "stage": "dpo"}
+        if resumable:
+            state["resume"] = {"optimizer": optimizer.state_dict(), "ref_train": ref_train, "ref_test": ref_test,
+                               "started_from": started_from,
+                               "train_seconds": seconds_before + time.time() - t0 - eval_seconds}
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
+
+    for step in range(first, last + 1):
         lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
@@ -162,11 +191,12 @@ def main(args: Args):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
-        if step % args.log_interval == 0 or step == total_steps:
+        if step % args.log_interval == 0 or step == last:
             labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])  # (2B, T)
             lengths = (labels != IGNORE_INDEX).sum(1).float().mean().item()  # of both responses, as PPO's
             metrics = {**dpo_metrics(out, chosen_logps, rejected_logps), "response_length": lengths,
-                       "grad_norm": grad_norm.item(), "lr": lr, "steps_per_s": step / (time.time() - t0 - eval_seconds)}
+                       "grad_norm": grad_norm.item(), "lr": lr,
+                       "steps_per_s": (step - first + 1) / (time.time() - t0 - eval_seconds)}
             metrics = distributed.reduce_metrics(metrics, dist)  # this rank's pairs -> the global batch's
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
@@ -176,13 +206,19 @@ def main(args: Args):
             check_weights_finite(step, policy)  # it samples from them
             eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
                                                 logger, step)
-    train_seconds = time.time() - t0 - eval_seconds
-    check_weights_finite(total_steps, policy)
+        if step < total_steps and (step % args.save_interval == 0 or step == last):
+            check_weights_finite(step, policy)
+            if dist.is_main:  # after the step's evaluation, which a resumed run does not repeat
+                save(step, resumable=True)
+    train_seconds = seconds_before + time.time() - t0 - eval_seconds
+    check_weights_finite(last, policy)
 
-    if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
-        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": total_steps, "tokenizer": tokenizer.name, "stage": "dpo"})
+    if last < total_steps:
+        if dist.is_main:
+            print(f"stopped at step {last} of {total_steps}: continue with `python train_dpo.py --resume "
+                  f"--out-dir {args.out_dir}`")
+    elif dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
+        save(total_steps, resumable=False)
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         results["train_seconds"] = train_seconds
         print("held-out pairs: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()

@@ -10,6 +10,7 @@ temperature).
 
     python train_ppo.py
     python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run
+    python train_ppo.py --resume                         # continue a run that was cut short
 """
 
 import copy
@@ -27,12 +28,13 @@ import train_rm
 import train_sft
 from minalign import distributed, ops, task
 from minalign.checkpoint import (block_size_of, check_distinct, check_out_dir, check_weights_finite, load_model,
-                                 replace_earlier_run, save_checkpoint)
+                                 save_checkpoint, weights_fingerprint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.ppo import AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate, masked_mean
+from minalign.resume import check_started_from, continue_run, start_or_resume
 from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -52,6 +54,18 @@ class Args:
     """Reward-model checkpoint folder: the score, and the critic's initialisation (trained if absent)."""
     updates: int = 120
     """PPO updates (each: one rollout batch, then `epochs` passes over it)."""
+    stop_at: int | None = None
+    """Stop this invocation after this update, with a checkpoint (continue later with --resume)."""
+    resume: bool = False
+    """Continue the run in out_dir from its last checkpoint, bit for bit on the same kind of
+    device and number of processes: policy, critic, optimizer, KL coefficient and sampling
+    state. A flag left out takes the run's value; one given another value is refused,
+    except --stop-at, --out-dir, --device, --sft-dir and --rm-dir (where the run's models
+    are now: their weights must be the same), --save-interval, --log-interval,
+    --eval-interval and --eval-prompts."""
+    save_interval: int = 20
+    """Updates between the checkpoints --resume continues from (the final checkpoint holds
+    the policy alone)."""
     rollout_batch_size: int = 64
     """Prompts sampled per update, summed over processes."""
     minibatch_size: int = 64
@@ -109,9 +123,9 @@ class Args:
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"."""
 
     def __post_init__(self):
-        check_args(self, positive=("updates", "rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens",
-                                   "temperature", "kl_target", "kl_horizon", "clip_eps", "value_clip",
-                                   "eval_prompts", "log_interval"),
+        check_args(self, positive=("updates", "stop_at", "save_interval", "rollout_batch_size", "minibatch_size",
+                                   "epochs", "max_new_tokens", "temperature", "kl_target", "kl_horizon", "clip_eps",
+                                   "value_clip", "eval_prompts", "log_interval"),
                    non_negative=("lr", "kl_coef", "vf_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
         if self.rollout_batch_size >= task.SPLITS["train"]:  # a slice of the prompts must fit, with room to move
@@ -183,8 +197,30 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
     return result
 
 
+# What a resumed run may set anew; every other setting continues as the checkpoint's run
+# (minalign/resume.py). --sft-dir and --rm-dir left out are the run's folders.
+RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "sft_dir", "rm_dir", "save_interval", "eval_prompts",
+                     "eval_interval", "log_interval")
+NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")  # this invocation's own, given or not
+
+
 def main(args: Args):
     dist = distributed.setup(args.device)
+    ckpt = None
+    if args.resume:
+        args, ckpt = continue_run(args, "ppo", RESUME_MAY_CHANGE, NOT_RESUMED, unit="update")
+        saved = ckpt["resume"]
+        if len(saved["generators"]) != dist.world_size:
+            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {len(saved['generators'])} "
+                                f"process(es), each from its own random stream: continue it with as many "
+                                f"(torchrun --nproc_per_node={len(saved['generators'])})")
+        if saved["sampling_device"] != torch.device(dist.device).type:
+            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
+                                f"random stream another device cannot continue: pass --device "
+                                f"{saved['sampling_device']}")
+    if args.stop_at is not None and args.stop_at > args.updates:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --updates {args.updates}; stop it earlier "
+                            f"or leave --stop-at out")
     if args.kl_target is None:
         refuse_given(args, ("kl_horizon",), "sets the adaptive KL controller's pace: give --kl-target too")
     check_divisible(args, ("rollout_batch_size", "minibatch_size"), dist.world_size)
@@ -201,6 +237,12 @@ def main(args: Args):
     for model, folder, block in (("the SFT policy", args.sft_dir, sft_block),
                                  ("the reward model", args.rm_dir, rm_block)):
         check_room(block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens", f"{model} in {folder}")
+    if ckpt is not None:  # the run's own models, not new ones trained where they were
+        for name, what, folder in (("--sft-dir", "SFT policy", args.sft_dir),
+                                   ("--rm-dir", "reward model", args.rm_dir)):
+            if not (Path(folder) / "ckpt.pt").exists():
+                raise ArgumentError(f"--resume: {name} {folder} holds no checkpoint, and the run goes on only from "
+                                    f"the {what} it started from: pass {name} and the folder that holds it now")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     policy, _ = load_model(sft_path, dist.device, tokenizer)  # before a reward model is trained from it
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
@@ -209,6 +251,11 @@ def main(args: Args):
     reward_model, _ = load_model(rm_path, dist.device, tokenizer)
     reward_model.eval().requires_grad_(False)
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
+    started_from = {"sft": weights_fingerprint(reference), "rm": weights_fingerprint(reward_model)}
+    if ckpt is not None:
+        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_dir}",
+                                                "rm": f"the reward model in {args.rm_dir}"})
+        critic.load_state_dict(ckpt["resume"]["critic"])  # the policy: by start_or_resume below
     policy.train()
 
     # One AdamW over both models, at torch's default betas (0.9, 0.999) and no weight decay,
@@ -218,18 +265,37 @@ def main(args: Args):
     train_policy = DDP(policy) if dist.enabled else policy
     train_critic = DDP(critic) if dist.enabled else critic
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-    replace_earlier_run(args.out_dir, dist)
-    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
-    progress = Progress(args.updates, enabled=dist.is_main, unit="update")
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer, unit="update")
+    if ckpt is not None:
+        kl_ctl.value = ckpt["resume"]["kl_coef"]
+        generator.set_state(ckpt["resume"]["generators"][dist.rank])
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
+    progress = Progress(args.updates, enabled=dist.is_main, unit="update", start_step=first - 1)
     rollouts_per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
     minibatch_per_rank = args.minibatch_size // dist.world_size
+    last = args.stop_at or args.updates
     negative_kl_warned = False
-    if args.eval_interval:
+    if args.eval_interval and ckpt is None:
         distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args, logger, 0)
     t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of eps and train_seconds
 
-    for update in range(1, args.updates + 1):
+    def save(update: int, resumable: bool):
+        """The policy in out_dir/ckpt.pt; with `resumable`, what --resume needs besides
+        (every process calls it: each holds its own sampling state)."""
+        generators = distributed.gather_objects(generator.get_state(), dist) if resumable else None
+        if not dist.is_main:
+            return
+        state = {"model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
+                 "step": update, "tokenizer": tokenizer.name, "stage": "ppo"}
+        if resumable:
+            state["resume"] = {"critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
+                               "kl_coef": kl_ctl.value, "generators": generators,
+                               "sampling_device": torch.device(dist.device).type, "started_from": started_from,
+                               "train_seconds": seconds_before + time.time() - t0 - eval_seconds}
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
+
+    for update in range(first, last + 1):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
         # successive updates take successive slices of the training prompts, each rank its
         # own; the modulus starts over before a slice would run past the end of the list
@@ -272,7 +338,8 @@ def main(args: Args):
             "losses/explained_variance": explained_variance(old_values, returns, mask),
             "kl_coef": kl_ctl.value,
             "rollout_tokens_per_s": roll_tokens / rollout_seconds,
-            "eps": update * args.rollout_batch_size / (time.time() - t0 - eval_seconds),  # TRL's: episodes/s
+            # TRL's eps: episodes per second, of this invocation
+            "eps": (update - first + 1) * args.rollout_batch_size / (time.time() - t0 - eval_seconds),
         })
         # the gold judge beside the proxy: where they part, the policy is exploiting the reward model
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
@@ -288,7 +355,7 @@ def main(args: Args):
         logger.log(update, **stats)
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
         check_weights_finite(update, policy, critic, counter="update")  # the next rollout samples from the policy
-        if update % args.log_interval == 0 or update == args.updates:
+        if update % args.log_interval == 0 or update == last:
             progress.print(update, score=round(stats["objective/scores"], 3),
                            gold=round(stats["objective/gold_scores"], 3),
                            kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
@@ -297,12 +364,18 @@ def main(args: Args):
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,
                                                 logger, update)
+        if update < args.updates and (update % args.save_interval == 0 or update == last):
+            save(update, resumable=True)  # after the update's evaluation, which a resumed run does not repeat
 
-    if dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
-        train_seconds = time.time() - t0 - eval_seconds
-        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-            "model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
-            "step": args.updates, "tokenizer": tokenizer.name, "stage": "ppo"})
+    if last < args.updates:
+        if dist.is_main:
+            print(f"stopped at update {last} of {args.updates}: continue with `python train_ppo.py --resume "
+                  f"--out-dir {args.out_dir}`")
+        distributed.cleanup(dist)
+        return
+    save(args.updates, resumable=False)  # the checkpoint first: an evaluation that fails loses nothing
+    if dist.is_main:
+        train_seconds = seconds_before + time.time() - t0 - eval_seconds
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
         result["train_seconds"] = train_seconds
         print(format_table("PPO", result))

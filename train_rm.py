@@ -9,6 +9,7 @@ correlation of its scores with the gold judge.
     python train_rm.py
     python train_rm.py --label-temperature 0.2     # noisy, annotator-like labels
     python train_rm.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2
+    python train_rm.py --resume                       # continue a run that was cut short
 """
 
 import json
@@ -23,15 +24,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import train_sft
 from minalign import data, distributed, task
 from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, check_weights_finite, file_fingerprint,
-                                 finished, load_checkpoint, load_model, replace_earlier_run, save_checkpoint)
+                                 finished, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state,
+                                 weights_fingerprint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, refuse_given, run
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import PairArgs, pair_batches, tokenize_splits
+from minalign.pairs import NOT_RESUMED, RESUME_MAY_CHANGE, PairArgs, pair_batches, pairs_fingerprint, tokenize_splits
 from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
+from minalign.resume import check_started_from, continue_run, start_or_resume
 from minalign.rollout import sample_batches
 from minalign.tokenizer import data_note, get_tokenizer
 
@@ -223,17 +226,26 @@ def gold_correlation(args, model, tokenizer, device) -> float:
     return torch.corrcoef(torch.stack([score_rollouts(model, rollouts), gold]))[0, 1].item()
 
 
-def save_reward_model(args, model, tokenizer, step: int, results: dict) -> None:
-    """The trained reward model, with `results`, to out_dir/ckpt.pt (atomically)."""
-    save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
-        "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
-        "args": asdict(args), "step": step, "tokenizer": tokenizer.name, "results": results})
+def save_reward_model(args, model, tokenizer, step: int, results: dict | None = None, resume: dict | None = None):
+    """The reward model to out_dir/ckpt.pt (atomically): trained, with `results`, or along
+    the run, with the `resume` state that --resume continues from."""
+    state = {"kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
+             "args": asdict(args), "step": step, "tokenizer": tokenizer.name}
+    state.update({"results": results} if resume is None else {"resume": resume})
+    save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
-    """Train; returns the checkpoint's path."""
+    """Train (or with --resume, go on training); returns the checkpoint's path."""
+    ckpt = None
+    if args.resume:
+        args, ckpt = continue_run(args, "rm", RESUME_MAY_CHANGE, NOT_RESUMED)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
+    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
+    if ckpt is not None:
+        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_folder()}",
+                                                "pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
@@ -244,12 +256,18 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
     batches, total_steps = pair_batches(args, dist, len(train_pairs), "reward model")
-    replace_earlier_run(args.out_dir, dist)  # every check passed
-    logger = MetricsLogger(args.out_dir, enabled=dist.is_main)
-    progress = Progress(total_steps, enabled=dist.is_main)
+    if args.stop_at is not None and args.stop_at > total_steps:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {total_steps}; stop it earlier or "
+                            f"leave --stop-at out")
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, model, optimizer)  # every check passed
+    if ckpt is not None:
+        set_rng_state(ckpt["resume"]["rng"])  # dropout's, if the SFT policy has any
+    logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
+    progress = Progress(total_steps, enabled=dist.is_main, start_step=first - 1)
+    last = args.stop_at or total_steps
 
     t0 = time.time()
-    for step in range(1, total_steps + 1):
+    for step in range(first, last + 1):
         lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
         set_lr(optimizer, lr)
         idx = batches.indices(step - 1)
@@ -261,7 +279,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
-        if step % args.log_interval == 0 or step == total_steps:
+        if step % args.log_interval == 0 or step == last:
             scores = torch.cat([chosen, rejected]).detach()
             metrics = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                        "margin": (chosen - rejected).mean().item(), "mean_reward": scores.mean().item(),
@@ -270,10 +288,20 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
+        if step < total_steps and (step % args.save_interval == 0 or step == last):
+            check_weights_finite(step, model)
+            if dist.is_main:
+                save_reward_model(args, model, tokenizer, step, resume={
+                    "optimizer": optimizer.state_dict(), "rng": rng_state(), "started_from": started_from,
+                    "train_seconds": seconds_before + time.time() - t0})
 
-    train_seconds = time.time() - t0
-    check_weights_finite(total_steps, model)
-    if dist.is_main:
+    train_seconds = seconds_before + time.time() - t0
+    check_weights_finite(last, model)
+    if last < total_steps:
+        if dist.is_main:
+            print(f"stopped at step {last} of {total_steps}: continue with `python train_rm.py --resume "
+                  f"--out-dir {args.out_dir}`")
+    elif dist.is_main:
         results = normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, dist.device)
         save_reward_model(args, model, tokenizer, total_steps, results)  # a failure in the slower check loses nothing
         if args.data is None:  # does the reward model agree with the gold judge?
@@ -289,11 +317,17 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
 
 
 def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
-    """The reward-model checkpoint in out_dir, trained (Args defaults plus `overrides`) if absent."""
+    """The reward-model checkpoint in out_dir: reused when complete, resumed when a run was
+    cut short, trained (Args defaults plus `overrides`) when absent."""
     check_out_dir(out_dir, "--rm-dir", stage="rm", read_finished=True)
     path = Path(out_dir) / "ckpt.pt"
     if path.exists():
-        return str(path)
+        ckpt = load_checkpoint(path)
+        if finished(ckpt):
+            return str(path)
+        if dist.is_main:
+            print(f"== reward model: resuming the run cut short in {out_dir}")
+        return train(Args(**{**ckpt["args"], "out_dir": out_dir, "resume": True, "stop_at": None}), dist)
     if dist.is_main:
         print(f"== reward model: none in {out_dir}; training one")
     try:

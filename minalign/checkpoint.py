@@ -4,7 +4,8 @@ A checkpoint holds the model's weights and config, the run's arguments, its step
 tokenizer's name and the stage that wrote it ("sft", "rm", "dpo", "ppo": a folder is
 never read or written as another stage's); an SFT checkpoint also holds what
 `--resume` needs to continue bit for bit, the optimizer and RNG state, and a hash of
-its --data file (a changed file cannot be continued). Writing to a temporary file and
+its --data file (a changed file cannot be continued); those the reward model, DPO
+and PPO write along a run hold theirs under "resume" (minalign/resume.py). Writing to a temporary file and
 renaming it means a crash mid-write never leaves a torn checkpoint behind;
 `weights_only=True` means loading one never runs pickled code.
 """
@@ -147,8 +148,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def finished(ckpt: dict) -> bool:
-    """Whether no run writes this checkpoint again: every one but an SFT run cut short
-    (which `--resume`, or a later stage, finishes in its folder)."""
+    """Whether no run writes this checkpoint again: every one but that of a run cut short
+    (which `--resume`, or for SFT a later stage, finishes in its folder): an SFT one short
+    of its steps, or another stage's that holds the state to resume from."""
+    if "resume" in ckpt:
+        return False
     if (ckpt.get("stage") or _legacy_stage(ckpt)) != "sft":
         return True
     if "step" not in ckpt or "max_steps" not in ckpt["args"]:

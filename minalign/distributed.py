@@ -97,6 +97,14 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank ([obj] alone)."""
+    if not info.enabled:
+        return [obj]
+    objects = [None] * info.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
+
 
 def reduce_metrics(metrics: dict, info: DistInfo, lowest=(), highest=(), summed=()) -> dict:
     """Metrics of the whole global batch from each rank's share of it (the shares are of

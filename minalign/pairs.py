@@ -5,6 +5,8 @@ The pairs are the built-in task's (sampled from the SFT policy, labelled by the 
 judge: minalign/preferences.py) or a file's; train_rm.prepare_pairs makes or reads them.
 """
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,6 +60,17 @@ class PairArgs:
     """Longest prompt + response in tokens (longer pairs are truncated and counted)."""
     batch_size: int = 32
     """Pairs per optimizer step, summed over processes."""
+    stop_at: int | None = None
+    """Stop this invocation after this step, with a checkpoint (continue later with --resume)."""
+    resume: bool = False
+    """Continue the run in out_dir from its last checkpoint: model, optimizer and step (and
+    DPO's reference log-probs). A flag left out takes the run's value; one given another
+    value is refused, except --stop-at, --out-dir, --device, --data, --sft-dir and
+    --pairs-dir (where the run's pairs and SFT policy are now: they must be the same),
+    --save-interval, --log-interval, and DPO's --eval-interval and --eval-max-new-tokens."""
+    save_interval: int = 100
+    """Steps between the checkpoints --resume continues from (the final checkpoint holds the
+    model alone)."""
     warmup_steps: int = 20
     """Linear warmup steps."""
     grad_clip: float = 1.0
@@ -71,7 +84,7 @@ class PairArgs:
 
     def __post_init__(self):
         check_args(self, positive=("label_temperature", "n_train_prompts", "n_test_prompts", "n_train_pairs",
-                                   "max_length", "batch_size", "log_interval"),
+                                   "max_length", "batch_size", "stop_at", "save_interval", "log_interval"),
                    non_negative=("warmup_steps", "grad_clip"), fractions=("label_flip",),
                    choices={"tokenizer": TOKENIZERS})
         if not 0 < self.test_fraction < 1:
@@ -90,6 +103,20 @@ class PairArgs:
     def sft_folder(self) -> str:
         """--sft-dir, or the default folder named after the pairs."""
         return default_folders(self)[1]
+
+
+# What a resumed run may set anew; every other setting continues as the checkpoint's run
+# (minalign/resume.py). --data, --sft-dir and --pairs-dir left out are the run's.
+RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "data", "sft_dir", "pairs_dir", "save_interval",
+                     "log_interval")
+NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")  # this invocation's own, given or not
+
+
+def pairs_fingerprint(*splits: list[dict]) -> str:
+    """A short hash of preference pairs (each split a list of {"prompt", "chosen",
+    "rejected"}), to tell whether a resumed run has the pairs it began with."""
+    text = json.dumps([[[p["prompt"], p["chosen"], p["rejected"]] for p in split] for split in splits])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def default_folders(args: PairArgs) -> tuple[str, str]:

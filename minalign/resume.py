@@ -1,5 +1,9 @@
 """--resume: a run cut short goes on from its checkpoint as it started.
 
+SFT's checkpoints always hold what a resumed run needs; those of the reward model, DPO
+and PPO hold it under "resume" while the run is under way (`save_interval`), and drop
+it from the final one, which only the finished model needs.
+
 The checkpoint holds the run's settings. A flag left out takes the checkpoint's value;
 a flag given a value other than the checkpoint's is refused (the run would not continue
 as it started), unless it is one a run may change on the way (where the output goes,
@@ -10,7 +14,8 @@ holds its bytes' hash.
 from dataclasses import fields, replace
 from pathlib import Path
 
-from minalign.checkpoint import file_fingerprint
+from minalign.checkpoint import (check_stage, file_fingerprint, load_checkpoint, remove_unfinished_saves,
+                                 replace_earlier_run)
 from minalign.cli import ArgumentError, flag, given
 
 
@@ -47,3 +52,51 @@ def resumed_args(args, saved: dict, may_change=(), own=()):
     resumed = replace(args, **{k: saved[k] for k in names if k not in given(args) and k not in own})
     resumed._given = given(args)  # what the command line named, for the checks that follow
     return resumed
+
+
+def continue_run(args, stage: str, may_change=(), own=(), unit: str = "step"):
+    """(args, checkpoint) of the run that --resume continues in args.out_dir (a stage
+    whose checkpoints hold their resume state under "resume"): its settings, by
+    resumed_args, and its last checkpoint. Refuses, naming the folder, one with no
+    checkpoint, another stage's, a finished run, and a --stop-at it has passed."""
+    path = Path(args.out_dir) / "ckpt.pt"
+    if not path.exists():
+        raise ArgumentError(f"--resume: no checkpoint in {args.out_dir} to continue (is it the run's --out-dir?)")
+    ckpt = load_checkpoint(path)
+    check_stage(ckpt, path, stage, "--resume")
+    if "resume" not in ckpt:
+        raise ArgumentError(f"--resume: the run in {args.out_dir} finished at {unit} {ckpt['step']}: nothing is "
+                            f"left to train")
+    args = resumed_args(args, ckpt["args"], may_change=may_change, own=own)
+    if args.stop_at is not None and args.stop_at <= ckpt["step"]:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at {unit} {ckpt['step']} "
+                            f"already")
+    return args, ckpt
+
+
+def check_started_from(ckpt: dict, found: dict, described: dict) -> None:
+    """Refuse to continue a run whose starting point has changed: `found` maps a name
+    ("sft", "rm", "pairs") to the fingerprint of what is there now, `described` to what
+    that is ("the SFT policy in out/sft"); the checkpoint's "resume" state holds the
+    fingerprints the run started from."""
+    saved = ckpt["resume"]["started_from"]
+    for name, fingerprint in found.items():
+        if saved.get(name) != fingerprint:
+            raise ArgumentError(f"--resume: {described[name]} is not what the run started from (made again since, "
+                                f"or the flag names another folder): the run cannot go on as it started; train "
+                                f"afresh without --resume")
+
+
+def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: str = "step") -> tuple[int, float]:
+    """(first step, train_seconds so far) of a run about to train, after every check: a new
+    run (`ckpt` None) replaces the earlier one in out_dir; a resumed run loads the
+    checkpoint's model and optimizer state, and keeps the folder as it is."""
+    if ckpt is None:
+        replace_earlier_run(out_dir, dist)
+        return 1, 0.0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    if dist.is_main:
+        print(f"resumed from {Path(out_dir) / 'ckpt.pt'} at {unit} {ckpt['step']}")
+        remove_unfinished_saves(out_dir)
+    return ckpt["step"] + 1, ckpt["resume"]["train_seconds"]

@@ -443,6 +443,8 @@ def test_a_finished_checkpoint_a_later_stage_only_reads_needs_no_writable_folder
         check_out_dir(tmp_path / "short", "--sft-dir", stage="sft", read_finished=True)
     assert checkpoint.finished({**sft, "stage": None})  # written before checkpoints named their stage
     assert not checkpoint.finished({**sft, "stage": None, "step": 4})
+    ppo = {**sft, "stage": "ppo", "args": {"updates": 8}, "step": 4}
+    assert checkpoint.finished(ppo) and not checkpoint.finished({**ppo, "resume": {}})  # state to go on from
 
 
 def test_batches_shuffle_by_seed_and_epoch():

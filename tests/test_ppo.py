@@ -442,3 +442,62 @@ def test_prepare_update_passes_gamma_and_lam():
     a = train_ppo.prepare_update(policy, reference_, rm, rm, rollout, train_ppo.Args(), 0.3, eos)
     b = train_ppo.prepare_update(policy, reference_, rm, rm, rollout, train_ppo.Args(gamma=0.5, lam=0.5), 0.3, eos)
     assert not torch.allclose(a[3], b[3])  # the returns follow --gamma and --lam
+
+
+def _without_timing(rows):
+    timing = {"time", "rollout_tokens_per_s", "eps", "eval/train_seconds"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def _same_weights(a, b):
+    from minalign.checkpoint import load_checkpoint
+
+    left, right = load_checkpoint(a / "ckpt.pt"), load_checkpoint(b / "ckpt.pt")
+    return left["model"].keys() == right["model"].keys() and all(
+        torch.equal(value, right["model"][name]) for name, value in left["model"].items())
+
+
+@pytest.mark.slow
+def test_ppo_resume_is_bit_for_bit_and_only_from_the_same_models(workdir, tmp_path):
+    import shutil
+
+    from minalign.checkpoint import load_checkpoint, save_checkpoint
+
+    settings = ("--updates", "4", "--save-interval", "2", "--eval-interval", "2", "--lr", "1e-3")
+    full = run_ppo(workdir, tmp_path / "full", *settings)
+    run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "3")
+    ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert ckpt["step"] == 3 and {"critic", "optimizer", "kl_coef", "generators"} <= ckpt["resume"].keys()
+    assert not (tmp_path / "split" / "eval.json").exists()  # no final evaluation for a run cut short
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
+        f.write(json.dumps({"step": 4, "objective/scores": 123.0}) + "\n")
+
+    other_rm = tmp_path / "other-rm"  # a reward model that differs from the run's in one weight
+    shutil.copytree(workdir / "rm", other_rm)
+    rm = load_checkpoint(other_rm / "ckpt.pt")
+    rm["model"][next(iter(rm["model"]))] += 1e-3
+    save_checkpoint(other_rm / "ckpt.pt", rm)
+    refused = run_ppo(workdir, tmp_path / "split", "--resume", "--rm-dir", str(other_rm), returncode=2)
+    assert f"--resume: the reward model in {other_rm} is not what the run started from" in refused
+    refused = run_ppo(workdir, tmp_path / "split", "--resume", "--kl-coef", "0.5", returncode=2)
+    assert "--kl-coef 0.5 (it has 0.05)" in refused and "Traceback" not in refused
+
+    split = run_ppo(workdir, tmp_path / "split", "--resume")  # the rest of the settings from the checkpoint
+    assert _without_timing(split) == _without_timing(full)
+    assert [r["step"] for r in split if "eval/gold_reward" in r] == [0, 2, 4]  # the update-2 one not repeated
+    assert _same_weights(tmp_path / "split", tmp_path / "full")
+    assert "resume" not in load_checkpoint(tmp_path / "split" / "ckpt.pt")  # the final one: the policy alone
+    refused = run_ppo(workdir, tmp_path / "split", "--resume", returncode=2)
+    assert "finished at update 4: nothing is left to train" in refused
+
+
+@pytest.mark.slow
+def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, tmp_path):
+    settings = ("--updates", "3", "--save-interval", "1", "--rollout-batch-size", "32", "--minibatch-size", "16")
+    full = run_ppo(workdir, tmp_path / "full", *settings, nproc=2)
+    run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "1", nproc=2)
+    refused = run_ppo(workdir, tmp_path / "split", "--resume", *settings, returncode=2)  # one process
+    assert "sampled in 2 process(es)" in refused and "--nproc_per_node=2" in refused
+    split = run_ppo(workdir, tmp_path / "split", "--resume", *settings, nproc=2)
+    assert _without_timing(split) == _without_timing(full)
+    assert _same_weights(tmp_path / "split", tmp_path / "full")

@@ -531,3 +531,70 @@ def test_ipo_starts_at_its_target_margin(workdir, tmp_path):
     first = [r for r in metrics(tmp_path / "ipo" / "metrics.jsonl") if "loss" in r][0]
     assert first["rewards/margins"] == pytest.approx(0, abs=1e-4)  # policy == reference, in the same units
     assert first["loss"] == pytest.approx(1 / (4 * 0.1 ** 2), rel=1e-3)
+
+
+@pytest.mark.slow
+def test_dpo_resume_is_bit_for_bit_and_only_from_the_same_sft_policy(workdir, tmp_path):
+    import shutil
+
+    from minalign.checkpoint import load_checkpoint, save_checkpoint
+
+    common = [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"), "--epochs", "2",
+              "--lr", "1e-3", "--eval-interval", "4", "--eval-max-new-tokens", "16", "--save-interval", "4"]
+    run("train_dpo.py", [*common, "--out-dir", str(tmp_path / "full")])
+    run("train_dpo.py", [*common, "--out-dir", str(tmp_path / "split"), "--stop-at", "5"])
+    ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+    assert ckpt["step"] == 5 and {"optimizer", "ref_train", "ref_test"} <= ckpt["resume"].keys()
+    assert not (tmp_path / "split" / "eval.json").exists()
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
+        f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
+
+    other_sft = tmp_path / "other-sft"  # differs from the run's SFT policy in one weight
+    shutil.copytree(workdir / "sft", other_sft)
+    sft = load_checkpoint(other_sft / "ckpt.pt")
+    sft["model"][next(iter(sft["model"]))] += 1e-3
+    save_checkpoint(other_sft / "ckpt.pt", sft)
+    for extra, message in ((["--sft-dir", str(other_sft)], f"the SFT policy in {other_sft} is not what the run "
+                                                           f"started from"),
+                           (["--beta", "0.5"], "--beta 0.5 (it has 0.1)"),
+                           (["--stop-at", "5"], "--stop-at 5: the run in")):
+        refused = subprocess.run([sys.executable, "train_dpo.py", "--resume", "--out-dir", str(tmp_path / "split"),
+                                  *extra], cwd=ROOT, capture_output=True, text=True)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+
+    out = run("train_dpo.py", ["--resume", "--out-dir", str(tmp_path / "split")])  # the rest from the checkpoint
+    assert "resumed from" in out and "reference log-probs" not in out  # those are in the checkpoint
+    timing = ("time", "steps_per_s", "eval/train_seconds")
+    full, split = ([{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / n / "metrics.jsonl")]
+                   for n in ("full", "split"))
+    assert split == full and [r["step"] for r in split if "eval/gold_reward" in r][:3] == [0, 4, 8]
+    left, right = (load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split"))
+    assert "resume" not in right and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+
+
+@pytest.mark.slow
+def test_a_reward_model_cut_short_is_resumed_bit_for_bit_also_by_the_stage_that_needs_it(workdir, tmp_path):
+    from minalign.checkpoint import load_checkpoint
+
+    common = [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"), "--epochs", "2",
+              "--lr", "1e-3", "--save-interval", "4"]
+    run("train_rm.py", [*common, "--out-dir", str(tmp_path / "full")])
+    for split in ("split", "needed"):
+        run("train_rm.py", [*common, "--out-dir", str(tmp_path / split), "--stop-at", "6"])
+        assert {"optimizer", "rng"} <= load_checkpoint(tmp_path / split / "ckpt.pt")["resume"].keys()
+    out = run("train_rm.py", ["--resume", "--out-dir", str(tmp_path / "split")])
+    assert "resumed from" in out and "step     7/" in out
+    # train_ppo.py finds it in its --rm-dir: train_rm.ensure finishes it there
+    out = subprocess.run([sys.executable, "-c", "import sys, train_rm; from minalign.distributed import DistInfo; "
+                          "print(train_rm.ensure(sys.argv[1], DistInfo()))", str(tmp_path / "needed")],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)  # one thread, as run() gives the others: the same sums, bit for bit
+    assert out.returncode == 0 and "resuming the run cut short" in out.stdout, out.stderr[-2000:]
+    finished = [load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split", "needed")]
+    assert all("resume" not in c and c["results"]["test_accuracy"] == finished[0]["results"]["test_accuracy"]
+               for c in finished)
+    for ckpt in finished[1:]:
+        assert all(torch.equal(v, ckpt["model"][k]) for k, v in finished[0]["model"].items())
+    rows = [[{k: v for k, v in r.items() if k not in ("time", "eval/train_seconds")}
+             for r in metrics(tmp_path / n / "metrics.jsonl")] for n in ("full", "split", "needed")]
+    assert rows[0] == rows[1] == rows[2]

@@ -4,22 +4,23 @@ read back, CSV and plots, and the formulas of Gao et al. (2022).
 Each experiment is a sequence of ordinary training runs (train_rm.py, train_dpo.py,
 train_ppo.py, called in-process with their own Args), each in its own folder under
 the experiment's out_dir. A finished stage leaves `done.json` holding its arguments;
-running the experiment again reuses every stage whose arguments are unchanged, so an
-interrupted sweep resumes where it stopped and a plot can be redrawn for free.
+running the experiment again reuses every stage whose arguments are unchanged, and
+continues a stage that was cut short from its last checkpoint, so an interrupted sweep
+resumes where it stopped and a plot can be redrawn for free.
 """
 
 import csv
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from minalign import data, task
 from minalign.checkpoint import load_checkpoint, weights_fingerprint
-from minalign.cli import check_args
+from minalign.cli import ArgumentError, check_args
 
 
 @dataclass
@@ -77,11 +78,12 @@ def run_stage(name: str, run, stage_args) -> Path:
     """Run one training stage (`run(stage_args)`) unless its folder already holds a
     finished run with the same arguments, started from the same models (the weights in
     its --sft-dir and --rm-dir, which an earlier stage may have trained again); returns
-    the folder.
+    the folder. A run of the same stage that was cut short (Ctrl-C, a crash) goes on
+    from its last checkpoint, with --resume.
 
-    A stale or half-finished folder is cleared first: nothing of an older run is kept."""
+    A stale folder is cleared first: nothing of an older run is kept."""
     out = Path(stage_args.out_dir)
-    done = out / "done.json"
+    done, started = out / "done.json", out / "started.json"
     upstream = {field: Path(getattr(stage_args, field)) / "ckpt.pt" for field in ("sft_dir", "rm_dir")
                 if getattr(stage_args, field, None)}
 
@@ -89,17 +91,31 @@ def run_stage(name: str, run, stage_args) -> Path:
         arguments = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
         return {"args": arguments, "started_from": model_fingerprints(upstream)}
 
-    try:
-        finished = done.exists() and data.read_record(done) == stage_record()
-    except data.DataError:  # damaged: run again
-        finished = False
-    if finished:
+    def holds(path, record: dict) -> bool:
+        try:
+            return path.exists() and data.read_record(path) == record
+        except data.DataError:  # damaged: run again
+            return False
+
+    if holds(done, stage_record()):
         print(f"== {name}: done before, reusing {out}", flush=True)
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    print(f"== {name} -> {out}", flush=True)
-    run(stage_args)
+    def cut_short() -> bool:  # a checkpoint that holds the state to resume from
+        try:
+            return (out / "ckpt.pt").exists() and "resume" in load_checkpoint(out / "ckpt.pt")
+        except ArgumentError:  # damaged: run again
+            return False
+
+    if hasattr(stage_args, "resume") and cut_short() and holds(started, stage_record()):
+        print(f"== {name}: cut short before, resuming {out}", flush=True)
+        run(replace(stage_args, resume=True))
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        print(f"== {name} -> {out}", flush=True)
+        out.mkdir(parents=True)
+        started.write_text(json.dumps(stage_record(), indent=1))  # what a run cut short may resume
+        run(stage_args)
     done.write_text(json.dumps(stage_record(), indent=1))
     return out
 

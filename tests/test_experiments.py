@@ -140,7 +140,7 @@ def test_a_stage_is_reused_only_with_the_same_arguments_and_the_same_upstream_we
 
     def train(args):
         runs.append(args.lr)
-        (Path(args.out_dir) / "ckpt.pt").parent.mkdir(parents=True)
+        (Path(args.out_dir) / "ckpt.pt").parent.mkdir(parents=True, exist_ok=True)
         (Path(args.out_dir) / "ckpt.pt").write_text("weights")
 
     args = StageArgs(out_dir=str(tmp_path / "stage"), sft_dir=str(tmp_path / "sft"))
@@ -155,6 +155,40 @@ def test_a_stage_is_reused_only_with_the_same_arguments_and_the_same_upstream_we
         assert run_stage("stage", train, stage_args) == Path(stage_args.out_dir)
         assert (len(runs) > before) == ran
     assert "done before, reusing" in capsys.readouterr().out
+
+
+def test_a_stage_cut_short_resumes_from_its_checkpoint_unless_its_arguments_changed(tmp_path, capsys):
+    from dataclasses import dataclass, replace
+
+    from experiments.common import run_stage
+    from minalign.checkpoint import save_checkpoint
+
+    @dataclass
+    class StageArgs:
+        out_dir: str
+        lr: float = 0.1
+        resume: bool = False
+
+    calls = []
+
+    def train(args, cut_short=False):
+        calls.append((args.lr, args.resume))
+        if not args.resume:
+            assert not (Path(args.out_dir) / "ckpt.pt").exists()  # a fresh start in a cleared folder
+        save_checkpoint(Path(args.out_dir) / "ckpt.pt", {"model": {}, "step": 1, **({"resume": {}} if cut_short else {})})
+        if cut_short:
+            raise KeyboardInterrupt
+
+    args = StageArgs(out_dir=str(tmp_path / "stage"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("stage", lambda a: train(a, cut_short=True), args)
+    run_stage("stage", train, args)  # goes on from the checkpoint
+    assert calls[-1] == (0.1, True) and "cut short before, resuming" in capsys.readouterr().out
+    assert run_stage("stage", train, args) and len(calls) == 2  # finished: reused
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("stage", lambda a: train(a, cut_short=True), replace(args, lr=0.2))
+    run_stage("stage", train, replace(args, lr=0.3))  # other arguments: trained afresh
+    assert calls[-1] == (0.3, False) and not (tmp_path / "stage" / "started.json").read_text().count('"lr": 0.2')
 
 
 # ---- tiny runs of each experiment ----

@@ -72,24 +72,24 @@ class Args(PairArgs):
             raise ArgumentError(f"--label-smoothing applies to the sigmoid and robust losses, not {self.loss_type}")
 
 
-def dpo_metrics(out, chosen_logps, rejected_logps, prefix="") -> dict:
+def dpo_metrics(out, chosen_logps, rejected_logps) -> dict:
     """TRL's DPO metric names, from a dpo_loss result and the policy log-probs [B] it was
     given (per-token means for IPO, sums otherwise, as TRL logs them)."""
     return {
-        f"{prefix}loss": out.losses.mean().item(),
-        f"{prefix}rewards/chosen": out.chosen_rewards.mean().item(),
-        f"{prefix}rewards/rejected": out.rejected_rewards.mean().item(),
-        f"{prefix}rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
-        f"{prefix}rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        f"{prefix}logps/chosen": chosen_logps.mean().item(),
-        f"{prefix}logps/rejected": rejected_logps.mean().item(),
+        "loss": out.losses.mean().item(),
+        "rewards/chosen": out.chosen_rewards.mean().item(),
+        "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        "logps/chosen": chosen_logps.mean().item(),
+        "logps/rejected": rejected_logps.mean().item(),
     }
 
 
 @torch.no_grad()
 def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=64) -> dict:
     """The DPO metrics over held-out pairs (`ref_logps` [n, 2] their reference log-probs),
-    each a mean over all the pairs, under TRL's eval/ names."""
+    each a mean over all the pairs, under TRL's names (logged with its eval/ prefix)."""
     rows = []
     with evaluating(model):
         for start in range(0, len(pairs), batch_size):
@@ -98,7 +98,7 @@ def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=6
             ref_chosen, ref_rejected = ref_logps[start : start + batch_size].to(device).unbind(1)  # (b,) each
             out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
                                args.label_smoothing)
-            rows.append((len(chosen_logps), dpo_metrics(out, chosen_logps, rejected_logps, "eval/")))
+            rows.append((len(chosen_logps), dpo_metrics(out, chosen_logps, rejected_logps)))
     n = sum(k for k, _ in rows)
     return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
 
@@ -220,16 +220,14 @@ def main(args: Args):
     elif dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
         save(total_steps, resumable=False)
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
+        print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
         results["train_seconds"] = train_seconds
-        print("held-out pairs: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in results.items()
-                                             if k.startswith("eval/")))
         if args.data is None:  # the gold judge: better reviews than SFT, at what KL?
             gold = gold_eval(policy, reference, tokenizer, args, dist.device)
             results.update(gold)
             print(format_table("DPO", gold))
             print(format_samples("DPO", gold))
-        logger.log(total_steps, **{(k if k.startswith("eval/") else f"eval/{k}"): v
-                                   for k, v in results.items() if k != "samples"})
+        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, results)}")
     distributed.cleanup(dist)
 

@@ -186,11 +186,13 @@ def minibatch_stats(pg, vf, logprobs, old_logprobs, mask) -> dict:
             "val/clipfrac_avg": vf.clipfrac.item(), "val/ratio": ratio.item()}
 
 
-def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update) -> dict:
-    """Gold reward, reward-model score, win rate and KL on the held-out prompts, logged as eval/*."""
+def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update, **extra) -> dict:
+    """Gold reward, reward-model score, win rate and KL on the held-out prompts, with
+    `extra` figures, logged as eval/*."""
     prompts = held_out_prompts(tokenizer, args.eval_prompts, args.seed)
     result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
                              reward_model=reward_model, temperature=args.temperature)  # what PPO trained
+    result.update(extra)
     logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
     print(f"eval @ update {update}: gold {result['gold_reward']:.3f} | reward model {result['rm_score']:.3f} | "
           f"KL {result['kl']:.2f} | win rate {result['win_rate']:.3f}", flush=True)
@@ -376,8 +378,8 @@ def main(args: Args):
     save(args.updates, resumable=False)  # the checkpoint first: an evaluation that fails loses nothing
     if dist.is_main:
         train_seconds = seconds_before + time.time() - t0 - eval_seconds
-        result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates)
-        result["train_seconds"] = train_seconds
+        result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates,
+                               train_seconds=train_seconds)
         print(format_table("PPO", result))
         print(format_samples("PPO", result))
         print(f"wrote {write_eval(args.out_dir, result)}")

@@ -70,7 +70,7 @@ def main(args: Args):
         rows.append({
             "flip": flip, "rm_accuracy": rm_results["test_accuracy"], "rm_gold_correlation": rm_results["gold_correlation"],
             "dpo_gold": dpo_eval["gold_reward"], "dpo_win_rate": dpo_eval["win_rate"], "dpo_kl": dpo_eval["kl"],
-            "dpo_pair_accuracy": dpo_eval["eval/rewards/accuracies"],
+            "dpo_pair_accuracy": dpo_eval["rewards/accuracies"],
             "ppo_gold": ppo_eval["gold_reward"], "ppo_win_rate": ppo_eval["win_rate"], "ppo_kl": ppo_eval["kl"],
             "sft_gold": dpo_eval["ref_gold_reward"],
         })

@@ -139,7 +139,8 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(a) == strip(b)  # seeded runs repeat exactly on the CPU
     result = json.loads((tmp_path / "a" / "eval.json").read_text())
-    assert {"gold_reward", "win_rate", "kl", "response_length"} <= result.keys()
+    assert {"gold_reward", "win_rate", "kl", "response_length", "train_seconds"} <= result.keys()
+    assert a[-1] == {"step": 12, "time": a[-1]["time"], **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
 
 
 @pytest.mark.slow

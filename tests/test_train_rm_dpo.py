@@ -62,10 +62,10 @@ def test_dpo_metrics_by_hand():
     from minalign.reference import DPOLoss
 
     out = DPOLoss(torch.tensor([0.5, 0.7, 0.9]), torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 5.0]))
-    got = train_dpo.dpo_metrics(out, torch.tensor([-4.0, -6.0, -8.0]), torch.tensor([-1.0, -2.0, -6.0]), prefix="eval/")
-    want = {"eval/loss": 0.7, "eval/rewards/chosen": 2.0, "eval/rewards/rejected": 7 / 3,
-            "eval/rewards/accuracies": 1 / 3,  # a tie is not a win
-            "eval/rewards/margins": -1 / 3, "eval/logps/chosen": -6.0, "eval/logps/rejected": -3.0}
+    got = train_dpo.dpo_metrics(out, torch.tensor([-4.0, -6.0, -8.0]), torch.tensor([-1.0, -2.0, -6.0]))
+    want = {"loss": 0.7, "rewards/chosen": 2.0, "rewards/rejected": 7 / 3,
+            "rewards/accuracies": 1 / 3,  # a tie is not a win
+            "rewards/margins": -1 / 3, "logps/chosen": -6.0, "logps/rejected": -3.0}
     assert got == pytest.approx(want)
 
 
@@ -134,6 +134,10 @@ def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
     assert keys <= rows[-1].keys()
     result = json.loads((workdir / "dpo" / "eval.json").read_text())
     assert result["kl"] > 0 and result["n_prompts"] == 16 and len(result["samples"]) == 16  # it moved away
+    logged = metrics(workdir / "dpo" / "metrics.jsonl")[-1]  # the same evaluation, under eval/
+    assert logged == {"step": logged["step"], "time": logged["time"],
+                      **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
+    assert {"rewards/accuracies", "loss", "gold_reward", "train_seconds"} <= result.keys()
     wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0 for s in result["samples"]]
     assert result["win_rate"] == pytest.approx(sum(wins) / 16)
 
@@ -356,7 +360,7 @@ def test_held_out_metrics_give_ipo_the_mean_log_probs_and_the_others_the_sums():
         got = train_dpo.held_out_metrics(model, pairs, ref, args, tok.pad_id, "cpu", batch_size=1)  # one pair a batch
         chosen, rejected = pair_logps(model, batch, per_token)
         out = ops.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], 0.5, loss_type)
-        want = train_dpo.dpo_metrics(out, chosen, rejected, "eval/")  # TRL logs IPO's mean log-probs as logps/*
+        want = train_dpo.dpo_metrics(out, chosen, rejected)  # TRL logs IPO's mean log-probs as logps/*
         assert got == pytest.approx(want, rel=1e-5)
 
 

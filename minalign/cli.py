@@ -248,7 +248,9 @@ def run(main, cls, argv=None) -> None:
     except (KeyboardInterrupt, Terminated) as stop:  # checkpoints are written atomically: the last one is whole
         ctrl_c = isinstance(stop, KeyboardInterrupt)
         if not _other_local_rank():  # under torchrun every process gets the signal: one says so
-            sys.stderr.write(f"{script}: {'interrupted' if ctrl_c else 'terminated'}\n")
+            from minalign.resume import resume_hint  # (which imports this module)
+
+            sys.stderr.write(f"{script}: {'interrupted' if ctrl_c else 'terminated'}{resume_hint(args, script)}\n")
         sys.exit(130 if ctrl_c else 128 + signal.SIGTERM)
     except BrokenPipeError:  # the output went to a reader that stopped (`| head`): stop too, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes into nothing

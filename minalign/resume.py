@@ -14,7 +14,7 @@ holds its bytes' hash.
 from dataclasses import fields, replace
 from pathlib import Path
 
-from minalign.checkpoint import (check_stage, file_fingerprint, load_checkpoint, remove_unfinished_saves,
+from minalign.checkpoint import (check_stage, file_fingerprint, finished, load_checkpoint, remove_unfinished_saves,
                                  replace_earlier_run)
 from minalign.cli import ArgumentError, flag, given
 
@@ -100,3 +100,20 @@ def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: st
         print(f"resumed from {Path(out_dir) / 'ckpt.pt'} at {unit} {ckpt['step']}")
         remove_unfinished_saves(out_dir)
     return ckpt["step"] + 1, ckpt["resume"]["train_seconds"]
+
+
+def resume_hint(args, script: str) -> str:
+    """For the line that reports a run stopped by Ctrl-C or SIGTERM: how to go on from the
+    checkpoint it left in args.out_dir, if that is one of a run cut short ("" if not)."""
+    out_dir = getattr(args, "out_dir", None)
+    path = Path(out_dir or "") / "ckpt.pt"
+    if not hasattr(args, "resume") or out_dir is None or not path.is_file():
+        return ""
+    try:
+        ckpt = load_checkpoint(path)
+        if finished(ckpt):
+            return ""
+    except Exception:  # unreadable, or not one of these scripts' checkpoints: no hint
+        return ""
+    unit = "update" if ckpt.get("stage") == "ppo" else "step"
+    return f"; `python {script} --resume --out-dir {out_dir}` goes on from its checkpoint at {unit} {ckpt['step']}"

@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +134,44 @@ def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):
             cli.run(interrupted, Args, [])
         err = capsys.readouterr().err
         assert stop.value.code == 130 and (err.endswith(": interrupted\n") if says else err == "")
+
+
+@dataclass
+class RunArgs:
+    out_dir: str = "out/x"
+    """Where the checkpoint goes."""
+    resume: bool = False
+    """Go on from it."""
+
+
+def test_a_run_stopped_with_a_checkpoint_to_go_on_from_says_how(tmp_path, capsys, monkeypatch):
+    import minalign.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    ppo = {"model": {}, "model_config": {}, "stage": "ppo", "args": {"updates": 8}, "step": 4}
+    sft = {"model": {}, "model_config": {}, "stage": "sft", "args": {"max_steps": 8}, "step": 4}
+    for i, (ckpt, hint) in enumerate((({**ppo, "resume": {}}, "goes on from its checkpoint at update 4"),
+                                      (sft, "goes on from its checkpoint at step 4"),  # short of its steps
+                                      (ppo, None),  # finished: nothing to go on with
+                                      (None, None))):
+        out = tmp_path / str(i)
+        if ckpt is not None:
+            save_checkpoint(out / "ckpt.pt", ckpt)
+        with pytest.raises(SystemExit):
+            cli.run(interrupted, RunArgs, ["--out-dir", str(out)])
+        err = capsys.readouterr().err
+        if hint is None:
+            assert err.endswith(": interrupted\n")
+        else:
+            assert err.endswith(f": interrupted; `python {Path(sys.argv[0]).name} --resume --out-dir {out}` {hint}\n")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "ckpt.pt").write_bytes(b"cut")  # unreadable: no hint, and no other error
+    with pytest.raises(SystemExit):
+        cli.run(interrupted, RunArgs, ["--out-dir", str(tmp_path / "torn")])
+    assert capsys.readouterr().err.endswith(": interrupted\n")
 
 
 def test_sigterm_ends_a_script_with_one_line_and_no_half_written_checkpoint(tmp_path, capsys, monkeypatch):
@@ -280,7 +320,6 @@ def test_cli_inherited_fields_keep_their_help():
 def test_the_scripts_reject_out_of_range_values_naming_the_flag(capsys):
     import importlib
     import sys
-    from pathlib import Path
 
     from minalign.cli import ArgumentError
 

@@ -32,8 +32,9 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import NOT_RESUMED, RESUME_MAY_CHANGE, PairArgs, pair_batches, pairs_fingerprint, tokenize_splits
-from minalign.resume import check_started_from, continue_run, start_or_resume
+from minalign.pairs import (RESUME_MAY_CHANGE, PairArgs, continue_pair_run, pair_batches, pairs_fingerprint,
+                            tokenize_splits)
+from minalign.resume import check_started_from, start_or_resume
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
 from train_rm import prepare_pairs  # shared with train_rm.py
@@ -61,6 +62,12 @@ class Args(PairArgs):
     eval_interval: int = 0
     """Built-in task: also evaluate with the gold judge before training and every this many
     steps, logged as eval/* (gold reward, win rate, KL); 0: only at the end."""
+    resume: bool = False
+    """Continue the run in out_dir from its last checkpoint: policy, optimizer, step and the
+    reference log-probs. A flag left out takes the run's value; one given another value
+    is refused, except --stop-at, --out-dir, --device, --data, --sft-dir and --pairs-dir
+    (where the run's pairs and SFT policy are now: they must be the same), --save-interval,
+    --log-interval, --eval-interval and --eval-max-new-tokens."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,8 +128,7 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     ckpt = None
     if args.resume:
-        args, ckpt = continue_run(args, "dpo", (*RESUME_MAY_CHANGE, "eval_interval", "eval_max_new_tokens"),
-                                  NOT_RESUMED)
+        args, ckpt = continue_pair_run(args, (*RESUME_MAY_CHANGE, "eval_interval", "eval_max_new_tokens"))
     torch.manual_seed(args.seed)
     if args.data is None:  # the gold evaluation samples: make sure it can, before any pairs or SFT are made
         block_size = block_size_of(args.sft_folder(), default=train_sft.Args().block_size)  # or the one trained below
@@ -173,7 +179,8 @@ def main(args: Args):
                  "step": step, "tokenizer": tokenizer.name, "stage": "dpo"}
         if resumable:
             state["resume"] = {"optimizer": optimizer.state_dict(), "ref_train": ref_train, "ref_test": ref_test,
-                               "started_from": started_from,
+                               "started_from": started_from, "sft_folder": args.sft_folder(),
+                               "total_steps": total_steps,
                                "train_seconds": seconds_before + time.time() - t0 - eval_seconds}
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
 

@@ -213,9 +213,10 @@ def main(args: Args):
         args, ckpt = continue_run(args, "ppo", RESUME_MAY_CHANGE, NOT_RESUMED, unit="update")
         saved = ckpt["resume"]
         if len(saved["generators"]) != dist.world_size:
-            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {len(saved['generators'])} "
-                                f"process(es), each from its own random stream: continue it with as many "
-                                f"(torchrun --nproc_per_node={len(saved['generators'])})")
+            n = len(saved["generators"])
+            how = "without torchrun" if n == 1 else f"with torchrun --nproc_per_node={n}"
+            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {n} process(es), each from its own "
+                                f"random stream: continue it in as many, {how}")
         if saved["sampling_device"] != torch.device(dist.device).type:
             raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
                                 f"random stream another device cannot continue: pass --device "

@@ -30,11 +30,11 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import NOT_RESUMED, RESUME_MAY_CHANGE, PairArgs, pair_batches, pairs_fingerprint, tokenize_splits
+from minalign.pairs import PairArgs, continue_pair_run, pair_batches, pairs_fingerprint, tokenize_splits
 from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
-from minalign.resume import check_started_from, continue_run, start_or_resume
+from minalign.resume import check_started_from, start_or_resume
 from minalign.rollout import sample_batches
 from minalign.tokenizer import data_note, get_tokenizer
 
@@ -57,6 +57,12 @@ class Args(PairArgs):
     0 is plain Bradley-Terry."""
     center_coef: float = 0.0
     """Weight of the reward-centring term coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
+    resume: bool = False
+    """Continue the run in out_dir from its last checkpoint: model, optimizer, step and RNG
+    state. A flag left out takes the run's value; one given another value is refused,
+    except --stop-at, --out-dir, --device, --data, --sft-dir and --pairs-dir (where the
+    run's pairs and SFT policy are now: they must be the same), --save-interval and
+    --log-interval."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -239,7 +245,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train (or with --resume, go on training); returns the checkpoint's path."""
     ckpt = None
     if args.resume:
-        args, ckpt = continue_run(args, "rm", RESUME_MAY_CHANGE, NOT_RESUMED)
+        args, ckpt = continue_pair_run(args)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
@@ -293,6 +299,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             if dist.is_main:
                 save_reward_model(args, model, tokenizer, step, resume={
                     "optimizer": optimizer.state_dict(), "rng": rng_state(), "started_from": started_from,
+                    "sft_folder": args.sft_folder(), "total_steps": total_steps,
                     "train_seconds": seconds_before + time.time() - t0})
 
     train_seconds = seconds_before + time.time() - t0
@@ -327,7 +334,12 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
             return str(path)
         if dist.is_main:
             print(f"== reward model: resuming the run cut short in {out_dir}")
-        return train(Args(**{**ckpt["args"], "out_dir": out_dir, "resume": True, "stop_at": None}), dist)
+        mine = {k: overrides[k] for k in ("sft_dir", "device") if k in overrides}  # the caller's SFT policy: checked
+        try:
+            return train(Args(**{**ckpt["args"], **mine, "out_dir": out_dir, "resume": True, "stop_at": None}), dist)
+        except ArgumentError as error:  # about the reward model's run, not the caller's flags
+            raise ArgumentError(f"--rm-dir {out_dir} holds a reward model cut short, which this run would finish "
+                                f"first: {error}") from None
     if dist.is_main:
         print(f"== reward model: none in {out_dir}; training one")
     try:

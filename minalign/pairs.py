@@ -11,11 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pathlib import Path
+
 from minalign import data, distributed, task
 from minalign.cli import ArgumentError, check_args
 from minalign.logger import counted
 from minalign.optim import warmup_note
 from minalign.preferences import SAMPLES_PER_PROMPT
+from minalign.checkpoint import load_checkpoint, weights_fingerprint
+from minalign.resume import check_started_from, continue_run
 from minalign.tokenizer import TOKENIZERS
 
 
@@ -63,11 +67,7 @@ class PairArgs:
     stop_at: int | None = None
     """Stop this invocation after this step, with a checkpoint (continue later with --resume)."""
     resume: bool = False
-    """Continue the run in out_dir from its last checkpoint: model, optimizer and step (and
-    DPO's reference log-probs). A flag left out takes the run's value; one given another
-    value is refused, except --stop-at, --out-dir, --device, --data, --sft-dir and
-    --pairs-dir (where the run's pairs and SFT policy are now: they must be the same),
-    --save-interval, --log-interval, and DPO's --eval-interval and --eval-max-new-tokens."""
+    """Continue the run in out_dir from its last checkpoint (each script says what it holds)."""
     save_interval: int = 100
     """Steps between the checkpoints --resume continues from (the final checkpoint holds the
     model alone)."""
@@ -110,6 +110,28 @@ class PairArgs:
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "data", "sft_dir", "pairs_dir", "save_interval",
                      "log_interval")
 NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")  # this invocation's own, given or not
+
+
+def continue_pair_run(args: PairArgs, may_change=RESUME_MAY_CHANGE):
+    """(args, checkpoint) of the reward-model or DPO run that --resume continues, as
+    resume.continue_run gives them, refused before any work (no pairs made, no SFT policy
+    trained) if its SFT policy is not there any more or --stop-at is past its end. The
+    run's SFT folder stays the one it used: a default one is named after the --data
+    file, which may have been renamed."""
+    args, ckpt = continue_run(args, args.stage, may_change, NOT_RESUMED)
+    saved = ckpt["resume"]
+    if args.sft_dir is None:
+        args.sft_dir = saved["sft_folder"]
+    sft_path = Path(args.sft_dir) / "ckpt.pt"
+    if not sft_path.exists():
+        raise ArgumentError(f"--resume: --sft-dir {args.sft_dir} holds no checkpoint, and the run goes on only from "
+                            f"the SFT policy it started from: pass --sft-dir and the folder that holds it now")
+    check_started_from(ckpt, {"sft": weights_fingerprint(load_checkpoint(sft_path)["model"])},
+                       {"sft": f"the SFT policy in {args.sft_dir}"})
+    if args.stop_at is not None and args.stop_at > saved["total_steps"]:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {saved['total_steps']}; stop it earlier "
+                            f"or leave --stop-at out")
+    return args, ckpt
 
 
 def pairs_fingerprint(*splits: list[dict]) -> str:

@@ -82,9 +82,10 @@ def check_started_from(ckpt: dict, found: dict, described: dict) -> None:
     saved = ckpt["resume"]["started_from"]
     for name, fingerprint in found.items():
         if saved.get(name) != fingerprint:
-            raise ArgumentError(f"--resume: {described[name]} is not what the run started from (made again since, "
-                                f"or the flag names another folder): the run cannot go on as it started; train "
-                                f"afresh without --resume")
+            differs = "are not those" if name == "pairs" else "is not the one"
+            raise ArgumentError(f"--resume: {described[name]} {differs} the run started from (made again since, or "
+                                f"other ones): the run goes on only from its own; name where they are now, or "
+                                f"start afresh without --resume")
 
 
 def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: str = "step") -> tuple[int, float]:

@@ -479,7 +479,7 @@ def test_ppo_resume_is_bit_for_bit_and_only_from_the_same_models(workdir, tmp_pa
     rm["model"][next(iter(rm["model"]))] += 1e-3
     save_checkpoint(other_rm / "ckpt.pt", rm)
     refused = run_ppo(workdir, tmp_path / "split", "--resume", "--rm-dir", str(other_rm), returncode=2)
-    assert f"--resume: the reward model in {other_rm} is not what the run started from" in refused
+    assert f"--resume: the reward model in {other_rm} is not the one the run started from" in refused
     refused = run_ppo(workdir, tmp_path / "split", "--resume", "--kl-coef", "0.5", returncode=2)
     assert "--kl-coef 0.5 (it has 0.05)" in refused and "Traceback" not in refused
 

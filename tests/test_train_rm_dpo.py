@@ -558,13 +558,18 @@ def test_dpo_resume_is_bit_for_bit_and_only_from_the_same_sft_policy(workdir, tm
     sft = load_checkpoint(other_sft / "ckpt.pt")
     sft["model"][next(iter(sft["model"]))] += 1e-3
     save_checkpoint(other_sft / "ckpt.pt", sft)
-    for extra, message in ((["--sft-dir", str(other_sft)], f"the SFT policy in {other_sft} is not what the run "
+    for extra, message in ((["--sft-dir", str(other_sft)], f"the SFT policy in {other_sft} is not the one the run "
                                                            f"started from"),
+                           (["--sft-dir", str(tmp_path / "moved")], f"--sft-dir {tmp_path / 'moved'} holds no "
+                                                                    f"checkpoint"),
                            (["--beta", "0.5"], "--beta 0.5 (it has 0.1)"),
-                           (["--stop-at", "5"], "--stop-at 5: the run in")):
+                           (["--stop-at", "5"], "--stop-at 5: the run in"),
+                           (["--stop-at", "29"], "--stop-at 29: the run ends at step 28")):
         refused = subprocess.run([sys.executable, "train_dpo.py", "--resume", "--out-dir", str(tmp_path / "split"),
                                   *extra], cwd=ROOT, capture_output=True, text=True)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert refused.stdout == ""  # before any work: no pairs read or made, no SFT policy trained
+    assert not (tmp_path / "moved").exists()
 
     out = run("train_dpo.py", ["--resume", "--out-dir", str(tmp_path / "split")])  # the rest from the checkpoint
     assert "resumed from" in out and "reference log-probs" not in out  # those are in the checkpoint
@@ -588,11 +593,17 @@ def test_a_reward_model_cut_short_is_resumed_bit_for_bit_also_by_the_stage_that_
         assert {"optimizer", "rng"} <= load_checkpoint(tmp_path / split / "ckpt.pt")["resume"].keys()
     out = run("train_rm.py", ["--resume", "--out-dir", str(tmp_path / "split")])
     assert "resumed from" in out and "step     7/" in out
-    # train_ppo.py finds it in its --rm-dir: train_rm.ensure finishes it there
-    out = subprocess.run([sys.executable, "-c", "import sys, train_rm; from minalign.distributed import DistInfo; "
-                          "print(train_rm.ensure(sys.argv[1], DistInfo()))", str(tmp_path / "needed")],
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)  # one thread, as run() gives the others: the same sums, bit for bit
+    # train_ppo.py finds it in its --rm-dir: train_rm.ensure finishes it there, from train_ppo.py's --sft-dir
+    def ensure(sft_dir):
+        return subprocess.run([sys.executable, "-c", "import sys, train_rm; from minalign.distributed import DistInfo; "
+                               "print(train_rm.ensure(sys.argv[1], DistInfo(), sft_dir=sys.argv[2]))",
+                               str(tmp_path / "needed"), str(sft_dir)],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=300)  # one thread, as run() gives the others: the same sums, bit for bit
+    out = ensure(tmp_path / "moved")
+    assert out.returncode == 1 and f"--rm-dir {tmp_path / 'needed'} holds a reward model cut short, which this run " \
+                                   f"would finish first: --resume: --sft-dir {tmp_path / 'moved'} holds no" in out.stderr
+    out = ensure(workdir / "sft")
     assert out.returncode == 0 and "resuming the run cut short" in out.stdout, out.stderr[-2000:]
     finished = [load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split", "needed")]
     assert all("resume" not in c and c["results"]["test_accuracy"] == finished[0]["results"]["test_accuracy"]

@@ -143,9 +143,6 @@ def main(args: Args):
                                                 "pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
-    if args.stop_at is not None and args.stop_at > total_steps:
-        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {total_steps}; stop it earlier or "
-                            f"leave --stop-at out")
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
     # from it, so compute them once (a resumed run has them in its checkpoint) and keep only

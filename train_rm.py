@@ -13,6 +13,7 @@ correlation of its scores with the gold judge.
 """
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -30,8 +31,9 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import PairArgs, continue_pair_run, pair_batches, pairs_fingerprint, tokenize_splits
-from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
+from minalign.pairs import (PairArgs, check_stop_at, continue_pair_run, pair_batches, pairs_fingerprint,
+                            tokenize_splits)
+from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
 from minalign.resume import check_started_from, start_or_resume
@@ -87,7 +89,8 @@ def prepare_pairs(args: PairArgs, dist):
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
     check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
     tokenizer = get_tokenizer(args.tokenizer)
-    if args.data is None:
+    if args.data is None:  # the most pairs the prompts can give: --stop-at beyond them is refused now
+        check_stop_at(args, args.n_train_pairs or args.n_train_prompts * math.comb(SAMPLES_PER_PROMPT, 2), at_most=True)
         policy, train_pairs, test_pairs = builtin_task_pairs(args, dist, tokenizer, sft_dir)
     else:
         policy, train_pairs, test_pairs = data_file_pairs(args, dist, tokenizer, sft_dir)
@@ -131,6 +134,7 @@ def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
         raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only "
                             f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
                             f"{args.test_fraction})")
+    check_stop_at(args, len(train_pairs), at_most=True)  # fewer if some are the same once tokenized
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
         if note := data_note(args):
@@ -262,9 +266,6 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
     batches, total_steps = pair_batches(args, dist, len(train_pairs), "reward model")
-    if args.stop_at is not None and args.stop_at > total_steps:
-        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {total_steps}; stop it earlier or "
-                            f"leave --stop-at out")
     first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, model, optimizer)  # every check passed
     if ckpt is not None:
         set_rng_state(ckpt["resume"]["rng"])  # dropout's, if the SFT policy has any

@@ -159,11 +159,29 @@ def default_folders(args: PairArgs) -> tuple[str, str]:
             default_sft if args.sft_dir is None else args.sft_dir)
 
 
+def run_steps(args: PairArgs, n_pairs: int) -> int:
+    """Optimizer steps of an --epochs run over n_pairs training pairs (each epoch's short
+    last batch is left out)."""
+    return max(1, int(args.epochs * (n_pairs // args.batch_size)))
+
+
+def check_stop_at(args: PairArgs, n_pairs: int, at_most: bool = False) -> None:
+    """Refuse a --stop-at past the end of a run over n_pairs training pairs (with
+    `at_most`, the most there can be, for a check before the pairs are made)."""
+    if args.stop_at is not None and args.stop_at > run_steps(args, n_pairs):
+        steps = run_steps(args, n_pairs)
+        ends = f"after {counted(steps, 'step')} at most" if at_most else f"at step {steps}"
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends {ends} ({counted(n_pairs, 'pair')}, "
+                            f"--batch-size {args.batch_size}, --epochs {args.epochs:g}); stop it earlier or leave "
+                            f"--stop-at out")
+
+
 def pair_batches(args: PairArgs, dist, n_pairs: int, title: str) -> tuple[distributed.Batches, int]:
     """Each process's batches of an --epochs run over n_pairs training pairs, and its
     number of steps; the run's header line is printed."""
     batches = distributed.Batches(n_pairs, args.batch_size, seed=args.seed, rank=dist.rank, world_size=dist.world_size)
-    total_steps = max(1, int(args.epochs * batches.steps_per_epoch))
+    total_steps = run_steps(args, n_pairs)
+    check_stop_at(args, n_pairs)
     if dist.is_main:
         print(f"== {title}: {counted(total_steps, 'step')} of {args.batch_size} pairs"
               f"{batches.describe_left_out('pairs')}")

@@ -403,7 +403,13 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
                           (parse_args(train_rm.Args, ["--test-fraction", "0.1", "--out-dir", out]),
                            "--test-fraction: applies to --data"),
                           (train_dpo.Args(out_dir=out, sft_dir=out), "--out-dir and --sft-dir both name"),
-                          (train_rm.Args(out_dir=out, sft_dir=""), "--sft-dir '': empty")):
+                          (train_rm.Args(out_dir=out, sft_dir=""), "--sft-dir '': empty"),
+                          # 1,000 prompts give 6,000 pairs at most: 187 steps of 32 an epoch
+                          (train_dpo.Args(out_dir=out, stop_at=188),
+                           r"--stop-at 188: the run ends after 187 steps at most \(6,000 pairs, --batch-size 32, "
+                           r"--epochs 1\)"),
+                          (train_rm.Args(out_dir=out, stop_at=55, n_train_pairs=400, epochs=4.5),  # 12 steps an epoch
+                           r"after 54 steps at most \(400 pairs, --batch-size 32, --epochs 4.5\)")):
         with pytest.raises(ArgumentError, match=message):  # before the file is even read
             train_rm.prepare_pairs(args, DistInfo())
         assert not Path(args.out_dir).exists(), args.out_dir  # nor an output folder made
@@ -601,8 +607,9 @@ def test_a_reward_model_cut_short_is_resumed_bit_for_bit_also_by_the_stage_that_
                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=300)  # one thread, as run() gives the others: the same sums, bit for bit
     out = ensure(tmp_path / "moved")
-    assert out.returncode == 1 and f"--rm-dir {tmp_path / 'needed'} holds a reward model cut short, which this run " \
-                                   f"would finish first: --resume: --sft-dir {tmp_path / 'moved'} holds no" in out.stderr
+    refusal = (f"--rm-dir {tmp_path / 'needed'} holds a reward model cut short, which this run would finish first: "
+               f"--resume: --sft-dir {tmp_path / 'moved'} holds no checkpoint")
+    assert out.returncode == 1 and refusal in out.stderr, out.stderr[-2000:]
     out = ensure(workdir / "sft")
     assert out.returncode == 0 and "resuming the run cut short" in out.stdout, out.stderr[-2000:]
     finished = [load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split", "needed")]

@@ -32,9 +32,9 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import (RESUME_MAY_CHANGE, PairArgs, continue_pair_run, pair_batches, pairs_fingerprint,
-                            tokenize_splits)
-from minalign.resume import check_started_from, start_or_resume
+from minalign.pairs import (RESUME_MAY_CHANGE, PairArgs, check_same_pairs, continue_pair_run, pair_batches,
+                            pairs_fingerprint, tokenize_splits)
+from minalign.resume import note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
 from train_rm import prepare_pairs  # shared with train_rm.py
@@ -137,10 +137,9 @@ def main(args: Args):
                    args.eval_max_new_tokens, "--eval-max-new-tokens")
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
     disable_dropout(policy)  # so the implicit rewards start at 0, as the reference is the policy
-    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
     if ckpt is not None:
-        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_folder()}",
-                                                "pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
+        check_same_pairs(ckpt, args, train_raw, test_raw)
+    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
 
@@ -172,14 +171,16 @@ def main(args: Args):
     t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of steps_per_s and train_seconds
 
     def save(step: int, resumable: bool):
+        """The policy in out_dir/ckpt.pt; with `resumable`, what --resume needs besides."""
         state = {"model": policy.state_dict(), "model_config": asdict(policy.config), "args": asdict(args),
                  "step": step, "tokenizer": tokenizer.name, "stage": "dpo"}
         if resumable:
             state["resume"] = {"optimizer": optimizer.state_dict(), "ref_train": ref_train, "ref_test": ref_test,
                                "started_from": started_from, "sft_folder": args.sft_folder(),
-                               "total_steps": total_steps,
+                               "n_pairs": len(train_pairs),
                                "train_seconds": seconds_before + time.time() - t0 - eval_seconds}
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
+        note_saved(args.out_dir, step, resumable, world_size=dist.world_size)
 
     for step in range(first, last + 1):
         lr = cosine_lr(step - 1, args.lr, total_steps, args.warmup_steps)
@@ -210,18 +211,15 @@ def main(args: Args):
             check_weights_finite(step, policy)  # it samples from them
             eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
                                                 logger, step)
-        if step < total_steps and (step % args.save_interval == 0 or step == last):
+        if save_due(step, total_steps, last, args.save_interval):
             check_weights_finite(step, policy)
             if dist.is_main:  # after the step's evaluation, which a resumed run does not repeat
                 save(step, resumable=True)
     train_seconds = seconds_before + time.time() - t0 - eval_seconds
     check_weights_finite(last, policy)
 
-    if last < total_steps:
-        if dist.is_main:
-            print(f"stopped at step {last} of {total_steps}: continue with `python train_dpo.py --resume "
-                  f"--out-dir {args.out_dir}`")
-    elif dist.is_main:  # the checkpoint first: an evaluation that fails loses nothing
+    if dist.is_main and not stopped_early("train_dpo.py", args.out_dir, last, total_steps):
+        # the checkpoint first: an evaluation that fails loses nothing
         save(total_steps, resumable=False)
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))

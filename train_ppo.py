@@ -34,7 +34,7 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.ppo import AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate, masked_mean
-from minalign.resume import check_started_from, continue_run, start_or_resume
+from minalign.resume import check_same_model, continue_run, note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
@@ -203,24 +203,33 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
 # (minalign/resume.py). --sft-dir and --rm-dir left out are the run's folders.
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "sft_dir", "rm_dir", "save_interval", "eval_prompts",
                      "eval_interval", "log_interval")
-NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")  # this invocation's own, given or not
+
+
+def continue_ppo_run(args: Args, dist):
+    """(args, checkpoint) of the run that --resume continues, as resume.continue_run gives
+    them, refused before any work if it cannot go on bit for bit: in another number of
+    processes or on another kind of device (each process's sampling state is the
+    device's own), or from other models than it started from."""
+    args, ckpt = continue_run(args, "ppo", RESUME_MAY_CHANGE, unit="update")
+    saved = ckpt["resume"]
+    n = len(saved["generators"])
+    if n != dist.world_size:
+        how = "without torchrun" if n == 1 else f"with torchrun --nproc_per_node={n}"
+        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {n} process(es), each from its own "
+                            f"random stream: continue it in as many, {how}")
+    if saved["sampling_device"] != torch.device(dist.device).type:
+        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
+                            f"random stream another device cannot continue: pass --device {saved['sampling_device']}")
+    check_same_model(ckpt, "sft", "--sft-dir", args.sft_dir, "SFT policy")  # before ensure() could train one there
+    check_same_model(ckpt, "rm", "--rm-dir", args.rm_dir, "reward model")
+    return args, ckpt
 
 
 def main(args: Args):
     dist = distributed.setup(args.device)
     ckpt = None
     if args.resume:
-        args, ckpt = continue_run(args, "ppo", RESUME_MAY_CHANGE, NOT_RESUMED, unit="update")
-        saved = ckpt["resume"]
-        if len(saved["generators"]) != dist.world_size:
-            n = len(saved["generators"])
-            how = "without torchrun" if n == 1 else f"with torchrun --nproc_per_node={n}"
-            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {n} process(es), each from its own "
-                                f"random stream: continue it in as many, {how}")
-        if saved["sampling_device"] != torch.device(dist.device).type:
-            raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
-                                f"random stream another device cannot continue: pass --device "
-                                f"{saved['sampling_device']}")
+        args, ckpt = continue_ppo_run(args, dist)
     if args.stop_at is not None and args.stop_at > args.updates:
         raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --updates {args.updates}; stop it earlier "
                             f"or leave --stop-at out")
@@ -240,12 +249,6 @@ def main(args: Args):
     for model, folder, block in (("the SFT policy", args.sft_dir, sft_block),
                                  ("the reward model", args.rm_dir, rm_block)):
         check_room(block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens", f"{model} in {folder}")
-    if ckpt is not None:  # the run's own models, not new ones trained where they were
-        for name, what, folder in (("--sft-dir", "SFT policy", args.sft_dir),
-                                   ("--rm-dir", "reward model", args.rm_dir)):
-            if not (Path(folder) / "ckpt.pt").exists():
-                raise ArgumentError(f"--resume: {name} {folder} holds no checkpoint, and the run goes on only from "
-                                    f"the {what} it started from: pass {name} and the folder that holds it now")
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
     policy, _ = load_model(sft_path, dist.device, tokenizer)  # before a reward model is trained from it
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
@@ -256,8 +259,6 @@ def main(args: Args):
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
     started_from = {"sft": weights_fingerprint(reference), "rm": weights_fingerprint(reward_model)}
     if ckpt is not None:
-        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_dir}",
-                                                "rm": f"the reward model in {args.rm_dir}"})
         critic.load_state_dict(ckpt["resume"]["critic"])  # the policy: by start_or_resume below
     policy.train()
 
@@ -297,6 +298,7 @@ def main(args: Args):
                                "sampling_device": torch.device(dist.device).type, "started_from": started_from,
                                "train_seconds": seconds_before + time.time() - t0 - eval_seconds}
         save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
+        note_saved(args.out_dir, update, resumable, unit="update", world_size=dist.world_size)
 
     for update in range(first, last + 1):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
@@ -367,17 +369,12 @@ def main(args: Args):
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,
                                                 logger, update)
-        if update < args.updates and (update % args.save_interval == 0 or update == last):
+        if save_due(update, args.updates, last, args.save_interval):
             save(update, resumable=True)  # after the update's evaluation, which a resumed run does not repeat
 
-    if last < args.updates:
-        if dist.is_main:
-            print(f"stopped at update {last} of {args.updates}: continue with `python train_ppo.py --resume "
-                  f"--out-dir {args.out_dir}`")
-        distributed.cleanup(dist)
-        return
-    save(args.updates, resumable=False)  # the checkpoint first: an evaluation that fails loses nothing
-    if dist.is_main:
+    if last == args.updates:
+        save(args.updates, resumable=False)  # the checkpoint first: an evaluation that fails loses nothing
+    if dist.is_main and not stopped_early("train_ppo.py", args.out_dir, last, args.updates, unit="update"):
         train_seconds = seconds_before + time.time() - t0 - eval_seconds
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates,
                                train_seconds=train_seconds)

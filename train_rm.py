@@ -13,7 +13,6 @@ correlation of its scores with the gold judge.
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -31,12 +30,12 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import write_eval
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import (PairArgs, check_stop_at, continue_pair_run, pair_batches, pairs_fingerprint,
-                            tokenize_splits)
-from minalign.preferences import SAMPLES_PER_PROMPT, bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
+from minalign.pairs import (PairArgs, check_same_pairs, check_stop_at, continue_pair_run, pair_batches,
+                            pairs_fingerprint, tokenize_splits)
+from minalign.preferences import bayes_optimal_accuracy, builtin_pairs, select_pairs, write_jsonl
 from minalign.reward import (RewardModel, accuracy_and_margin, bradley_terry_loss, pair_scores, score_pairs,
                              score_rollouts)
-from minalign.resume import check_started_from, start_or_resume
+from minalign.resume import note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import sample_batches
 from minalign.tokenizer import data_note, get_tokenizer
 
@@ -89,8 +88,7 @@ def prepare_pairs(args: PairArgs, dist):
     check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
     check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
     tokenizer = get_tokenizer(args.tokenizer)
-    if args.data is None:  # the most pairs the prompts can give: --stop-at beyond them is refused now
-        check_stop_at(args, args.n_train_pairs or args.n_train_prompts * math.comb(SAMPLES_PER_PROMPT, 2), at_most=True)
+    if args.data is None:
         policy, train_pairs, test_pairs = builtin_task_pairs(args, dist, tokenizer, sft_dir)
     else:
         policy, train_pairs, test_pairs = data_file_pairs(args, dist, tokenizer, sft_dir)
@@ -236,13 +234,13 @@ def gold_correlation(args, model, tokenizer, device) -> float:
     return torch.corrcoef(torch.stack([score_rollouts(model, rollouts), gold]))[0, 1].item()
 
 
-def save_reward_model(args, model, tokenizer, step: int, results: dict | None = None, resume: dict | None = None):
-    """The reward model to out_dir/ckpt.pt (atomically): trained, with `results`, or along
-    the run, with the `resume` state that --resume continues from."""
-    state = {"kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
-             "args": asdict(args), "step": step, "tokenizer": tokenizer.name}
-    state.update({"results": results} if resume is None else {"resume": resume})
-    save_checkpoint(Path(args.out_dir) / "ckpt.pt", state)
+def save_reward_model(args, model, tokenizer, step: int, **entries) -> None:
+    """The reward model to out_dir/ckpt.pt (atomically), with `entries`: the trained one's
+    `results`, or along the run the `resume` state that --resume continues from."""
+    save_checkpoint(Path(args.out_dir) / "ckpt.pt", {
+        "kind": "reward", "stage": "rm", "model": model.state_dict(), "model_config": asdict(model.config),
+        "args": asdict(args), "step": step, "tokenizer": tokenizer.name, **entries})
+    note_saved(args.out_dir, step, resumable="resume" in entries)
 
 
 def train(args: Args, dist: distributed.DistInfo) -> str:
@@ -252,10 +250,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         args, ckpt = continue_pair_run(args)
     torch.manual_seed(args.seed)
     policy, tokenizer, train_raw, test_raw = prepare_pairs(args, dist)
-    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
     if ckpt is not None:
-        check_started_from(ckpt, started_from, {"sft": f"the SFT policy in {args.sft_folder()}",
-                                                "pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
+        check_same_pairs(ckpt, args, train_raw, test_raw)
+    started_from = {"sft": weights_fingerprint(policy), "pairs": pairs_fingerprint(train_raw, test_raw)}
     train_pairs, test_pairs = tokenize_splits(args, tokenizer, train_raw, test_raw, dist.is_main)
     # gold-score gaps of the pairs kept, for the optional margin (built-in task only)
     kept = [train_raw[chosen.source] for chosen, _ in train_pairs]  # tokenize_pairs may skip some
@@ -268,7 +265,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     batches, total_steps = pair_batches(args, dist, len(train_pairs), "reward model")
     first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, model, optimizer)  # every check passed
     if ckpt is not None:
-        set_rng_state(ckpt["resume"]["rng"])  # dropout's, if the SFT policy has any
+        rng = ckpt["resume"]["rng"]  # each process's (dropout's, if the SFT policy has any)
+        set_rng_state(rng[min(dist.rank, len(rng) - 1)])  # (in as many processes, bit for bit)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
     progress = Progress(total_steps, enabled=dist.is_main, start_step=first - 1)
     last = args.stop_at or total_steps
@@ -295,30 +293,27 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
-        if step < total_steps and (step % args.save_interval == 0 or step == last):
+        if save_due(step, total_steps, last, args.save_interval):
             check_weights_finite(step, model)
+            rng = distributed.gather_objects(rng_state(), dist)  # each process's: their batches differ
             if dist.is_main:
                 save_reward_model(args, model, tokenizer, step, resume={
-                    "optimizer": optimizer.state_dict(), "rng": rng_state(), "started_from": started_from,
-                    "sft_folder": args.sft_folder(), "total_steps": total_steps,
+                    "optimizer": optimizer.state_dict(), "rng": rng, "started_from": started_from,
+                    "sft_folder": args.sft_folder(), "n_pairs": len(train_pairs),
                     "train_seconds": seconds_before + time.time() - t0})
 
     train_seconds = seconds_before + time.time() - t0
     check_weights_finite(last, model)
-    if last < total_steps:
-        if dist.is_main:
-            print(f"stopped at step {last} of {total_steps}: continue with `python train_rm.py --resume "
-                  f"--out-dir {args.out_dir}`")
-    elif dist.is_main:
+    if dist.is_main and not stopped_early("train_rm.py", args.out_dir, last, total_steps):
         results = normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, dist.device)
-        save_reward_model(args, model, tokenizer, total_steps, results)  # a failure in the slower check loses nothing
+        save_reward_model(args, model, tokenizer, total_steps, results=results)  # the slower check may fail
         if args.data is None:  # does the reward model agree with the gold judge?
             results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)
         for k, v in results.items():
             print(f"{k}: {v:.4f}")
         results["train_seconds"] = train_seconds
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
-        save_reward_model(args, model, tokenizer, total_steps, results)
+        save_reward_model(args, model, tokenizer, total_steps, results=results)
         print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")

@@ -26,7 +26,7 @@ from minalign.data import IGNORE_INDEX
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.model import GPT, GPTConfig, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
-from minalign.resume import resumed_args, trained_on
+from minalign.resume import NOT_RESUMED, note_saved, resumed_args, trained_on
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, data_note, get_tokenizer
 
@@ -119,8 +119,6 @@ class Args:
 # (minalign/resume.py).
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_interval", "eval_interval",
                      "eval_examples", "num_samples")
-# This invocation's own, whether given or not: the rest, left out, take the checkpoint's values.
-NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")
 
 
 def autocast_context(device: str, dtype: str):
@@ -242,8 +240,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]  # each process's (a checkpoint from before they were gathered: one)
+        set_rng_state(rng[min(dist.rank, len(rng) - 1)] if isinstance(rng, list) else rng)
         step = ckpt["step"]
+        note_saved(args.out_dir, step, resumable=True, world_size=dist.world_size)
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {step}")
             remove_unfinished_saves(args.out_dir)
@@ -263,12 +263,13 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
 
-    def checkpoint():
+    def checkpoint(rng: list):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": asdict(config), "step": step,
                                     "args": {**asdict(args), "data": args.data and str(Path(args.data).resolve())},
-                                    "rng": rng_state(), "tokenizer": tokenizer.name, "stage": "sft",
+                                    "rng": rng, "tokenizer": tokenizer.name, "stage": "sft",
                                     "data_sha256": data_sha256})
+        note_saved(args.out_dir, step, resumable=step < args.max_steps, world_size=dist.world_size)
 
     # ---- training loop ----
     tokens_seen, t0 = 0, time.time()
@@ -304,10 +305,11 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             val_loss = torch.tensor(val_loss, dtype=torch.float64, device=dist.device)
             val_loss = distributed.all_reduce_sum(val_loss, dist).item()
             check_finite(step, val_loss=val_loss)
+            rng = distributed.gather_objects(rng_state(), dist)  # each process's: their batches differ
             if dist.is_main:
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
-                checkpoint()
+                checkpoint(rng)
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main:
         print(f"done: {counted(step, 'step')} in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")

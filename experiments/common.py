@@ -78,17 +78,18 @@ def run_stage(name: str, run, stage_args) -> Path:
     """Run one training stage (`run(stage_args)`) unless its folder already holds a
     finished run with the same arguments, started from the same models (the weights in
     its --sft-dir and --rm-dir, which an earlier stage may have trained again); returns
-    the folder. A run of the same stage that was cut short (Ctrl-C, a crash) goes on
-    from its last checkpoint, with --resume.
+    the folder. A run with the same arguments that was cut short (Ctrl-C, a crash) goes
+    on from its last checkpoint with --resume, unless the script refuses that (its
+    models have changed since).
 
     A stale folder is cleared first: nothing of an older run is kept."""
     out = Path(stage_args.out_dir)
     done, started = out / "done.json", out / "started.json"
     upstream = {field: Path(getattr(stage_args, field)) / "ckpt.pt" for field in ("sft_dir", "rm_dir")
                 if getattr(stage_args, field, None)}
+    arguments = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
 
     def stage_record() -> dict:  # a function: the upstream models may only exist once run() is done
-        arguments = json.loads(json.dumps(asdict(stage_args)))  # tuples -> lists, as stored
         return {"args": arguments, "started_from": model_fingerprints(upstream)}
 
     def holds(path, record: dict) -> bool:
@@ -97,24 +98,29 @@ def run_stage(name: str, run, stage_args) -> Path:
         except data.DataError:  # damaged: run again
             return False
 
-    if holds(done, stage_record()):
-        print(f"== {name}: done before, reusing {out}", flush=True)
-        return out
-    def cut_short() -> bool:  # a checkpoint that holds the state to resume from
+    def cut_short() -> bool:  # with a checkpoint that holds the state to resume from
         try:
             return (out / "ckpt.pt").exists() and "resume" in load_checkpoint(out / "ckpt.pt")
         except ArgumentError:  # damaged: run again
             return False
 
-    if hasattr(stage_args, "resume") and cut_short() and holds(started, stage_record()):
+    if holds(done, stage_record()):
+        print(f"== {name}: done before, reusing {out}", flush=True)
+        return out
+    resumed = False
+    if hasattr(stage_args, "resume") and holds(started, {"args": arguments}) and cut_short():
         print(f"== {name}: cut short before, resuming {out}", flush=True)
-        run(replace(stage_args, resume=True))
-    else:
+        try:
+            run(replace(stage_args, resume=True))
+            resumed = True
+        except ArgumentError as refused:  # its models have changed: it cannot go on as it started
+            print(f"== {name}: cannot resume ({refused}); starting it again", flush=True)
+    if not resumed:
         if out.exists():
             shutil.rmtree(out)
         print(f"== {name} -> {out}", flush=True)
         out.mkdir(parents=True)
-        started.write_text(json.dumps(stage_record(), indent=1))  # what a run cut short may resume
+        started.write_text(json.dumps({"args": arguments}, indent=1))  # what a run cut short may resume
         run(stage_args)
     done.write_text(json.dumps(stage_record(), indent=1))
     return out

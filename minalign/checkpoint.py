@@ -5,9 +5,9 @@ tokenizer's name and the stage that wrote it ("sft", "rm", "dpo", "ppo": a folde
 never read or written as another stage's); an SFT checkpoint also holds what
 `--resume` needs to continue bit for bit, the optimizer and RNG state, and a hash of
 its --data file (a changed file cannot be continued); those the reward model, DPO
-and PPO write along a run hold theirs under "resume" (minalign/resume.py). Writing to a temporary file and
-renaming it means a crash mid-write never leaves a torn checkpoint behind;
-`weights_only=True` means loading one never runs pickled code.
+and PPO write along a run hold theirs under "resume" (minalign/resume.py). Writing
+to a temporary file and renaming it means a crash mid-write never leaves a torn
+checkpoint behind; `weights_only=True` means loading one never runs pickled code.
 """
 
 import hashlib

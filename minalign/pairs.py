@@ -1,5 +1,6 @@
 """Preference pairs for train_rm.py and train_dpo.py: the settings both take, the
-default folders named after the pairs, and the pairs as tokens.
+default folders named after the pairs, the pairs as tokens and batches, and what
+--resume checks of them.
 
 The pairs are the built-in task's (sampled from the SFT policy, labelled by the gold
 judge: minalign/preferences.py) or a file's; train_rm.prepare_pairs makes or reads them.
@@ -11,15 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pathlib import Path
-
 from minalign import data, distributed, task
 from minalign.cli import ArgumentError, check_args
 from minalign.logger import counted
 from minalign.optim import warmup_note
 from minalign.preferences import SAMPLES_PER_PROMPT
-from minalign.checkpoint import load_checkpoint, weights_fingerprint
-from minalign.resume import check_started_from, continue_run
+from minalign.resume import check_same_model, check_started_from, continue_run
 from minalign.tokenizer import TOKENIZERS
 
 
@@ -98,6 +96,7 @@ class PairArgs:
             pairs = most if self.n_train_pairs is None else self.n_train_pairs
             if self.batch_size > pairs:
                 raise ArgumentError(f"--batch-size {self.batch_size}: more than the {pairs} training pairs at most")
+            check_stop_at(self, pairs, at_most=True)  # (self.epochs: each script's own)
         self.out_dir = default_folders(self)[0]  # --sft-dir stays as given: None or the user's own folder
 
     def sft_folder(self) -> str:
@@ -109,7 +108,6 @@ class PairArgs:
 # (minalign/resume.py). --data, --sft-dir and --pairs-dir left out are the run's.
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "data", "sft_dir", "pairs_dir", "save_interval",
                      "log_interval")
-NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")  # this invocation's own, given or not
 
 
 def continue_pair_run(args: PairArgs, may_change=RESUME_MAY_CHANGE):
@@ -118,20 +116,18 @@ def continue_pair_run(args: PairArgs, may_change=RESUME_MAY_CHANGE):
     trained) if its SFT policy is not there any more or --stop-at is past its end. The
     run's SFT folder stays the one it used: a default one is named after the --data
     file, which may have been renamed."""
-    args, ckpt = continue_run(args, args.stage, may_change, NOT_RESUMED)
-    saved = ckpt["resume"]
+    args, ckpt = continue_run(args, args.stage, may_change)
     if args.sft_dir is None:
-        args.sft_dir = saved["sft_folder"]
-    sft_path = Path(args.sft_dir) / "ckpt.pt"
-    if not sft_path.exists():
-        raise ArgumentError(f"--resume: --sft-dir {args.sft_dir} holds no checkpoint, and the run goes on only from "
-                            f"the SFT policy it started from: pass --sft-dir and the folder that holds it now")
-    check_started_from(ckpt, {"sft": weights_fingerprint(load_checkpoint(sft_path)["model"])},
-                       {"sft": f"the SFT policy in {args.sft_dir}"})
-    if args.stop_at is not None and args.stop_at > saved["total_steps"]:
-        raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at step {saved['total_steps']}; stop it earlier "
-                            f"or leave --stop-at out")
+        args.sft_dir = ckpt["resume"]["sft_folder"]
+    check_same_model(ckpt, "sft", "--sft-dir", args.sft_dir, "SFT policy")
+    check_stop_at(args, ckpt["resume"]["n_pairs"])
     return args, ckpt
+
+
+def check_same_pairs(ckpt: dict, args: PairArgs, train_raw: list[dict], test_raw: list[dict]) -> None:
+    """Refuse to continue a run whose pairs are not those it started from."""
+    check_started_from(ckpt, {"pairs": pairs_fingerprint(train_raw, test_raw)},
+                       {"pairs": f"the preference pairs of {args.data or args.pairs_dir}"})
 
 
 def pairs_fingerprint(*splits: list[dict]) -> str:

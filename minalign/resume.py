@@ -14,10 +14,12 @@ holds its bytes' hash.
 from dataclasses import fields, replace
 from pathlib import Path
 
-from minalign.checkpoint import (check_stage, file_fingerprint, finished, load_checkpoint, remove_unfinished_saves,
-                                 replace_earlier_run)
+from minalign.checkpoint import (check_stage, file_fingerprint, load_checkpoint, remove_unfinished_saves,
+                                 replace_earlier_run, weights_fingerprint)
 from minalign.cli import ArgumentError, flag, given
 
+# A resumed run's own settings, given or not: the rest, left out, take the checkpoint's values.
+NOT_RESUMED = ("resume", "stop_at", "out_dir", "device")
 
 def same_setting(name: str, a, b) -> bool:
     """Whether two values of a setting agree (a data file however its path is written)."""
@@ -54,7 +56,7 @@ def resumed_args(args, saved: dict, may_change=(), own=()):
     return resumed
 
 
-def continue_run(args, stage: str, may_change=(), own=(), unit: str = "step"):
+def continue_run(args, stage: str, may_change=(), own=NOT_RESUMED, unit: str = "step"):
     """(args, checkpoint) of the run that --resume continues in args.out_dir (a stage
     whose checkpoints hold their resume state under "resume"): its settings, by
     resumed_args, and its last checkpoint. Refuses, naming the folder, one with no
@@ -88,6 +90,18 @@ def check_started_from(ckpt: dict, found: dict, described: dict) -> None:
                                 f"start afresh without --resume")
 
 
+def check_same_model(ckpt: dict, name: str, flag: str, folder, what: str) -> None:
+    """Refuse, before any work, to continue a run whose starting model (`name` in its
+    fingerprints: "sft", "rm"; `what`: "SFT policy") is not in `folder` (given by `flag`)
+    any more, or is another one there."""
+    path = Path(folder) / "ckpt.pt"
+    if not path.exists():
+        raise ArgumentError(f"--resume: {flag} {folder} holds no checkpoint, and the run goes on only from the {what} "
+                            f"it started from: pass {flag} and the folder that holds it now")
+    check_started_from(ckpt, {name: weights_fingerprint(load_checkpoint(path)["model"])},
+                       {name: f"the {what} in {folder}"})
+
+
 def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: str = "step") -> tuple[int, float]:
     """(first step, train_seconds so far) of a run about to train, after every check: a new
     run (`ckpt` None) replaces the earlier one in out_dir; a resumed run loads the
@@ -97,24 +111,46 @@ def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: st
         return 1, 0.0
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["resume"]["optimizer"])
+    note_saved(out_dir, ckpt["step"], resumable=True, unit=unit, world_size=dist.world_size)
     if dist.is_main:
         print(f"resumed from {Path(out_dir) / 'ckpt.pt'} at {unit} {ckpt['step']}")
         remove_unfinished_saves(out_dir)
     return ckpt["step"] + 1, ckpt["resume"]["train_seconds"]
 
 
+def save_due(step: int, total: int, last: int, save_interval: int) -> bool:
+    """Whether a run writes a checkpoint to resume from after `step` of `total`: every
+    save_interval steps and where --stop-at (`last`) stops it; never at the end, where
+    the final checkpoint holds the trained model alone."""
+    return step < total and (step % save_interval == 0 or step == last)
+
+
+def stopped_early(script: str, out_dir, last: int, total: int, unit: str = "step") -> bool:
+    """Whether a run stopped by --stop-at (at `last`, before its end) is over; it says
+    how to go on. Call on the main process."""
+    if last < total:
+        print(f"stopped at {unit} {last} of {total}: continue with `python {script} --resume --out-dir {out_dir}`")
+    return last < total
+
+
+# What this process last saved to resume from (or resumed from): for resume_hint
+_resumable: dict = {}
+
+
+def note_saved(out_dir, step: int, resumable: bool, unit: str = "step", world_size: int = 1) -> None:
+    """Record that out_dir/ckpt.pt now holds this run's checkpoint at `step`: one that
+    --resume goes on from (`resumable`), or the final one."""
+    _resumable.clear()
+    if resumable:
+        _resumable.update(out_dir=str(out_dir), step=step, unit=unit, world_size=world_size)
+
+
 def resume_hint(args, script: str) -> str:
     """For the line that reports a run stopped by Ctrl-C or SIGTERM: how to go on from the
-    checkpoint it left in args.out_dir, if that is one of a run cut short ("" if not)."""
-    out_dir = getattr(args, "out_dir", None)
-    path = Path(out_dir or "") / "ckpt.pt"
-    if not hasattr(args, "resume") or out_dir is None or not path.is_file():
+    last checkpoint it saved or resumed from ("" if none, or the script has no --resume)."""
+    if not hasattr(args, "resume") or not _resumable:
         return ""
-    try:
-        ckpt = load_checkpoint(path)
-        if finished(ckpt):
-            return ""
-    except Exception:  # unreadable, or not one of these scripts' checkpoints: no hint
-        return ""
-    unit = "update" if ckpt.get("stage") == "ppo" else "step"
-    return f"; `python {script} --resume --out-dir {out_dir}` goes on from its checkpoint at {unit} {ckpt['step']}"
+    n = _resumable["world_size"]
+    where = f" (under torchrun, with {n} processes)" if n > 1 else ""
+    return (f"; `python {script} --resume --out-dir {_resumable['out_dir']}`{where} goes on from its checkpoint at "
+            f"{_resumable['unit']} {_resumable['step']}")

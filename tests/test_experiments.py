@@ -162,6 +162,7 @@ def test_a_stage_cut_short_resumes_from_its_checkpoint_unless_its_arguments_chan
 
     from experiments.common import run_stage
     from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError
 
     @dataclass
     class StageArgs:
@@ -189,6 +190,16 @@ def test_a_stage_cut_short_resumes_from_its_checkpoint_unless_its_arguments_chan
         run_stage("stage", lambda a: train(a, cut_short=True), replace(args, lr=0.2))
     run_stage("stage", train, replace(args, lr=0.3))  # other arguments: trained afresh
     assert calls[-1] == (0.3, False) and not (tmp_path / "stage" / "started.json").read_text().count('"lr": 0.2')
+
+    def refuses_to_resume(args):  # as a script does whose upstream models have changed
+        if args.resume:
+            raise ArgumentError("--resume: the SFT policy in out/sft is not the one the run started from")
+        train(args)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("stage", lambda a: train(a, cut_short=True), replace(args, lr=0.4))
+    run_stage("stage", refuses_to_resume, replace(args, lr=0.4))
+    assert calls[-1] == (0.4, False) and "cannot resume (--resume: the SFT policy" in capsys.readouterr().out
 
 
 # ---- tiny runs of each experiment ----

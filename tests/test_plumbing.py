@@ -144,34 +144,33 @@ class RunArgs:
     """Go on from it."""
 
 
-def test_a_run_stopped_with_a_checkpoint_to_go_on_from_says_how(tmp_path, capsys, monkeypatch):
+def test_a_run_stopped_with_a_checkpoint_to_go_on_from_says_how(capsys, monkeypatch):
     import minalign.cli as cli
+    from minalign.resume import note_saved
 
-    def interrupted(args):
-        raise KeyboardInterrupt
+    def interrupted_after(*saves):
+        def main(args):
+            for out_dir, step, resumable, world_size in saves:
+                note_saved(out_dir, step, resumable, unit="update", world_size=world_size)
+            raise KeyboardInterrupt
+        return main
 
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    ppo = {"model": {}, "model_config": {}, "stage": "ppo", "args": {"updates": 8}, "step": 4}
-    sft = {"model": {}, "model_config": {}, "stage": "sft", "args": {"max_steps": 8}, "step": 4}
-    for i, (ckpt, hint) in enumerate((({**ppo, "resume": {}}, "goes on from its checkpoint at update 4"),
-                                      (sft, "goes on from its checkpoint at step 4"),  # short of its steps
-                                      (ppo, None),  # finished: nothing to go on with
-                                      (None, None))):
-        out = tmp_path / str(i)
-        if ckpt is not None:
-            save_checkpoint(out / "ckpt.pt", ckpt)
+    script = Path(sys.argv[0]).name
+    for saves, hint in ((([("o", 4, True, 1)]), f"; `python {script} --resume --out-dir o` goes on from its "
+                                                  f"checkpoint at update 4"),
+                        (([("o", 4, True, 1), ("o", 8, False, 1)]), ""),  # the final one: nothing to go on with
+                        (([("o", 6, True, 2)]), f"; `python {script} --resume --out-dir o` (under torchrun, with 2 "
+                                                f"processes) goes on from its checkpoint at update 6"),
+                        ((), "")):
+        note_saved("x", 0, resumable=False)  # what an earlier run in this process saved is forgotten
         with pytest.raises(SystemExit):
-            cli.run(interrupted, RunArgs, ["--out-dir", str(out)])
-        err = capsys.readouterr().err
-        if hint is None:
-            assert err.endswith(": interrupted\n")
-        else:
-            assert err.endswith(f": interrupted; `python {Path(sys.argv[0]).name} --resume --out-dir {out}` {hint}\n")
-    (tmp_path / "torn").mkdir()
-    (tmp_path / "torn" / "ckpt.pt").write_bytes(b"cut")  # unreadable: no hint, and no other error
-    with pytest.raises(SystemExit):
-        cli.run(interrupted, RunArgs, ["--out-dir", str(tmp_path / "torn")])
+            cli.run(interrupted_after(*saves), RunArgs, [])
+        assert capsys.readouterr().err.endswith(f": interrupted{hint}\n")
+    with pytest.raises(SystemExit):  # a script without --resume (an experiment) names none
+        cli.run(interrupted_after(("o", 4, True, 1)), Args, [])
     assert capsys.readouterr().err.endswith(": interrupted\n")
+    note_saved("x", 0, resumable=False)
 
 
 def test_sigterm_ends_a_script_with_one_line_and_no_half_written_checkpoint(tmp_path, capsys, monkeypatch):

@@ -377,6 +377,7 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
     sys.path.insert(0, str(ROOT))
     import train_dpo
     import train_ppo
+    import train_rm
 
     from minalign.cli import ArgumentError, parse_args
 
@@ -385,12 +386,16 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
             (train_dpo.Args, {"n_train_prompts": 20_001}, "--n-train-prompts 20001: .* train split has 20,000"),
             (train_dpo.Args, {"max_length": 8}, "--max-length 8: .* up to 8 tokens"),
             (train_ppo.Args, {"eval_prompts": 1001}, "--eval-prompts 1001"),
-            (train_ppo.Args, {"rollout_batch_size": 20_000}, "--rollout-batch-size 20000: must be below")):
+            (train_ppo.Args, {"rollout_batch_size": 20_000}, "--rollout-batch-size 20000: must be below"),
+            # 1,000 prompts give 6,000 pairs at most: 187 steps of 32 an epoch
+            (train_dpo.Args, {"stop_at": 188}, r"--stop-at 188: the run ends after 187 steps at most \(6,000 pairs, "
+                                               r"--batch-size 32, --epochs 1\)"),
+            (train_rm.Args, {"stop_at": 55, "n_train_pairs": 400, "epochs": 4.5},  # 12 steps an epoch
+             r"after 54 steps at most \(400 pairs, --batch-size 32, --epochs 4.5\)")):
         with pytest.raises(ArgumentError, match=message):
             cls(**kwargs)
     assert train_dpo.Args(n_test_prompts=1000, max_length=9).n_test_prompts == 1000  # the limits themselves pass
     assert train_dpo.Args(data="pairs.jsonl", max_length=4).max_length == 4  # --data brings its own prompts
-    import train_rm
 
     from minalign.distributed import DistInfo
     out = str(tmp_path / "out")
@@ -403,13 +408,7 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
                           (parse_args(train_rm.Args, ["--test-fraction", "0.1", "--out-dir", out]),
                            "--test-fraction: applies to --data"),
                           (train_dpo.Args(out_dir=out, sft_dir=out), "--out-dir and --sft-dir both name"),
-                          (train_rm.Args(out_dir=out, sft_dir=""), "--sft-dir '': empty"),
-                          # 1,000 prompts give 6,000 pairs at most: 187 steps of 32 an epoch
-                          (train_dpo.Args(out_dir=out, stop_at=188),
-                           r"--stop-at 188: the run ends after 187 steps at most \(6,000 pairs, --batch-size 32, "
-                           r"--epochs 1\)"),
-                          (train_rm.Args(out_dir=out, stop_at=55, n_train_pairs=400, epochs=4.5),  # 12 steps an epoch
-                           r"after 54 steps at most \(400 pairs, --batch-size 32, --epochs 4.5\)")):
+                          (train_rm.Args(out_dir=out, sft_dir=""), "--sft-dir '': empty")):
         with pytest.raises(ArgumentError, match=message):  # before the file is even read
             train_rm.prepare_pairs(args, DistInfo())
         assert not Path(args.out_dir).exists(), args.out_dir  # nor an output folder made

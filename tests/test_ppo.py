@@ -494,7 +494,7 @@ def test_ppo_resume_is_bit_for_bit_and_only_from_the_same_models(workdir, tmp_pa
 
 @pytest.mark.slow
 def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, tmp_path):
-    settings = ("--updates", "3", "--save-interval", "1", "--rollout-batch-size", "32", "--minibatch-size", "16")
+    settings = ("--updates", "2", "--save-interval", "1", "--rollout-batch-size", "32", "--minibatch-size", "16")
     full = run_ppo(workdir, tmp_path / "full", *settings, nproc=2)
     run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "1", nproc=2)
     refused = run_ppo(workdir, tmp_path / "split", "--resume", *settings, returncode=2)  # one process

@@ -147,8 +147,12 @@ def note_saved(out_dir, step: int, resumable: bool, unit: str = "step", world_si
 
 def resume_hint(args, script: str) -> str:
     """For the line that reports a run stopped by Ctrl-C or SIGTERM: how to go on from the
-    last checkpoint it saved or resumed from ("" if none, or the script has no --resume)."""
+    last checkpoint it saved or resumed from in its out_dir ("" if none, or the script has
+    no --resume). One saved elsewhere, by an upstream stage the script was training for
+    it, gets none: the same command goes on with that stage."""
     if not hasattr(args, "resume") or not _resumable:
+        return ""
+    if Path(_resumable["out_dir"]).resolve() != Path(args.out_dir).resolve():
         return ""
     n = _resumable["world_size"]
     where = f" (under torchrun, with {n} processes)" if n > 1 else ""

@@ -165,10 +165,13 @@ def test_a_run_stopped_with_a_checkpoint_to_go_on_from_says_how(capsys, monkeypa
                         ((), "")):
         note_saved("x", 0, resumable=False)  # what an earlier run in this process saved is forgotten
         with pytest.raises(SystemExit):
-            cli.run(interrupted_after(*saves), RunArgs, [])
+            cli.run(interrupted_after(*saves), RunArgs, ["--out-dir", "o"])
         assert capsys.readouterr().err.endswith(f": interrupted{hint}\n")
     with pytest.raises(SystemExit):  # a script without --resume (an experiment) names none
         cli.run(interrupted_after(("o", 4, True, 1)), Args, [])
+    assert capsys.readouterr().err.endswith(": interrupted\n")
+    with pytest.raises(SystemExit):  # nor for the SFT policy a later stage was training in its --sft-dir
+        cli.run(interrupted_after(("sft", 4, True, 1)), RunArgs, ["--out-dir", "o"])
     assert capsys.readouterr().err.endswith(": interrupted\n")
     note_saved("x", 0, resumable=False)
 

@@ -32,8 +32,9 @@ from minalign.evaluate import evaluate_policy, format_samples, format_table, hel
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr
-from minalign.pairs import (RESUME_MAY_CHANGE, PairArgs, check_same_pairs, continue_pair_run, pair_batches,
-                            pairs_fingerprint, tokenize_splits)
+from minalign.pairs import (PairArgs, check_same_pairs, continue_pair_run, pair_batches, pairs_fingerprint,
+                            tokenize_splits)
+from minalign.pairs import RESUME_MAY_CHANGE as PAIR_RESUME_MAY_CHANGE
 from minalign.resume import note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import check_room
 from minalign.tokenizer import get_tokenizer
@@ -77,6 +78,10 @@ class Args(PairArgs):
             raise ArgumentError(f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
             raise ArgumentError(f"--label-smoothing applies to the sigmoid and robust losses, not {self.loss_type}")
+
+
+# What a resumed run may set anew besides what a reward-model run may (minalign/pairs.py)
+RESUME_MAY_CHANGE = (*PAIR_RESUME_MAY_CHANGE, "eval_interval", "eval_max_new_tokens")
 
 
 def dpo_metrics(out, chosen_logps, rejected_logps) -> dict:
@@ -128,7 +133,7 @@ def main(args: Args):
     dist = distributed.setup(args.device)
     ckpt = None
     if args.resume:
-        args, ckpt = continue_pair_run(args, (*RESUME_MAY_CHANGE, "eval_interval", "eval_max_new_tokens"))
+        args, ckpt = continue_pair_run(args, RESUME_MAY_CHANGE)
     torch.manual_seed(args.seed)
     if args.data is None:  # the gold evaluation samples: make sure it can, before any pairs or SFT are made
         block_size = block_size_of(args.sft_folder(), default=train_sft.Args().block_size)  # or the one trained below

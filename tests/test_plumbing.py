@@ -537,3 +537,20 @@ def test_counts_read_as_words():
     assert counted(1, "step") == "1 step"
     assert counted(0, "empty one") == "0 empty ones"
     assert counted(2077, "step") == "2,077 steps"
+
+
+def test_each_scripts_resume_help_names_the_flags_a_resumed_run_may_change():
+    import re
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts live at the top
+    import train_dpo
+    import train_ppo
+    import train_rm
+
+    from minalign import pairs
+    from minalign.cli import field_docs, flag
+
+    for script, may_change in ((train_rm, pairs.RESUME_MAY_CHANGE), (train_dpo, train_dpo.RESUME_MAY_CHANGE),
+                               (train_ppo, train_ppo.RESUME_MAY_CHANGE)):
+        named = set(re.findall(r"--[a-z][a-z-]*", field_docs(script.Args)["resume"]))
+        assert named == {flag(name) for name in may_change if name != "resume"}, script.__name__

@@ -464,7 +464,8 @@ def test_ppo_resume_is_bit_for_bit_and_only_from_the_same_models(workdir, tmp_pa
 
     from minalign.checkpoint import load_checkpoint, save_checkpoint
 
-    settings = ("--updates", "4", "--save-interval", "2", "--eval-interval", "2", "--lr", "1e-3")
+    settings = ("--updates", "4", "--save-interval", "2", "--eval-interval", "2", "--lr", "1e-3",
+                "--kl-target", "1", "--kl-horizon", "100")  # beta moves every update: it must be restored too
     full = run_ppo(workdir, tmp_path / "full", *settings)
     run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "3")
     ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")

@@ -88,9 +88,14 @@ def wait_if_not_first_on_node() -> None:
         time.sleep(OTHER_RANKS_WAIT_S)
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
 def _other_local_rank() -> bool:
     """Whether this is a process torchrun started, other than its node's local rank 0."""
-    return bool(os.environ.get("TORCHELASTIC_RUN_ID")) and os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+    return _under_torchrun() and os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -233,7 +238,7 @@ def run(main, cls, argv=None) -> None:
     traceback; Ctrl-C ends it with one line and status 130, SIGTERM with one line and
     status 143. Other errors are bugs and keep their traceback. Under torchrun the line
     comes once a node (wait_if_not_first_on_node; Ctrl-C and SIGTERM, which torchrun
-    passes to every process: from local rank 0)."""
+    passes to every process: from local rank 0), and each process ends by _exit."""
     args = parse_args(cls, argv)
     script = Path(sys.argv[0]).name
     on_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -244,17 +249,34 @@ def run(main, cls, argv=None) -> None:
         signal.signal(signal.SIGTERM, on_sigterm)  # torchrun's SIGTERM may end a waiting process quietly
         wait_if_not_first_on_node()
         sys.stderr.write(f"{script}: error: {error}\n")  # one write: torchrun's processes do not interleave it
-        sys.exit(2)
+        _exit(2)
     except (KeyboardInterrupt, Terminated) as stop:  # checkpoints are written atomically: the last one is whole
         ctrl_c = isinstance(stop, KeyboardInterrupt)
         if not _other_local_rank():  # under torchrun every process gets the signal: one says so
             from minalign.resume import resume_hint  # (which imports this module)
 
             sys.stderr.write(f"{script}: {'interrupted' if ctrl_c else 'terminated'}{resume_hint(args, script)}\n")
-        sys.exit(130 if ctrl_c else 128 + signal.SIGTERM)
+        _exit(130 if ctrl_c else 128 + signal.SIGTERM)
     except BrokenPipeError:  # the output went to a reader that stopped (`| head`): stop too, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting flushes into nothing
         sys.stderr.write(f"{script}: stopped: the program reading its output closed the pipe\n")
-        sys.exit(1)
+        _exit(1)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
+    if _under_torchrun():
+        _exit(0)
+
+
+def _exit(status: int) -> None:
+    """End the process with `status`: by SystemExit, except under torchrun, where it ends
+    at once, without the interpreter's teardown. There the gloo process group's threads
+    live to the very end (a DistributedDataParallel model keeps the group even after
+    destroy_process_group), and one still at work on the last collective while the
+    interpreter shuts down can abort the process ("terminate called without an active
+    exception", status -6) after the run has finished and saved everything: torchrun
+    would report the run as failed."""
+    if not _under_torchrun():
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -84,6 +84,7 @@ def test_under_torchrun_local_rank_0_reports_a_mistake_first(capsys, monkeypatch
 
     waits = []
     monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(cli.os, "_exit", sys.exit)  # how a process torchrun started ends, made visible
     monkeypatch.setenv("RANK", "1")  # alone (another launcher's, or the user's) it delays nothing
 
     def failing(args):
@@ -126,6 +127,7 @@ def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("Ctrl-C waits for nothing"))
+    monkeypatch.setattr(cli.os, "_exit", sys.exit)
     for torchrun, local_rank, says in ((None, "1", True), ("run-1", "0", True), ("run-1", "1", False)):
         if torchrun:  # torchrun hands the signal to every process: local rank 0 says so
             monkeypatch.setenv("TORCHELASTIC_RUN_ID", torchrun)
@@ -134,6 +136,26 @@ def test_ctrl_c_ends_a_script_with_one_line(capsys, monkeypatch):
             cli.run(interrupted, Args, [])
         err = capsys.readouterr().err
         assert stop.value.code == 130 and (err.endswith(": interrupted\n") if says else err == "")
+
+
+def test_a_process_torchrun_started_ends_without_the_interpreters_teardown(capsys, monkeypatch):
+    import minalign.cli as cli
+
+    ended = []
+
+    def end(status):  # os._exit, which would end this test's process too
+        ended.append((status, capsys.readouterr().out))
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", end)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    cli.run(lambda args: print("trained"), Args, [])  # alone: main's return is run's
+    assert ended == [] and capsys.readouterr().out == "trained\n"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run-1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        cli.run(lambda args: print("trained"), Args, [])
+    assert ended == [(0, "trained\n")]  # at once, its output written first
 
 
 @dataclass

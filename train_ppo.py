@@ -19,6 +19,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,7 +34,8 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
-from minalign.ppo import AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate, masked_mean
+from minalign.ppo import (AdaptiveKLController, advantages_and_returns, alone, explained_variance, kl_estimate,
+                          masked_mean, token_share)
 from minalign.resume import check_same_model, continue_run, note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
@@ -145,9 +147,10 @@ class Args:
 
 
 @torch.no_grad()
-def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id):
+def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id, all_sum=alone):
     """What PPO's update needs from a rollout: the old log-probs and values, the
-    advantages and returns (all [B, N]), and the rollout's statistics."""
+    advantages and returns (all [B, N]), and the rollout's statistics. Under DDP,
+    `all_sum` (a sum over processes) whitens the advantages over the global batch."""
     mask = rollout.response_mask  # (B, N): the response tokens, EOS included
     old = response_logprobs(policy, rollout, return_entropy=True, temperature=args.temperature)  # (B, N) each
     ref = response_logprobs(reference, rollout, temperature=args.temperature)
@@ -157,7 +160,7 @@ def prepare_update(policy, reference, reward_model, critic, rollout, args, beta,
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
     log_ratio = kl_estimate(old.token_logps, ref.token_logps, "k1") * mask  # (B, N): the penalty (minalign/ppo.py)
-    advantages, returns = advantages_and_returns(scores, log_ratio, values, mask, beta, args.gamma, args.lam)
+    advantages, returns = advantages_and_returns(scores, log_ratio, values, mask, beta, args.gamma, args.lam, all_sum)
     seq_kl = (kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask).sum(1)  # (B,) measured
     non_score_reward = -beta * log_ratio.sum(1)  # (B,)
     stats = {
@@ -278,6 +281,7 @@ def main(args: Args):
     progress = Progress(args.updates, enabled=dist.is_main, unit="update", start_step=first - 1)
     rollouts_per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
     minibatch_per_rank = args.minibatch_size // dist.world_size
+    all_sum = partial(distributed.all_reduce_sum, info=dist)  # a sum over processes (the value itself alone)
     last = args.stop_at or args.updates
     negative_kl_warned = False
     if args.eval_interval and ckpt is None:
@@ -312,7 +316,7 @@ def main(args: Args):
         roll_tokens = rollout.response_mask.sum().item()
         rollout_seconds = time.time() - t_roll
         old_logps, old_values, advantages, returns, stats = prepare_update(
-            policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id)
+            policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id, all_sum)
         mask = rollout.response_mask
 
         # ---- PPO: several epochs of minibatches over this rollout ----
@@ -330,17 +334,20 @@ def main(args: Args):
                 values = response_values(train_critic, mb)
                 pg = ops.ppo_policy_loss(new.token_logps, old_logps[idx], advantages[idx], mask[idx], args.clip_eps)
                 vf = ops.ppo_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
-                loss = pg.loss + args.vf_coef * vf.loss
+                # token means of this rank's share, weighed so that DDP's average of the ranks'
+                # gradients (and reduce_metrics' of their figures) is the global minibatch's
+                share = token_share(mask[idx], dist.world_size, all_sum)
+                loss = (pg.loss + args.vf_coef * vf.loss) * share
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf)
                 optimizer.step()
                 for name, value in minibatch_stats(pg, vf, new.token_logps, old_logps[idx], mask[idx]).items():
-                    history[name].append(value)
+                    history[name].append(value * share)
         stats.update({name: sum(values) / len(values) for name, values in history.items()})
         stats.update({
-            "losses/explained_variance": explained_variance(old_values, returns, mask),
+            "losses/explained_variance": explained_variance(old_values, returns, mask, all_sum),
             "kl_coef": kl_ctl.value,
             "rollout_tokens_per_s": roll_tokens / rollout_seconds,
             # TRL's eps: episodes per second, of this invocation

@@ -14,7 +14,15 @@ with less variance, but as a reward its policy gradient is grad KL(pi || pi_ref)
 grad KL(pi_ref || pi), which nearly vanishes near the reference; it only measures.
 
 GAE (gamma 1, lambda 0.95) turns rewards and the critic's values into advantages,
-whitened over the real tokens (`advantages_and_returns`). The losses are
+whitened over the real tokens (`advantages_and_returns`).
+
+Under DDP each process holds a share of the rollouts. The means here take an `all_sum`
+(a sum over processes, distributed.all_reduce_sum) so that whitening, and every figure
+over tokens, is that of the global batch; and `token_share` weighs each process's
+token-mean losses so that DDP's average of gradients is the gradient of the global
+batch's token mean. N processes then compute what one process would from the same
+rollouts (per-process means would weigh the tokens of short responses more, and
+per-process whitening would erase the score's differences between processes). The losses are
 `ops.ppo_policy_loss` and `ops.ppo_value_loss`; their spec, like GAE's, is a few lines
 in minalign/reference.py. This file holds pure functions; train_ppo.py runs the loop.
 """
@@ -51,36 +59,53 @@ def token_rewards(scores, kl, mask, beta: float):
     return rewards
 
 
-def advantages_and_returns(scores, kl, values, mask, beta: float, gamma: float = 1.0, lam: float = 0.95):
+def alone(x):
+    """The sum over processes of a process that runs alone: `x` itself."""
+    return x
+
+
+def advantages_and_returns(scores, kl, values, mask, beta: float, gamma: float = 1.0, lam: float = 0.95,
+                           all_sum=alone):
     """PPO's targets for one rollout, [B, N] each: the rewards above (scores [B], the
     per-token penalty kl [B, N]), GAE over the critic's values, and the advantages
-    whitened over the real tokens; the returns are the critic's targets."""
+    whitened over the real tokens (of every process, with `all_sum`); the returns are
+    the critic's targets."""
     rewards = token_rewards(scores, kl, mask, beta)  # (B, N)
     advantages, returns = ops.gae(rewards, values, mask, gamma, lam)  # (B, N) each
-    return masked_whiten(advantages, mask), returns
+    return masked_whiten(advantages, mask, all_sum=all_sum), returns
 
 
-def masked_mean(x, mask):
-    """The mean of x over the positions where mask is true (0 when there are none)."""
+def masked_mean(x, mask, all_sum=alone):
+    """The mean of x over the positions where mask is true (0 when there are none); with
+    `all_sum`, over those of every process."""
     mask = mask.float()
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the positions where mask is true; 0 on the others. PPO
-    normalises advantages this way per batch (the "advantage normalisation" of
-    Andrychowicz et al. 2021, on by default in CleanRL and TRL)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x, mask, eps: float = 1e-8, all_sum=alone):
+    """(x - mean) / std over the positions where mask is true (of every process, with
+    `all_sum`); 0 on the others. PPO normalises advantages this way per batch (the
+    "advantage normalisation" of Andrychowicz et al. 2021, on by default in CleanRL and TRL)."""
+    mean = masked_mean(x, mask, all_sum)
+    var = masked_mean((x - mean) ** 2, mask, all_sum)
     return (x - mean) * torch.rsqrt(var + eps) * mask.float()
 
 
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens: 1 is a perfect critic,
-    0 no better than a constant, negative worse (CleanRL's losses/explained_variance)."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+def token_share(mask, world_size: int = 1, all_sum=alone) -> float:
+    """world_size * (this process's real tokens) / (every process's): the factor on a
+    process's token-mean loss (or figure) that makes DDP's average over processes the
+    mean over every real token of the global batch. 1 for a process alone."""
+    n = mask.float().sum()
+    return (world_size * n / all_sum(n).clamp(min=1)).item()
+
+
+def explained_variance(values, returns, mask, all_sum=alone) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens (of every process, with
+    `all_sum`): 1 is a perfect critic, 0 no better than a constant, negative worse
+    (CleanRL's losses/explained_variance)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask, all_sum)) ** 2, mask, all_sum)
     residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    var_residual = masked_mean((residual - masked_mean(residual, mask, all_sum)) ** 2, mask, all_sum)
     return (1 - var_residual / var_returns.clamp(min=1e-8)).item()
 
 

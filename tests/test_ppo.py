@@ -5,13 +5,15 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from minalign import ops
-from minalign.ppo import AdaptiveKLController, kl_estimate, masked_whiten, token_rewards
+from minalign.ppo import (AdaptiveKLController, alone, explained_variance, kl_estimate, masked_whiten, token_rewards,
+                          token_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,57 @@ def test_gae_matches_an_explicit_reversed_loop():
             assert advantages[b, t].item() == pytest.approx(last, abs=1e-5)
             assert returns[b, t].item() == pytest.approx(last + values[b, t].item(), abs=1e-5)
         assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
+
+
+def _ppo_pieces(rows, all_sum=alone, world_size=1) -> dict:
+    """Whitened advantages, explained variance, and PPO's gradient and figures as DDP
+    would average them, on `rows` of a fixed batch whose rows differ in length (2 and 3
+    real tokens against 6 and 5) and in advantage (the first two rows' run higher)."""
+    g = torch.Generator().manual_seed(0)
+    mask = ragged_mask([2, 3, 6, 5], 6)[rows]
+    raw_advantages = (torch.randn(4, 6, generator=g) + torch.tensor([[2.0], [2.0], [0.0], [0.0]]))[rows]
+    logps, old_logps = (-torch.rand(4, 6, generator=g))[rows], (-torch.rand(4, 6, generator=g))[rows]
+    values, old_values, returns = (torch.randn(4, 6, generator=g)[rows] for _ in range(3))
+    theta, phi = torch.zeros(6, requires_grad=True), torch.zeros(6, requires_grad=True)  # "weights" every row shares
+
+    advantages = masked_whiten(raw_advantages, mask, all_sum=all_sum)
+    pg = ops.ppo_policy_loss(logps + theta, old_logps, advantages, mask, 0.2)
+    vf = ops.ppo_value_loss(values + phi, old_values, returns, mask, 0.2)
+    share = token_share(mask, world_size, all_sum)
+    ((pg.loss + 0.1 * vf.loss) * share).backward()
+    grads = all_sum(torch.cat([theta.grad, phi.grad])) / world_size  # DDP's average over processes
+    figures = all_sum(torch.stack([pg.loss, pg.clipfrac, pg.approx_kl, vf.loss, vf.clipfrac]) * share) / world_size
+    return {"advantages": advantages.tolist(), "explained_variance": explained_variance(values, returns, mask, all_sum),
+            "grads": grads.tolist(), "figures": figures.tolist()}
+
+
+def _ppo_pieces_in_process(rank, init_file, results):
+    import torch.distributed as torch_dist
+
+    from minalign import distributed
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = distributed.DistInfo(rank=rank, world_size=2)
+    results[rank] = _ppo_pieces(slice(2 * rank, 2 * rank + 2), partial(distributed.all_reduce_sum, info=info), 2)
+    torch_dist.destroy_process_group()
+
+
+def test_ppo_on_two_processes_is_ppo_on_the_whole_batch(tmp_path):
+    """Each of two processes holds two of the four rollouts: whitening, the losses'
+    gradient and the figures are those of one process holding all four."""
+    import torch.multiprocessing as mp
+
+    whole = _ppo_pieces(slice(0, 4))
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ppo_pieces_in_process, args=(str(tmp_path / "init"), results), nprocs=2)
+        halves = [results[0], results[1]]
+    advantages = torch.tensor(halves[0]["advantages"] + halves[1]["advantages"])
+    torch.testing.assert_close(advantages, torch.tensor(whole["advantages"]))
+    for half in halves:
+        assert half["explained_variance"] == pytest.approx(whole["explained_variance"], abs=1e-6)
+        torch.testing.assert_close(torch.tensor(half["grads"]), torch.tensor(whole["grads"]))
+        torch.testing.assert_close(torch.tensor(half["figures"]), torch.tensor(whole["figures"]))
 
 
 def test_kl_controller_moves_beta_toward_the_target():

@@ -170,7 +170,8 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
     grad and grad mode is on): read nothing from them afterwards. Their version counter
     is bumped, so an autograd node that saved them fails loudly. Refused (ValueError) for
     a leaf that requires grad, or a view of one. backward scales the stored gradient by
-    the upstream one (free when that is 1, as for loss.backward() on this loss alone).
+    the upstream one (free when that is 1, as for loss.backward() on this loss alone,
+    but inside a CUDA graph capture).
     Without a gradient nothing is overwritten. Shapes: logits [..., V], labels and
     weights [...]; ignored rows add nothing whatever their weight. On CUDA the labels
     are checked by a small kernel before any logit is overwritten, and the host waits
@@ -213,9 +214,11 @@ class _WeightedLogprobSum(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the stored gradient has no graph of its own
     def backward(ctx, grad_loss):
         grad, logprobs = ctx.saved_tensors  # d loss / d logits, written by forward
-        # One more pass over the logits, only when needed (a compiled graph cannot branch
-        # on a value, so it always multiplies).
-        if torch.compiler.is_compiling() or not bool(grad_loss == 1):
+        # One more pass over the logits, only when needed. Knowing costs the host a wait
+        # for grad_loss, which a compiled graph cannot branch on and a CUDA graph capture
+        # cannot wait for: those always multiply.
+        if (torch.compiler.is_compiling() or (grad_loss.is_cuda and torch.cuda.is_current_stream_capturing())
+                or not bool(grad_loss == 1)):
             grad.mul_(grad_loss)  # in float32, rounded once to the logits' dtype
         grad_weights = None if logprobs is None else grad_loss * logprobs
         return grad.detach(), None, grad_weights, None  # the logits' memory, without their history

@@ -156,6 +156,40 @@ def test_cuda_cache_size_changes_nothing_but_speed(dtype, monkeypatch):
     assert torch.equal(x, logits)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS), reason="no CUDA device or no CUDA kernels")
+def test_cuda_graph_capture_and_replay_give_the_eager_step():
+    # Nothing in a step may wait for the GPU while a CUDA graph is captured: the label
+    # checks and the fused backward's test of its upstream gradient are skipped then.
+    logits, labels = make_inputs((6, 5), 1001, torch.float32, "cuda", pad_cols=3)
+    weights = weights_for(labels)
+    leaf = logits.clone().requires_grad_()
+
+    def step():
+        fused = ops.weighted_logprob_sum(leaf * 1, labels, weights)
+        logps, entropy = ops.token_logprobs(leaf * 2, labels, return_entropy=True)
+        (fused + logps.sum() + 0.5 * entropy.sum()).backward()
+        return fused.detach(), logps.detach()
+
+    eager = step()
+    eager_grad = leaf.grad.clone()
+    side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            leaf.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    leaf.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, eager):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(leaf.grad, eager_grad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jumps_between_blocks_nan_and_inf_match_the_reference(device, dtype):

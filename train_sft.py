@@ -200,7 +200,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     ctx = autocast_context(dist.device, args.dtype)
     tokenizer = get_tokenizer(args.tokenizer)
     config = GPTConfig(block_size=args.block_size, vocab_size=tokenizer.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, pad_id=tokenizer.pad_id)
     if ckpt is not None:
         config = GPTConfig(**ckpt["model_config"])
 

@@ -11,7 +11,9 @@ need no mask: causal attention never looks right, and the loss ignores the paddi
 Vocabulary padding. The embedding and the tied LM head have `vocab_size` rounded up
 to a multiple of 64 rows (an unpadded 50,257-row head made GPU matmuls 6.6-7.4x
 slower); the logits of the padding rows are set to -inf so no softmax, sample or
-log-probability ever gives them probability.
+log-probability ever gives them probability. So is the PAD token's (`pad_id`): it only
+fills batches and no loss ever targets it, so a policy that could still sample it would
+hand the reward model a token it reads and the gold judge never sees.
 """
 
 import math
@@ -123,6 +125,13 @@ class GPTConfig:
     """Dropout probability in attention and MLP outputs (0 for fine-tuning and RL)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers, as in GPT-2."""
+    pad_id: int | None = None
+    """The PAD token's id, whose logit is held at -inf like the padding rows' (None: no
+    such token, as in checkpoints from before it was held)."""
+
+    def __post_init__(self):
+        if self.pad_id is not None and not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"pad_id {self.pad_id} is not a token id (vocab_size {self.vocab_size})")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -186,9 +195,11 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def logits(self, hidden):
-        """Tied LM head: [B, T, C] -> [B, T, padded_vocab_size], padding columns at -inf."""
+        """Tied LM head: [B, T, C] -> [B, T, padded_vocab_size], the padding columns and PAD's at -inf."""
         logits = F.linear(hidden, self.wte.weight)  # (B, T, Vp)
         logits[..., self.config.vocab_size :] = float("-inf")
+        if self.config.pad_id is not None:
+            logits[..., self.config.pad_id] = float("-inf")
         return logits
 
     def forward(self, idx, attention_mask=None):

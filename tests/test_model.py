@@ -139,6 +139,24 @@ def test_sampling_never_picks_padded_vocab_and_respects_top_k():
     assert (top3 == picks[:, None]).any(1).all()
 
 
+def test_the_pad_token_is_never_sampled_nor_given_probability():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=32, block_size=16, pad_id=V - 1)).eval()
+    with torch.no_grad():
+        model.wte.weight[V - 1] = 50 * model.ln_f(model.wte.weight[:V]).mean(0)  # PAD would win everywhere
+    ids = torch.randint(0, V - 1, (32, 3))
+    logits, _ = model(ids)
+    assert (logits[..., V - 1] == float("-inf")).all()
+    torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(32, 3))
+    tokens, _ = model.generate(ids, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    assert not (tokens == V - 1).any()
+    unmasked = GPT(GPTConfig(**{**model.config.__dict__, "pad_id": None})).eval()
+    unmasked.load_state_dict(model.state_dict())
+    assert (unmasked(ids)[0].argmax(-1) == V - 1).float().mean() > 0.5  # what the mask keeps out
+    with pytest.raises(ValueError, match="pad_id 61 is not a token id"):
+        GPTConfig(vocab_size=V, pad_id=V)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(2000, 4))
     picks = sample_token(logits, top_p=0.7, generator=torch.Generator().manual_seed(0))

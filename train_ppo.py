@@ -34,8 +34,8 @@ from minalign.cli import ArgumentError, check_args, check_divisible, check_finit
 from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
-from minalign.ppo import (AdaptiveKLController, advantages_and_returns, alone, explained_variance, kl_estimate,
-                          masked_mean, token_share)
+from minalign.ppo import (AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate,
+                          masked_mean, single_process, token_share)
 from minalign.resume import check_same_model, continue_run, note_saved, save_due, start_or_resume, stopped_early
 from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
@@ -147,7 +147,7 @@ class Args:
 
 
 @torch.no_grad()
-def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id, all_sum=alone):
+def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id, all_sum=single_process):
     """What PPO's update needs from a rollout: the old log-probs and values, the
     advantages and returns (all [B, N]), and the rollout's statistics. Under DDP,
     `all_sum` (a sum over processes) whitens the advantages over the global batch."""
@@ -160,7 +160,8 @@ def prepare_update(policy, reference, reward_model, critic, rollout, args, beta,
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
     log_ratio = kl_estimate(old.token_logps, ref.token_logps, "k1") * mask  # (B, N): the penalty (minalign/ppo.py)
-    advantages, returns = advantages_and_returns(scores, log_ratio, values, mask, beta, args.gamma, args.lam, all_sum)
+    advantages, returns = advantages_and_returns(scores, log_ratio, values, mask, beta, args.gamma, args.lam,
+                                                 all_sum=all_sum)
     seq_kl = (kl_estimate(old.token_logps, ref.token_logps, args.kl_estimator) * mask).sum(1)  # (B,) measured
     non_score_reward = -beta * log_ratio.sum(1)  # (B,)
     stats = {
@@ -316,7 +317,7 @@ def main(args: Args):
         roll_tokens = rollout.response_mask.sum().item()
         rollout_seconds = time.time() - t_roll
         old_logps, old_values, advantages, returns, stats = prepare_update(
-            policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id, all_sum)
+            policy, reference, reward_model, critic, rollout, args, kl_ctl.value, tokenizer.eos_id, all_sum=all_sum)
         mask = rollout.response_mask
 
         # ---- PPO: several epochs of minibatches over this rollout ----
@@ -357,7 +358,7 @@ def main(args: Args):
         texts = [p + r for p, r in zip(prompts, rollout.response_texts(tokenizer))]
         stats["objective/gold_scores"] = sum(task.gold_reward(texts)) / len(texts)
         # this rank's rollouts -> the global batch's; every process then moves beta alike
-        stats = distributed.reduce_metrics(stats, dist, summed=["val/num_eos_tokens"])
+        stats = distributed.reduce_metrics(stats, dist, summed=["val/num_eos_tokens", "rollout_tokens_per_s"])
         kl_ctl.update(stats["objective/kl"], args.rollout_batch_size)
         if stats["objective/kl"] < 0 and not negative_kl_warned and dist.is_main:
             print(f"note: update {update}'s mean KL estimate is negative: with k1 and a small batch this happens by "

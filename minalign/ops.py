@@ -170,8 +170,8 @@ def weighted_logprob_sum(logits: Tensor, labels: Tensor, weights: Tensor, ignore
     grad and grad mode is on): read nothing from them afterwards. Their version counter
     is bumped, so an autograd node that saved them fails loudly. Refused (ValueError) for
     a leaf that requires grad, or a view of one. backward scales the stored gradient by
-    the upstream one (free when that is 1, as for loss.backward() on this loss alone,
-    but inside a CUDA graph capture).
+    the upstream one, a step skipped when that is 1 (as for loss.backward() on this loss
+    alone) except under torch.compile or a CUDA graph capture, which always multiply.
     Without a gradient nothing is overwritten. Shapes: logits [..., V], labels and
     weights [...]; ignored rows add nothing whatever their weight. On CUDA the labels
     are checked by a small kernel before any logit is overwritten, and the host waits

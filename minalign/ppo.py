@@ -59,13 +59,13 @@ def token_rewards(scores, kl, mask, beta: float):
     return rewards
 
 
-def alone(x):
-    """The sum over processes of a process that runs alone: `x` itself."""
+def single_process(x):
+    """The sum over processes when there is one: `x` itself."""
     return x
 
 
 def advantages_and_returns(scores, kl, values, mask, beta: float, gamma: float = 1.0, lam: float = 0.95,
-                           all_sum=alone):
+                           all_sum=single_process):
     """PPO's targets for one rollout, [B, N] each: the rewards above (scores [B], the
     per-token penalty kl [B, N]), GAE over the critic's values, and the advantages
     whitened over the real tokens (of every process, with `all_sum`); the returns are
@@ -75,14 +75,14 @@ def advantages_and_returns(scores, kl, values, mask, beta: float, gamma: float =
     return masked_whiten(advantages, mask, all_sum=all_sum), returns
 
 
-def masked_mean(x, mask, all_sum=alone):
+def masked_mean(x, mask, all_sum=single_process):
     """The mean of x over the positions where mask is true (0 when there are none); with
     `all_sum`, over those of every process."""
     mask = mask.float()
     return all_sum((x * mask).sum()) / all_sum(mask.sum()).clamp(min=1)
 
 
-def masked_whiten(x, mask, eps: float = 1e-8, all_sum=alone):
+def masked_whiten(x, mask, eps: float = 1e-8, all_sum=single_process):
     """(x - mean) / std over the positions where mask is true (of every process, with
     `all_sum`); 0 on the others. PPO normalises advantages this way per batch (the
     "advantage normalisation" of Andrychowicz et al. 2021, on by default in CleanRL and TRL)."""
@@ -91,7 +91,7 @@ def masked_whiten(x, mask, eps: float = 1e-8, all_sum=alone):
     return (x - mean) * torch.rsqrt(var + eps) * mask.float()
 
 
-def token_share(mask, world_size: int = 1, all_sum=alone) -> float:
+def token_share(mask, world_size: int = 1, all_sum=single_process) -> float:
     """world_size * (this process's real tokens) / (every process's): the factor on a
     process's token-mean loss (or figure) that makes DDP's average over processes the
     mean over every real token of the global batch. 1 for a process alone."""
@@ -99,7 +99,7 @@ def token_share(mask, world_size: int = 1, all_sum=alone) -> float:
     return (world_size * n / all_sum(n).clamp(min=1)).item()
 
 
-def explained_variance(values, returns, mask, all_sum=alone) -> float:
+def explained_variance(values, returns, mask, all_sum=single_process) -> float:
     """1 - Var(returns - values) / Var(returns) over real tokens (of every process, with
     `all_sum`): 1 is a perfect critic, 0 no better than a constant, negative worse
     (CleanRL's losses/explained_variance)."""

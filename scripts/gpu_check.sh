@@ -66,7 +66,7 @@ step "bench gae" 30 "$PYTHON" bench/bench_gae.py --device cuda
 # offsets past 2^31) ran in "cuda tests"; under memcheck they would not fit the limit,
 # nor can a CUDA graph be captured without the caching allocator.
 step "memcheck" 80 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-  "$PYTHON" -m pytest -q -x -m "not slow" -k "cuda and not opcheck and not graph" "${CUDA_TESTS[@]}"
+  "$PYTHON" -m pytest -q -x -m "not slow" -k "cuda and not opcheck and not cuda_graph" "${CUDA_TESTS[@]}"
 # Shared-memory hazards (the fused log-prob kernel caches each row there: all of it, part
 # of it, none of it), on rows small enough for racecheck's pace.
 step "racecheck" 40 "$SANITIZER" --tool racecheck --error-exitcode 1 \

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from minalign import ops
-from minalign.ppo import (AdaptiveKLController, alone, explained_variance, kl_estimate, masked_whiten, token_rewards,
-                          token_share)
+from minalign.ppo import (AdaptiveKLController, explained_variance, kl_estimate, masked_whiten, single_process,
+                          token_rewards, token_share)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_gae_matches_an_explicit_reversed_loop():
         assert (advantages[b, n:] == 0).all() and (returns[b, n:] == 0).all()
 
 
-def _ppo_pieces(rows, all_sum=alone, world_size=1) -> dict:
+def _ppo_pieces(rows, all_sum=single_process, world_size=1) -> dict:
     """Whitened advantages, explained variance, and PPO's gradient and figures as DDP
     would average them, on `rows` of a fixed batch whose rows differ in length (2 and 3
     real tokens against 6 and 5) and in advantage (the first two rows' run higher)."""

@@ -8,7 +8,7 @@ prompts before training and at intervals along it, each evaluation giving one po
 mean gold reward against the sequence-level KL(pi || pi_ref) of the policy's own
 samples. A method's frontier is the best gold reward it reaches at each KL budget.
 
-    python -m experiments.frontier          # about 17 minutes on 2 CPU cores
+    python -m experiments.frontier          # about 16 minutes on 2 CPU cores
 
 Writes out/experiments/frontier/{frontier.csv, frontier.png}.
 """
@@ -58,7 +58,7 @@ def main(args: Args):
     root = Path(args.out_dir) / "frontier"
     n_runs = len(args.dpo_betas) + len(args.ppo_kl_coefs)
     print(f"frontier: {len(args.dpo_betas)} DPO and {len(args.ppo_kl_coefs)} PPO runs "
-          f"(about 17 minutes on 2 CPU cores at the defaults) -> {root}")
+          f"(about 16 minutes on 2 CPU cores at the defaults) -> {root}")
     rm_path = train_rm.ensure(args.rm_dir, distributed.setup(args.device), **args.pair_settings())
     print(f"PPO's reward model: {rm_path}")
     rows, done = [], 0

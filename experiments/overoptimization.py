@@ -17,7 +17,7 @@ are fitted to the gold curves (gold reward minus the SFT policy's), and the fit
 quality reported. The highest-scoring samples of the most over-optimised run show
 what the policy learned to exploit.
 
-    python -m experiments.overoptimization      # about 18 minutes on 2 CPU cores
+    python -m experiments.overoptimization      # about 14 minutes on 2 CPU cores
 
 Writes out/experiments/overoptimization/{rl.csv, bon.csv, fits.csv, samples.md,
 overoptimization.png}.
@@ -92,7 +92,7 @@ def main(args: Args):
     t0 = time.time()
     root = Path(args.out_dir) / "overoptimization"
     print(f"overoptimization: proxies from {', '.join(map(str, args.pair_counts))} pairs; best-of-n up to "
-          f"{args.bon_max_n} and {args.ppo_updates} PPO updates against each (about 18 minutes on 2 CPU cores "
+          f"{args.bon_max_n} and {args.ppo_updates} PPO updates against each (about 14 minutes on 2 CPU cores "
           f"at the defaults) -> {root}")
     proxies = {}
     for n in args.pair_counts:
@@ -225,7 +225,7 @@ def plot(args, bon_rows, rl_rows, fits, path):
         axes[1, col].axhline(0, color="gray", linewidth=0.8)
         axes[0, col].legend(fontsize=7)
         axes[1, col].legend(fontsize=7, ncol=2)
-    fig.suptitle("Optimising a proxy reward model: proxy keeps rising, gold does not")
+    fig.suptitle("Optimising a proxy reward model: its score, and the gold judge's")
     save_figure(fig, path)
 
 

@@ -229,6 +229,7 @@ def test_gae_matches_the_reference(kernels, T, vec4):
     rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     lengths = [T, max(T // 2, 1), 1, 0]  # right padding; the last row is all padding
     mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).float()
+    mask[0] *= (torch.rand(T, generator=g) < 0.7).float()  # zeros inside a row end its episodes too
     advantages, returns = torch.full((B, T), 7.0), torch.full((B, T), 7.0)
     kernels.gae(vec4, ptr(rewards), ptr(values), ptr(mask), B, T, gamma, gamma * lam, ptr(advantages), ptr(returns))
     expected = reference.gae(rewards, values, mask, gamma, lam)  # a loop over t: other rounding

@@ -28,19 +28,23 @@ def gae_by_loop(rewards, values, mask, gamma, lam):
     return adv.float(), ret.float()
 
 
-def rollout(B, T, seed=0, device="cpu", ragged=True):
+def rollout(B, T, seed=0, device="cpu", ragged=True, gaps=False):
+    """Rewards, values and a right-padded mask; with `gaps`, also zeros inside the rows,
+    each of which ends an episode as padding does (reference.gae's docstring)."""
     g = torch.Generator().manual_seed(seed)
     rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     lengths = torch.randint(0, T + 1, (B,), generator=g) if ragged else torch.full((B,), T)
     mask = (torch.arange(T) < lengths[:, None]).float()
+    if gaps:
+        mask *= (torch.rand(B, T, generator=g) < 0.7).float()
     return rewards.to(device), values.to(device), mask.to(device)
 
 
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 6), T=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
-       gamma=st.sampled_from([1.0, 0.99, 0.5, 0.0]), lam=st.sampled_from([0.95, 1.0, 0.0]))
-def test_gae_matches_an_explicit_loop(B, T, seed, gamma, lam):
-    rewards, values, mask = rollout(B, T, seed)
+       gamma=st.sampled_from([1.0, 0.99, 0.5, 0.0]), lam=st.sampled_from([0.95, 1.0, 0.0]), gaps=st.booleans())
+def test_gae_matches_an_explicit_loop(B, T, seed, gamma, lam, gaps):
+    rewards, values, mask = rollout(B, T, seed, gaps=gaps)
     advantages, returns = ops.gae(rewards, values, mask, gamma, lam)
     exp_adv, exp_ret = gae_by_loop(rewards, values, mask, gamma, lam)
     torch.testing.assert_close(advantages, exp_adv, atol=1e-5, rtol=1e-5)
@@ -51,10 +55,23 @@ def test_gae_matches_an_explicit_loop(B, T, seed, gamma, lam):
 # T a multiple of 4 takes the GPU's 16-byte loads; rows longer than 1,024 steps are
 # scanned tile by tile (1,024 steps per tile), with the value carried between tiles
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (13, 33), (64, 512), (5, 1024), (3, 3077), (4, 4100)])
-def test_gae_matches_reference(device, B, T):
-    rewards, values, mask = rollout(B, T, device=device)
+@pytest.mark.parametrize("gaps", [False, True])
+def test_gae_matches_reference(device, B, T, gaps):
+    rewards, values, mask = rollout(B, T, device=device, gaps=gaps)
     for a, b in zip(ops.gae(rewards, values, mask, 0.99, 0.95), reference.gae(rewards, values, mask, 0.99, 0.95)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gae", [ops.gae, reference.gae])
+def test_a_zero_inside_the_mask_ends_the_episode_by_hand(device, gae):
+    rewards = torch.tensor([[1.0, 2.0, 3.0]], device=device)
+    values = torch.tensor([[0.5, 0.7, 0.2]], device=device)
+    mask = torch.tensor([[1.0, 0.0, 1.0]], device=device)
+    advantages, returns = gae(rewards, values, mask, 1.0, 1.0)
+    # t = 2: 3 - 0.2; t = 1: nothing; t = 0: 1 + 0 (the value after it is masked) - 0.5
+    torch.testing.assert_close(advantages.cpu(), torch.tensor([[0.5, 0.0, 2.8]]))
+    torch.testing.assert_close(returns.cpu(), torch.tensor([[1.0, 0.0, 3.0]]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

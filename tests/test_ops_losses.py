@@ -42,32 +42,38 @@ def test_dpo_loss_matches_reference(device, loss_type, label_smoothing, beta):
     ref = dpo_values_and_grads(reference.dpo_loss, logps, **kw)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert not ours[1].requires_grad and not ours[2].requires_grad  # rewards are detached
+    for out in (ours, ref):  # rewards are detached
+        assert not out[1].requires_grad and not out[2].requires_grad
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dpo_loss_by_hand(device):
+@pytest.mark.parametrize("dpo_loss", [ops.dpo_loss, reference.dpo_loss], ids=["ops", "reference"])
+def test_dpo_loss_by_hand(device, dpo_loss):
     zeros = torch.zeros(2, device=device)
     same = [zeros - 3.0, zeros - 3.0, zeros - 5.0, zeros - 5.0]  # policy margin = reference margin
     expected = {("sigmoid", 0.0): math.log(2), ("sigmoid", 0.1): math.log(2), ("ipo", 0.0): (1 / (2 * 0.1)) ** 2,
                 ("hinge", 0.0): 1.0, ("robust", 0.0): math.log(2), ("robust", 0.2): math.log(2)}
     for (loss_type, e), value in expected.items():
-        out = ops.dpo_loss(*same, beta=0.1, loss_type=loss_type, label_smoothing=e)
+        out = dpo_loss(*same, beta=0.1, loss_type=loss_type, label_smoothing=e)
         torch.testing.assert_close(out.losses, torch.full_like(zeros, value))
         torch.testing.assert_close(out.chosen_rewards, torch.full_like(zeros, 0.1 * 2))
     # margin h = 1 with beta = 1: -log sigmoid(1) = log(1 + e^-1)
     pc, pr, rc, rr = (torch.tensor([x], device=device) for x in (-1.0, -2.0, -4.0, -4.0))
-    torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=1.0).losses.item(), math.log1p(math.exp(-1)))
-    torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="hinge").losses.item(), 0.5)
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=1.0).losses.item(), math.log1p(math.exp(-1)))
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="hinge").losses.item(), 0.5)
     # conservative DPO, e = 0.1: -(0.9) log sigmoid(1) - 0.1 log sigmoid(-1) = log(1 + e^-1) + 0.1
-    torch.testing.assert_close(ops.dpo_loss(pc, pr, rc, rr, beta=1.0, label_smoothing=0.1).losses.item(),
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=1.0, label_smoothing=0.1).losses.item(),
                                math.log1p(math.exp(-1)) + 0.1)
+    # robust DPO, e = 0.2: (-(0.8) log sigmoid(1) + 0.2 log sigmoid(-1)) / 0.6
+    robust = (0.8 * math.log1p(math.exp(-1)) - 0.2 * math.log1p(math.exp(1))) / 0.6
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="robust", label_smoothing=0.2
+                                        ).losses.item(), robust)
     # each response's implicit reward against its own reference: 0.5 (-1 + 4), 0.5 (-2 + 3)
-    out = ops.dpo_loss(pc, pr, rc, torch.tensor([-3.0], device=device), beta=0.5)
+    out = dpo_loss(pc, pr, rc, torch.tensor([-3.0], device=device), beta=0.5)
     assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((1.5, 0.5))
     # huge margins stay finite: sigmoid loss ~ 0 on the right side, ~ beta |h| on the wrong one
     big = torch.tensor([1e4, -1e4], device=device)
-    losses = ops.dpo_loss(big, -big, torch.zeros(2, device=device), torch.zeros(2, device=device), beta=0.1).losses
+    losses = dpo_loss(big, -big, torch.zeros(2, device=device), torch.zeros(2, device=device), beta=0.1).losses
     torch.testing.assert_close(losses, torch.tensor([0.0, 2e3], device=device))
 
 

@@ -519,6 +519,10 @@ def test_batches_shuffle_by_seed_and_epoch():
     assert epoch0 != [distributed.Batches(10, 4, seed=2).indices(step) for step in range(2)]
     assert epoch0 != [batches.indices(step) for step in range(2, 4)]  # a new shuffle per epoch
     assert batches.indices(5) == distributed.Batches(10, 4, seed=1).indices(5)
+    # the run's header says what the short last batch leaves out, and that it changes
+    assert batches.describe_left_out("pairs") == " (2 of the 10 pairs left out of each epoch, drawn anew each epoch)"
+    assert set(range(10)) - set(sum(epoch0, [])) != set(range(10)) - set(batches.indices(2) + batches.indices(3))
+    assert distributed.Batches(12, 4).describe_left_out() == ""
 
 
 def test_batches_shard_one_global_batch_across_ranks():

@@ -197,6 +197,49 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
 
 
 @pytest.mark.slow
+def test_the_clip_settings_each_reach_their_step(workdir, tmp_path):
+    def first_update(name, *flags):
+        rows = run_ppo(workdir, tmp_path / name, "--updates", "2", "--stop-at", "1", "--lr", "1e-3", *flags)
+        return next(r for r in rows if "objective/scores" in r)
+
+    base = first_update("base")
+    # after the first of the update's four steps, the policy being trained is no longer
+    # the one that sampled: its ratio moves, past the clip for some tokens, and so do the values
+    assert base["policy/approxkl_avg"] > 0 and base["policy/clipfrac_avg"] > 0 and base["val/clipfrac_avg"] > 0
+    # each clip is its own model's: policy and critic are separate models (and Adam sees
+    # each parameter alone), so one's clip leaves the other's figures as they were
+    clip = first_update("clip", "--clip-eps", "0.02")
+    assert clip["policy/clipfrac_avg"] > base["policy/clipfrac_avg"]
+    assert clip["val/clipfrac_avg"] == base["val/clipfrac_avg"]
+    value_clip = first_update("value-clip", "--value-clip", "0.002")
+    assert value_clip["val/clipfrac_avg"] > base["val/clipfrac_avg"]
+    assert value_clip["policy/clipfrac_avg"] == base["policy/clipfrac_avg"]
+    # gradients clipped to a norm of 1e-12 fall below Adam's epsilon: the models barely move
+    frozen = first_update("grad-clip", "--grad-clip", "1e-12")
+    assert frozen["policy/approxkl_avg"] < base["policy/approxkl_avg"] / 100
+    assert frozen["val/clipfrac_avg"] < base["val/clipfrac_avg"]
+
+
+@pytest.mark.slow
+def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train_ppo
+
+    from minalign.checkpoint import load_checkpoint
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(train_ppo, "held_out_eval", fails)
+    args = train_ppo.Args(sft_dir=str(workdir / "sft"), rm_dir=str(workdir / "rm"), out_dir=str(tmp_path), updates=1,
+                          rollout_batch_size=8, minibatch_size=8, epochs=1, max_new_tokens=16, eval_prompts=8)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        train_ppo.main(args)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["step"] == 1 and "resume" not in ckpt and not (tmp_path / "eval.json").exists()
+
+
+@pytest.mark.slow
 def test_ppo_runs_under_two_processes(workdir, tmp_path):
     # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
     # 16 rollouts a process; minibatches of 16 in all, 8 of each process's: two steps an
@@ -556,3 +599,44 @@ def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, tm
     split = run_ppo(workdir, tmp_path / "split", "--resume", *settings, nproc=2)
     assert _without_timing(split) == _without_timing(full)
     assert _same_weights(tmp_path / "split", tmp_path / "full")
+
+
+def test_resume_on_another_kind_of_device_is_refused_before_any_work(tmp_path):
+    # each process's sampling state is its device's own random stream: a run sampled on
+    # a GPU cannot go on bit for bit on the CPU
+    sys.path.insert(0, str(ROOT))
+    from dataclasses import asdict
+
+    import train_ppo
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.cli import ArgumentError
+    from minalign.distributed import DistInfo
+
+    run_args = train_ppo.Args(out_dir=str(tmp_path / "ppo"), device="cuda")
+    save_checkpoint(tmp_path / "ppo" / "ckpt.pt", {
+        "model": {}, "model_config": {}, "args": asdict(run_args), "step": 20, "stage": "ppo",
+        "resume": {"generators": [torch.Generator().get_state()], "sampling_device": "cuda"}})
+    with pytest.raises(ArgumentError, match=r"sampled on cuda, whose random stream another device cannot continue: "
+                                            r"pass --device cuda"):
+        train_ppo.continue_ppo_run(train_ppo.Args(out_dir=str(tmp_path / "ppo"), resume=True, device="cpu"),
+                                   DistInfo())
+    assert sorted(p.name for p in (tmp_path / "ppo").iterdir()) == ["ckpt.pt"]
+
+
+@pytest.mark.slow
+def test_the_readmes_example_of_using_trained_models_runs(workdir, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\n", readme.index("## Using a trained model")) + len("```python\n")
+    code = readme[start:readme.index("```\n", start)]
+    assert "max_new_tokens=40" in code
+    code = code.replace("max_new_tokens=40", "max_new_tokens=16")  # the tiny models' block holds 40 tokens
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "dpo").symlink_to(workdir / "sft")  # any policy of the built-in task
+    (tmp_path / "out" / "rm").symlink_to(workdir / "rm")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out  # (a response of this barely trained policy may hold a newline)
+    assert out.startswith("The acting was") and "\nI expected more from" in out
+    scores = out.splitlines()[-1]
+    assert scores.startswith("tensor([") and len(scores.split(",")) == 2  # a score per response

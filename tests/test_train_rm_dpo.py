@@ -115,7 +115,11 @@ def test_train_rm_learns_the_pairs(workdir):
     assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= rows[-1].keys()
     ckpt = torch.load(workdir / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "reward" and ckpt["model"]["gain"].item() > 0
-    assert json.loads((workdir / "rm" / "eval.json").read_text())["test_accuracy"] == ckpt["results"]["test_accuracy"]
+    result = json.loads((workdir / "rm" / "eval.json").read_text())
+    assert result["test_accuracy"] == ckpt["results"]["test_accuracy"]
+    logged = metrics(workdir / "rm" / "metrics.jsonl")[-1]  # the same evaluation, under eval/
+    assert logged == {"step": logged["step"], "time": logged["time"], **{f"eval/{k}": v for k, v in result.items()}}
+    assert {"eval/gold_correlation", "eval/train_seconds"} <= logged.keys()
     cached = [json.loads(l) for l in (workdir / "pairs" / "ranked" / "train.jsonl").read_text().splitlines()]
     assert cached and {"prompt", "chosen", "rejected"} <= cached[0].keys()
 
@@ -140,6 +144,68 @@ def test_train_dpo_lowers_the_loss_and_evaluates(workdir):
     assert {"rewards/accuracies", "loss", "gold_reward", "train_seconds"} <= result.keys()
     wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0 for s in result["samples"]]
     assert result["win_rate"] == pytest.approx(sum(wins) / 16)
+
+
+@pytest.mark.slow
+def test_dpo_first_step_gradient_scales_as_beta_label_smoothing_and_the_loss_type_say(workdir, tmp_path):
+    # At the first step the policy is the reference: h = 0 for every pair, and the
+    # gradient is dL/dh (a constant) times that of the margins, as each loss's formula
+    # gives it: -beta / 2 for DPO, -beta (1 - 2e) / 2 with label smoothing e, -beta / 2 /
+    # (1 - 2e) for robust DPO. So the flags must scale the logged gradient norm by it.
+    def first_grad_norm(name, *flags):
+        run("train_dpo.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+                             "--out-dir", str(tmp_path / name), "--epochs", "2", "--stop-at", "1", "--eval-max-new-tokens", "24",
+                             *flags])
+        return metrics(tmp_path / name / "metrics.jsonl")[0]["grad_norm"]
+
+    base = first_grad_norm("base")  # beta 0.1
+    smoothed = first_grad_norm("smoothed", "--beta", "0.2", "--label-smoothing", "0.3")
+    robust = first_grad_norm("robust", "--beta", "0.2", "--loss-type", "robust", "--label-smoothing", "0.3")
+    assert smoothed / base == pytest.approx(2 * 0.4, rel=1e-3)
+    assert robust / base == pytest.approx(2 / 0.4, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_the_reward_models_margin_and_centring_each_reach_its_loss(workdir, tmp_path):
+    # one step from the same model and batch: a margin (the gold gap times it) and a
+    # centring penalty each raise the loss, which without them is the plain Bradley-Terry one
+    def first_loss(name, *flags):
+        run("train_rm.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+                            "--out-dir", str(tmp_path / name), "--stop-at", "1", *flags])
+        return metrics(tmp_path / name / "metrics.jsonl")[0]["loss"]
+
+    base = first_loss("base")
+    assert first_loss("margin", "--margin", "1") > base
+    assert first_loss("centred", "--center-coef", "1") > base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,evaluation", [("train_rm", "gold_correlation"), ("train_dpo", "held_out_metrics")])
+def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir, tmp_path, monkeypatch, script,
+                                                                         evaluation):
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    from minalign.checkpoint import load_checkpoint
+    from minalign.cli import parse_args
+
+    module = importlib.import_module(script)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(module, evaluation, fails)
+    flags = [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
+             "--out-dir", str(tmp_path), "--epochs", "1"]
+    if script == "train_dpo":
+        flags += ["--eval-max-new-tokens", "24"]  # room in the tiny policy's block
+    args = parse_args(module.Args, flags)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        module.main(args)
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert "resume" not in ckpt and not (tmp_path / "eval.json").exists()  # the final one, nothing after it
+    if script == "train_rm":  # normalised and checked on the held-out pairs before the gold judge
+        assert ckpt["model"]["gain"].item() != 1.0 and "test_accuracy" in ckpt["results"]
 
 
 @pytest.mark.slow

@@ -239,3 +239,43 @@ def test_samples_of_prompts_longer_than_half_the_block_keep_their_end(capsys):
     assert lines[1].startswith(f"  sample: ...{kept!r}"[:-1]) and "This film" not in lines[1]
     train_sft.print_samples(model, tok, [], block_size=16, seed=0)  # --num-samples 0
     assert capsys.readouterr().out == ""
+
+
+def test_validation_loss_is_the_mean_over_trained_tokens_of_all_batches():
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+
+    from minalign import data
+    from minalign.model import GPT, GPTConfig
+    from minalign.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("builtin")
+    rows = [{"prompt": "the film was", "completion": " a quiet and moving story."},
+            {"prompt": "i watched it twice and", "completion": " loved it."},
+            {"text": "a dull plot, but the actors were great."}]
+    examples, _ = data.tokenize_sft(rows, tokenizer, max_length=16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                          pad_id=tokenizer.pad_id))
+    # batches of 2 and 1 examples, of different token counts: the mean is over tokens, not batches
+    loss = train_sft.evaluate(model, examples, tokenizer, 2, "cpu", nullcontext())
+    batch = data.collate(examples, tokenizer.pad_id)
+    with torch.no_grad():
+        logits, _ = model(batch["input_ids"])
+    expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert model.training  # left as it was
+
+
+def test_dtype_auto_is_float32_on_the_cpu_and_bfloat16_autocasts():
+    sys.path.insert(0, str(ROOT))
+    import train_sft
+
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with train_sft.autocast_context("cpu", "auto"):
+        assert (a @ b).dtype == torch.float32
+    with train_sft.autocast_context("cpu", "bfloat16"):
+        assert (a @ b).dtype == torch.bfloat16

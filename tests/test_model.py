@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minalign.model import GPT, GPTConfig, sample_token
+from minalign.model import GPT, GPTConfig, attention_bias, sample_token
 
 V = 61  # not a multiple of 64: the padded vocabulary has 3 extra rows
 
@@ -49,6 +49,19 @@ def test_padding_rows_get_no_gradient_and_loss_is_finite():
     assert torch.isfinite(loss)
     assert torch.isfinite(model.wte.weight.grad).all()
     assert model.wte.weight.grad[V:].abs().sum() == 0  # padding rows never learn
+
+
+def test_attention_bias_is_causal_skips_padding_keys_and_leaves_no_query_without_a_key():
+    key_mask = torch.tensor([[False, False, True, True], [True, True, True, True]])  # row 0 left-padded
+    allowed = attention_bias(key_mask, q_start=0, q_len=4)[:, 0]  # (B, q, k)
+    causal = torch.ones(4, 4).tril().bool()
+    assert torch.equal(allowed[1], causal)
+    expected = causal & key_mask[0]
+    expected[0, 0] = expected[1, 1] = True  # a padding query attends to itself alone: softmax stays finite
+    assert torch.equal(allowed[0], expected)
+    # the queries of a cached step: slots 4 and 5 over 6 keys
+    step = attention_bias(torch.cat([key_mask, torch.ones(2, 2, dtype=torch.bool)], 1), q_start=4, q_len=2)[:, 0]
+    assert torch.equal(step[0], torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool))
 
 
 def test_causality():

@@ -111,8 +111,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
+        """A malformed command line: the usage lines, then the message."""
         wait_if_not_first_on_node()
         super().error(message)
+
+    def refuse(self, message):
+        """A value the checks reject: the message alone, on one line."""
+        wait_if_not_first_on_node()
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParser:
@@ -184,15 +190,16 @@ def check_args(args, positive=(), non_negative=(), fractions=(), choices=None) -
 
 def parse_args(cls, argv=None):
     """Parse the command line (or `argv`) into an instance of the dataclass `cls`; a value
-    its checks reject exits with the usage line and the reason, as argparse's own errors do.
-    Which flags the command line named is kept for `given`."""
+    its checks reject exits with one line that names the flag, as the scripts' later checks
+    do (argparse's own errors, an unknown flag or a malformed number, come after its usage
+    lines). Which flags the command line named is kept for `given`."""
     parser = build_parser(cls)
     namespace = parser.parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
     try:
         args = cls(**values)
     except ArgumentError as error:
-        parser.error(str(error))
+        parser.refuse(str(error))
     args._given = frozenset(vars(build_parser(cls, defaults=False).parse_args(argv)))
     return args
 

@@ -64,6 +64,10 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_args(Args, ["--betas"])  # not optional: at least one value
     assert "--betas" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a value the checks reject: one line, as the scripts' later checks
+        parse_args(ValidatedArgs, ["--steps", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.endswith(": error: --steps 0: must be > 0\n") and err.count("\n") == 1
 
 
 @dataclass

@@ -224,8 +224,7 @@ def main(args: Args):
     check_weights_finite(last, policy)
 
     if dist.is_main and not stopped_early("train_dpo.py", args.out_dir, last, total_steps):
-        # the checkpoint first: an evaluation that fails loses nothing
-        save(total_steps, resumable=False)
+        # the last step's checkpoint holds everything: --resume finishes an evaluation cut short
         results = held_out_metrics(policy, test_pairs, ref_test, args, tokenizer.pad_id, dist.device)
         print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
         results["train_seconds"] = train_seconds
@@ -234,6 +233,7 @@ def main(args: Args):
             results.update(gold)
             print(format_table("DPO", gold))
             print(format_samples("DPO", gold))
+        save(total_steps, resumable=False)  # then the evaluation's record, which a resumed run would repeat
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items() if k != "samples"})
         print(f"wrote {write_eval(args.out_dir, results)}")
     distributed.cleanup(dist)

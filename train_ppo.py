@@ -66,8 +66,9 @@ class Args:
     are now: their weights must be the same), --save-interval, --log-interval,
     --eval-interval and --eval-prompts."""
     save_interval: int = 20
-    """Updates between the checkpoints --resume continues from (the final checkpoint holds
-    the policy alone)."""
+    """Updates between the checkpoints --resume continues from (one is also written at the
+    last update, before the final evaluation; the final checkpoint, after it, holds the policy
+    alone)."""
     rollout_batch_size: int = 64
     """Prompts sampled per update, summed over processes."""
     minibatch_size: int = 64
@@ -109,7 +110,8 @@ class Args:
     """Coefficient of the value loss in the summed loss. Policy and critic are separate
     models under Adam, which is blind to a gradient's scale, so this only sets where the
     critic's clipping engages (at a value-loss gradient norm of grad_clip / vf_coef); with
-    CleanRL's shared trunk it weighs the two losses against each other."""
+    CleanRL's shared trunk it weighs the two losses against each other. Above 0 (at 0 the
+    critic could not learn)."""
     grad_clip: float = 1.0
     """Clip each model's gradient norm to this (0: no clipping)."""
     eval_prompts: int = 200
@@ -127,8 +129,8 @@ class Args:
     def __post_init__(self):
         check_args(self, positive=("updates", "stop_at", "save_interval", "rollout_batch_size", "minibatch_size",
                                    "epochs", "max_new_tokens", "temperature", "kl_target", "kl_horizon", "clip_eps",
-                                   "value_clip", "eval_prompts", "log_interval"),
-                   non_negative=("lr", "kl_coef", "vf_coef", "grad_clip", "eval_interval"),
+                                   "value_clip", "vf_coef", "eval_prompts", "log_interval"),
+                   non_negative=("lr", "kl_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
         if self.rollout_batch_size >= task.SPLITS["train"]:  # a slice of the prompts must fit, with room to move
             raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
@@ -192,12 +194,13 @@ def minibatch_stats(pg, vf, logprobs, old_logprobs, mask) -> dict:
 
 def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, update, **extra) -> dict:
     """Gold reward, reward-model score, win rate and KL on the held-out prompts, with
-    `extra` figures, logged as eval/*."""
+    `extra` figures, logged as eval/* (by `logger`, if given)."""
     prompts = held_out_prompts(tokenizer, args.eval_prompts, args.seed)
     result = evaluate_policy(policy, reference, tokenizer, prompts, args.max_new_tokens, seed=args.seed,
                              reward_model=reward_model, temperature=args.temperature)  # what PPO trained
     result.update(extra)
-    logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+    if logger is not None:
+        logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
     print(f"eval @ update {update}: gold {result['gold_reward']:.3f} | reward model {result['rm_score']:.3f} | "
           f"KL {result['kl']:.2f} | win rate {result['win_rate']:.3f}", flush=True)
     return result
@@ -218,9 +221,11 @@ def continue_ppo_run(args: Args, dist):
     saved = ckpt["resume"]
     n = len(saved["generators"])
     if n != dist.world_size:
-        how = "without torchrun" if n == 1 else f"with torchrun --nproc_per_node={n}"
-        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {n} process(es), each from its own "
-                            f"random stream: continue it in as many, {how}")
+        if n == 1:
+            ran, how = "one process", "without torchrun"
+        else:
+            ran, how = f"{n} processes, each from its own random stream", f"with torchrun --nproc_per_node={n}"
+        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {ran}: continue it in as many, {how}")
     if saved["sampling_device"] != torch.device(dist.device).type:
         raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
                             f"random stream another device cannot continue: pass --device {saved['sampling_device']}")
@@ -380,12 +385,13 @@ def main(args: Args):
         if save_due(update, args.updates, last, args.save_interval):
             save(update, resumable=True)  # after the update's evaluation, which a resumed run does not repeat
 
-    if last == args.updates:
-        save(args.updates, resumable=False)  # the checkpoint first: an evaluation that fails loses nothing
     if dist.is_main and not stopped_early("train_ppo.py", args.out_dir, last, args.updates, unit="update"):
+        # the last update's checkpoint holds everything: --resume finishes an evaluation cut short
         train_seconds = seconds_before + time.time() - t0 - eval_seconds
-        result = held_out_eval(policy, reference, reward_model, tokenizer, args, logger, args.updates,
+        result = held_out_eval(policy, reference, reward_model, tokenizer, args, None, args.updates,
                                train_seconds=train_seconds)
+        save(args.updates, resumable=False)  # then the evaluation's record, which a resumed run would repeat
+        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
         print(format_table("PPO", result))
         print(format_samples("PPO", result))
         print(f"wrote {write_eval(args.out_dir, result)}")

@@ -305,15 +305,15 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     train_seconds = seconds_before + time.time() - t0
     check_weights_finite(last, model)
     if dist.is_main and not stopped_early("train_rm.py", args.out_dir, last, total_steps):
+        # the last step's checkpoint holds everything: --resume finishes an evaluation cut short
         results = normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, dist.device)
-        save_reward_model(args, model, tokenizer, total_steps, results=results)  # the slower check may fail
         if args.data is None:  # does the reward model agree with the gold judge?
             results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)
         for k, v in results.items():
             print(f"{k}: {v:.4f}")
         results["train_seconds"] = train_seconds
+        save_reward_model(args, model, tokenizer, total_steps, results=results)  # then the evaluation's record
         logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
-        save_reward_model(args, model, tokenizer, total_steps, results=results)
         print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")

@@ -26,7 +26,7 @@ from minalign.data import IGNORE_INDEX
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.model import GPT, GPTConfig, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr, warmup_note
-from minalign.resume import NOT_RESUMED, note_saved, resumed_args, trained_on
+from minalign.resume import NOT_RESUMED, note_saved, resumed_args, stopped_early, trained_on
 from minalign.rollout import sample_texts
 from minalign.tokenizer import TOKENIZERS, data_note, get_tokenizer
 
@@ -272,7 +272,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         note_saved(args.out_dir, step, resumable=step < args.max_steps, world_size=dist.world_size)
 
     # ---- training loop ----
-    tokens_seen, t0 = 0, time.time()
+    tokens_seen, t0, first_step = 0, time.time(), step
     last_step = min(args.max_steps, args.stop_at or args.max_steps)
     while step < last_step:
         lr = cosine_lr(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
@@ -311,8 +311,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                 print(f"step {step}: val loss {val_loss:.4f}")
                 checkpoint(rng)
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
-    if dist.is_main:
-        print(f"done: {counted(step, 'step')} in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
+    if dist.is_main and not stopped_early("train_sft.py", args.out_dir, step, args.max_steps):
+        here = f" ({step - first_step:,} of them here)" if first_step else ""
+        print(f"done: {counted(step, 'step')}{here} in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
     distributed.barrier(dist)  # the other processes load the final checkpoint next
     return ckpt_path
 

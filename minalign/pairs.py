@@ -67,8 +67,8 @@ class PairArgs:
     resume: bool = False
     """Continue the run in out_dir from its last checkpoint (each script says what it holds)."""
     save_interval: int = 100
-    """Steps between the checkpoints --resume continues from (the final checkpoint holds the
-    model alone)."""
+    """Steps between the checkpoints --resume continues from (one is also written at the last
+    step, before the final evaluation; the final checkpoint, after it, holds the model alone)."""
     warmup_steps: int = 20
     """Linear warmup steps."""
     grad_clip: float = 1.0

@@ -120,9 +120,10 @@ def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: st
 
 def save_due(step: int, total: int, last: int, save_interval: int) -> bool:
     """Whether a run writes a checkpoint to resume from after `step` of `total`: every
-    save_interval steps and where --stop-at (`last`) stops it; never at the end, where
-    the final checkpoint holds the trained model alone."""
-    return step < total and (step % save_interval == 0 or step == last)
+    save_interval steps, where --stop-at (`last`) stops it, and at the end, before the
+    final evaluation, so that --resume finishes an evaluation cut short (the final
+    checkpoint, which holds the trained model alone, comes after it)."""
+    return step % save_interval == 0 or step in (last, total)
 
 
 def stopped_early(script: str, out_dir, last: int, total: int, unit: str = "step") -> bool:

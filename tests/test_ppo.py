@@ -221,7 +221,7 @@ def test_the_clip_settings_each_reach_their_step(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir, tmp_path, monkeypatch):
+def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     import train_ppo
 
@@ -235,8 +235,17 @@ def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir
                           rollout_batch_size=8, minibatch_size=8, epochs=1, max_new_tokens=16, eval_prompts=8)
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         train_ppo.main(args)
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
-    assert ckpt["step"] == 1 and "resume" not in ckpt and not (tmp_path / "eval.json").exists()
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # the last update's, to resume from
+    assert ckpt["step"] == 1 and "resume" in ckpt and not (tmp_path / "eval.json").exists()
+    monkeypatch.undo()
+    train_ppo.main(train_ppo.Args(out_dir=str(tmp_path), resume=True))
+    final = load_checkpoint(tmp_path / "ckpt.pt")
+    assert final["step"] == 1 and "resume" not in final
+    assert all(torch.equal(final["model"][k], v) for k, v in ckpt["model"].items())
+    result = json.loads((tmp_path / "eval.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1]  # the update's figures, then its evaluation's, once
+    assert rows[-1] == {"step": 1, "time": rows[-1]["time"], **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
 
 
 @pytest.mark.slow
@@ -412,7 +421,7 @@ def test_kl_horizon_without_kl_target_is_refused_not_ignored(tmp_path):
     assert not (tmp_path / "ppo").exists()  # refused before anything was made
 
 
-def test_a_value_clip_of_zero_is_refused_it_would_freeze_the_critic():
+def test_a_value_clip_or_value_coefficient_of_zero_is_refused_it_would_freeze_the_critic():
     sys.path.insert(0, str(ROOT))
     import train_ppo
 
@@ -425,6 +434,8 @@ def test_a_value_clip_of_zero_is_refused_it_would_freeze_the_critic():
     assert values.grad.abs().max() == 0  # the clipped loss no longer pulls it: the critic cannot learn
     with pytest.raises(ArgumentError, match="^--value-clip 0.0: must be > 0$"):
         train_ppo.Args(value_clip=0.0)
+    with pytest.raises(ArgumentError, match="^--vf-coef 0.0: must be > 0$"):
+        train_ppo.Args(vf_coef=0.0)  # its loss, weighed by 0, gives the critic no gradient
 
 
 def test_batch_sizes_count_all_processes_and_must_split_evenly(tmp_path, monkeypatch):
@@ -595,7 +606,7 @@ def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, tm
     full = run_ppo(workdir, tmp_path / "full", *settings, nproc=2)
     run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "1", nproc=2)
     refused = run_ppo(workdir, tmp_path / "split", "--resume", *settings, returncode=2)  # one process
-    assert "sampled in 2 process(es)" in refused and "--nproc_per_node=2" in refused
+    assert "sampled in 2 processes" in refused and "--nproc_per_node=2" in refused
     split = run_ppo(workdir, tmp_path / "split", "--resume", *settings, nproc=2)
     assert _without_timing(split) == _without_timing(full)
     assert _same_weights(tmp_path / "split", tmp_path / "full")

@@ -181,8 +181,7 @@ def test_the_reward_models_margin_and_centring_each_reach_its_loss(workdir, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,evaluation", [("train_rm", "gold_correlation"), ("train_dpo", "held_out_metrics")])
-def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir, tmp_path, monkeypatch, script,
-                                                                         evaluation):
+def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch, script, evaluation):
     sys.path.insert(0, str(ROOT))
     import importlib
 
@@ -202,10 +201,19 @@ def test_the_final_checkpoint_is_written_before_an_evaluation_that_fails(workdir
     args = parse_args(module.Args, flags)
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         module.main(args)
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
-    assert "resume" not in ckpt and not (tmp_path / "eval.json").exists()  # the final one, nothing after it
-    if script == "train_rm":  # normalised and checked on the held-out pairs before the gold judge
-        assert ckpt["model"]["gain"].item() != 1.0 and "test_accuracy" in ckpt["results"]
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # the last step's, to resume from
+    assert "resume" in ckpt and ckpt["step"] == metrics(tmp_path / "metrics.jsonl")[-1]["step"]
+    assert not (tmp_path / "eval.json").exists() and "eval/" not in (tmp_path / "metrics.jsonl").read_text()
+    monkeypatch.undo()
+    module.main(parse_args(module.Args, ["--resume", "--out-dir", str(tmp_path)]))
+    final = load_checkpoint(tmp_path / "ckpt.pt")
+    assert "resume" not in final and final["step"] == ckpt["step"]
+    assert all(torch.equal(final["model"][k], v) for k, v in ckpt["model"].items() if k not in ("gain", "offset"))
+    result = json.loads((tmp_path / "eval.json").read_text())
+    rows = metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/loss" in r or "eval/test_accuracy" in r] == [ckpt["step"]]  # once
+    assert rows[-1] == {"step": ckpt["step"], "time": rows[-1]["time"],
+                        **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
 
 
 @pytest.mark.slow

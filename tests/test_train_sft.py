@@ -51,7 +51,9 @@ def test_smoke_run_learns_and_writes_outputs(tmp_path):
 @pytest.mark.slow
 def test_resume_is_bit_for_bit(tmp_path):
     run([*TINY, "--max-steps", "8", "--out-dir", str(tmp_path / "full")])
-    run([*TINY, "--max-steps", "8", "--stop-at", "4", "--out-dir", str(tmp_path / "split")])
+    out = run([*TINY, "--max-steps", "8", "--stop-at", "4", "--out-dir", str(tmp_path / "split")])
+    assert out.splitlines()[-1] == (f"stopped at step 4 of 8: continue with `python train_sft.py --resume --out-dir "
+                                    f"{tmp_path / 'split'}`")
     assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["step"] == 4
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then cut short
         f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
@@ -64,6 +66,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert "--n-layer 2 (it has 1), --max-steps 800 (it has 8), --lr 0.1 (it has 0.002)" in refused.stderr
     out = run([*TINY, "--resume", "--out-dir", str(tmp_path / "split")])  # --max-steps 8 from the checkpoint
     assert "step     6/8" in out and "replacing" not in out  # its own checkpoint is kept
+    assert "done: 8 steps (4 of them here) in" in out
     full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     split = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert split["step"] == 8

@@ -462,10 +462,10 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
             (train_ppo.Args, {"eval_prompts": 1001}, "--eval-prompts 1001"),
             (train_ppo.Args, {"rollout_batch_size": 20_000}, "--rollout-batch-size 20000: must be below"),
             # 1,000 prompts give 6,000 pairs at most: 187 steps of 32 an epoch
-            (train_dpo.Args, {"stop_at": 188}, r"--stop-at 188: the run ends after 187 steps at most \(6,000 pairs, "
+            (train_dpo.Args, {"stop_at": 188}, r"--stop-at 188: the run ends by step 187 \(at most 6,000 pairs, "
                                                r"--batch-size 32, --epochs 1\)"),
             (train_rm.Args, {"stop_at": 55, "n_train_pairs": 400, "epochs": 4.5},  # 12 steps an epoch
-             r"after 54 steps at most \(400 pairs, --batch-size 32, --epochs 4.5\)")):
+             r"by step 54 \(at most 400 pairs, --batch-size 32, --epochs 4.5\)")):
         with pytest.raises(ArgumentError, match=message):
             cls(**kwargs)
     assert train_dpo.Args(n_test_prompts=1000, max_length=9).n_test_prompts == 1000  # the limits themselves pass

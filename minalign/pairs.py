@@ -166,8 +166,10 @@ def check_stop_at(args: PairArgs, n_pairs: int, at_most: bool = False) -> None:
     `at_most`, the most there can be, for a check before the pairs are made)."""
     if args.stop_at is not None and args.stop_at > run_steps(args, n_pairs):
         steps = run_steps(args, n_pairs)
-        ends, pairs = (f"by step {steps}", f"at most {counted(n_pairs, 'pair')}") if at_most else (
-            f"at step {steps}", counted(n_pairs, "pair"))
+        if at_most:
+            ends, pairs = f"by step {steps}", f"at most {counted(n_pairs, 'pair')}"
+        else:
+            ends, pairs = f"at step {steps}", counted(n_pairs, "pair")
         raise ArgumentError(f"--stop-at {args.stop_at}: the run ends {ends} ({pairs}, "
                             f"--batch-size {args.batch_size}, --epochs {args.epochs:g}); stop it earlier or leave "
                             f"--stop-at out")

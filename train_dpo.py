@@ -216,7 +216,7 @@ def main(args: Args):
             check_weights_finite(step, policy)  # it samples from them
             eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
                                                 logger, step)
-        if save_due(step, total_steps, last, args.save_interval):
+        if save_due(step, last, args.save_interval):
             check_weights_finite(step, policy)
             if dist.is_main:  # after the step's evaluation, which a resumed run does not repeat
                 save(step, resumable=True)
@@ -233,9 +233,9 @@ def main(args: Args):
             results.update(gold)
             print(format_table("DPO", gold))
             print(format_samples("DPO", gold))
-        save(total_steps, resumable=False)  # then the evaluation's record, which a resumed run would repeat
-        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items() if k != "samples"})
-        print(f"wrote {write_eval(args.out_dir, results)}")
+        print(f"wrote {write_eval(args.out_dir, results)}")  # before the final checkpoint, which ends the run
+        save(total_steps, resumable=False)
+        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items() if k != "samples"})  # after it: logged once
     distributed.cleanup(dist)
 
 

@@ -222,10 +222,10 @@ def continue_ppo_run(args: Args, dist):
     n = len(saved["generators"])
     if n != dist.world_size:
         if n == 1:
-            ran, how = "one process", "without torchrun"
+            ran, how = "one process", "in one, without torchrun"
         else:
-            ran, how = f"{n} processes, each from its own random stream", f"with torchrun --nproc_per_node={n}"
-        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {ran}: continue it in as many, {how}")
+            ran, how = f"{n} processes, each from its own random stream", f"in as many, with torchrun --nproc_per_node={n}"
+        raise ArgumentError(f"--resume: the run in {args.out_dir} sampled in {ran}: continue it {how}")
     if saved["sampling_device"] != torch.device(dist.device).type:
         raise ArgumentError(f"--resume: the run in {args.out_dir} sampled on {saved['sampling_device']}, whose "
                             f"random stream another device cannot continue: pass --device {saved['sampling_device']}")
@@ -296,7 +296,7 @@ def main(args: Args):
 
     def save(update: int, resumable: bool):
         """The policy in out_dir/ckpt.pt; with `resumable`, what --resume needs besides
-        (every process calls it: each holds its own sampling state)."""
+        (then every process calls it: each holds its own sampling state)."""
         generators = distributed.gather_objects(generator.get_state(), dist) if resumable else None
         if not dist.is_main:
             return
@@ -382,7 +382,7 @@ def main(args: Args):
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,
                                                 logger, update)
-        if save_due(update, args.updates, last, args.save_interval):
+        if save_due(update, last, args.save_interval):
             save(update, resumable=True)  # after the update's evaluation, which a resumed run does not repeat
 
     if dist.is_main and not stopped_early("train_ppo.py", args.out_dir, last, args.updates, unit="update"):
@@ -390,11 +390,11 @@ def main(args: Args):
         train_seconds = seconds_before + time.time() - t0 - eval_seconds
         result = held_out_eval(policy, reference, reward_model, tokenizer, args, None, args.updates,
                                train_seconds=train_seconds)
-        save(args.updates, resumable=False)  # then the evaluation's record, which a resumed run would repeat
-        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
         print(format_table("PPO", result))
         print(format_samples("PPO", result))
-        print(f"wrote {write_eval(args.out_dir, result)}")
+        print(f"wrote {write_eval(args.out_dir, result)}")  # before the final checkpoint, which ends the run
+        save(args.updates, resumable=False)
+        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})  # after it: logged once
     distributed.cleanup(dist)
 
 

@@ -293,7 +293,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
             progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
-        if save_due(step, total_steps, last, args.save_interval):
+        if save_due(step, last, args.save_interval):
             check_weights_finite(step, model)
             rng = distributed.gather_objects(rng_state(), dist)  # each process's: their batches differ
             if dist.is_main:
@@ -312,9 +312,10 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         for k, v in results.items():
             print(f"{k}: {v:.4f}")
         results["train_seconds"] = train_seconds
-        save_reward_model(args, model, tokenizer, total_steps, results=results)  # then the evaluation's record
-        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})
-        print(f"saved {args.out_dir}/ckpt.pt; wrote {write_eval(args.out_dir, results)}")
+        eval_path = write_eval(args.out_dir, results)  # before the final checkpoint, which ends the run
+        save_reward_model(args, model, tokenizer, total_steps, results=results)
+        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})  # after it: logged once
+        print(f"saved {args.out_dir}/ckpt.pt; wrote {eval_path}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")
 

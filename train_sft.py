@@ -312,7 +312,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                 checkpoint(rng)
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main and not stopped_early("train_sft.py", args.out_dir, step, args.max_steps):
-        here = f" ({step - first_step:,} of them here)" if first_step else ""
+        here = f" ({step - first_step:,} in this invocation)" if first_step else ""
         print(f"done: {counted(step, 'step')}{here} in {time.time() - t0:.0f}s; checkpoint at {ckpt_path}")
     distributed.barrier(dist)  # the other processes load the final checkpoint next
     return ckpt_path

@@ -118,19 +118,20 @@ def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: st
     return ckpt["step"] + 1, ckpt["resume"]["train_seconds"]
 
 
-def save_due(step: int, total: int, last: int, save_interval: int) -> bool:
-    """Whether a run writes a checkpoint to resume from after `step` of `total`: every
-    save_interval steps, where --stop-at (`last`) stops it, and at the end, before the
-    final evaluation, so that --resume finishes an evaluation cut short (the final
+def save_due(step: int, last: int, save_interval: int) -> bool:
+    """Whether a run writes a checkpoint to resume from after `step`: every save_interval
+    steps, and at `last`, where this invocation stops: at --stop-at, or at the end, before
+    the final evaluation, so that --resume finishes an evaluation cut short (the final
     checkpoint, which holds the trained model alone, comes after it)."""
-    return step % save_interval == 0 or step in (last, total)
+    return step % save_interval == 0 or step == last
 
 
 def stopped_early(script: str, out_dir, last: int, total: int, unit: str = "step") -> bool:
     """Whether a run stopped by --stop-at (at `last`, before its end) is over; it says
     how to go on. Call on the main process."""
     if last < total:
-        print(f"stopped at {unit} {last} of {total}: continue with `python {script} --resume --out-dir {out_dir}`")
+        print(f"stopped at {unit} {last} of {total}: continue with `python {script} --resume --out-dir {out_dir}`"
+              f"{_with_processes(_resumable.get('world_size', 1))}")
     return last < total
 
 
@@ -155,7 +156,11 @@ def resume_hint(args, script: str) -> str:
         return ""
     if Path(_resumable["out_dir"]).resolve() != Path(args.out_dir).resolve():
         return ""
-    n = _resumable["world_size"]
-    where = f" (under torchrun, with {n} processes)" if n > 1 else ""
-    return (f"; `python {script} --resume --out-dir {_resumable['out_dir']}`{where} goes on from its checkpoint at "
+    return (f"; `python {script} --resume --out-dir {_resumable['out_dir']}`"
+            f"{_with_processes(_resumable['world_size'])} goes on from its checkpoint at "
             f"{_resumable['unit']} {_resumable['step']}")
+
+
+def _with_processes(n: int) -> str:
+    """What a --resume command needs said of a run in n processes."""
+    return f" (under torchrun, with {n} processes)" if n > 1 else ""

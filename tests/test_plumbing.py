@@ -584,3 +584,17 @@ def test_each_scripts_resume_help_names_the_flags_a_resumed_run_may_change():
                                (train_ppo, train_ppo.RESUME_MAY_CHANGE)):
         named = set(re.findall(r"--[a-z][a-z-]*", field_docs(script.Args)["resume"]))
         assert named == {flag(name) for name in may_change if name != "resume"}, script.__name__
+
+
+def test_a_run_saves_to_resume_from_at_each_interval_and_where_it_stops(capsys):
+    from minalign.resume import note_saved, save_due, stopped_early
+
+    # 10 steps, every 4, stopped at 6 by --stop-at or run to the end
+    assert [s for s in range(1, 7) if save_due(s, 6, 4)] == [4, 6]
+    assert [s for s in range(1, 11) if save_due(s, 10, 4)] == [4, 8, 10]  # the end: before the final evaluation
+    note_saved("out/x", 6, resumable=True, world_size=2)
+    assert stopped_early("train_x.py", "out/x", 6, 10)
+    assert capsys.readouterr().out == ("stopped at step 6 of 10: continue with `python train_x.py --resume --out-dir "
+                                       "out/x` (under torchrun, with 2 processes)\n")
+    assert not stopped_early("train_x.py", "out/x", 10, 10) and capsys.readouterr().out == ""
+    note_saved("out/x", 10, resumable=False)  # (this process's record of what it saved, cleared)

@@ -66,7 +66,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert "--n-layer 2 (it has 1), --max-steps 800 (it has 8), --lr 0.1 (it has 0.002)" in refused.stderr
     out = run([*TINY, "--resume", "--out-dir", str(tmp_path / "split")])  # --max-steps 8 from the checkpoint
     assert "step     6/8" in out and "replacing" not in out  # its own checkpoint is kept
-    assert "done: 8 steps (4 of them here) in" in out
+    assert "done: 8 steps (4 in this invocation) in" in out
     full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
     split = load_checkpoint(tmp_path / "split" / "ckpt.pt")
     assert split["step"] == 8

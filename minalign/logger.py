@@ -10,9 +10,10 @@ class MetricsLogger:
     """Appends one JSON object per call to `out_dir/metrics.jsonl`; silent when disabled
     (the non-zero ranks of a distributed run).
 
-    A new run starts the file afresh. A run resumed from a checkpoint at `resume_step`
-    keeps the records up to that step and drops later ones, which the interrupted run
-    logged after its last checkpoint and the resumed run logs again.
+    A new run removes an earlier run's file; its own appears with its first record. A run
+    resumed from a checkpoint at `resume_step` keeps the records up to that step and drops
+    later ones, which the interrupted run logged after its last checkpoint and the resumed
+    run logs again.
     """
 
     def __init__(self, out_dir, enabled: bool = True, resume_step: int | None = None):
@@ -21,10 +22,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            self.path.write_text("".join(line + "\n" for line in kept))
+        else:
+            self.path.unlink(missing_ok=True)
 
     def log(self, step: int, **metrics) -> None:
         if not self.enabled:

@@ -416,7 +416,9 @@ def test_metrics_start_afresh_or_resume_where_the_checkpoint_was(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r["loss"]) for r in rows]
     assert steps_and_losses() == [(1, 1.0), (2, 2.0), (3, 30.0)]
-    MetricsLogger(tmp_path).log(1, loss=5.0)  # a new run
+    new = MetricsLogger(tmp_path)  # a new run: the earlier run's records are gone before it logs
+    assert not (tmp_path / "metrics.jsonl").exists()
+    new.log(1, loss=5.0)
     assert steps_and_losses() == [(1, 5.0)]
 
 

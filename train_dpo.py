@@ -165,7 +165,8 @@ def main(args: Args):
 
     optimizer = make_optimizer(policy, args.lr, weight_decay=0.0, device=dist.device)
     train_model = DDP(policy) if dist.enabled else policy
-    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer)  # every check passed
+    # after every check, so that a run refused leaves the earlier one in out_dir as it was
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer, total_steps)
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
     progress = Progress(total_steps, enabled=dist.is_main, start_step=first - 1)
     last = args.stop_at or total_steps

@@ -279,7 +279,7 @@ def main(args: Args):
     train_critic = DDP(critic) if dist.enabled else critic
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     generator = torch.Generator(device=dist.device).manual_seed(args.seed + dist.rank)
-    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer, unit="update")
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, policy, optimizer, args.updates, unit="update")
     if ckpt is not None:
         kl_ctl.value = ckpt["resume"]["kl_coef"]
         generator.set_state(ckpt["resume"]["generators"][dist.rank])

@@ -263,7 +263,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device=dist.device)
     train_model = DDP(model) if dist.enabled else model
     batches, total_steps = pair_batches(args, dist, len(train_pairs), "reward model")
-    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, model, optimizer)  # every check passed
+    # after every check, so that a run refused leaves the earlier one in out_dir as it was
+    first, seconds_before = start_or_resume(ckpt, args.out_dir, dist, model, optimizer, total_steps)
     if ckpt is not None:
         rng = ckpt["resume"]["rng"]  # each process's (dropout's, if the SFT policy has any)
         set_rng_state(rng[min(dist.rank, len(rng) - 1)])  # (in as many processes, bit for bit)

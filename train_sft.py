@@ -245,7 +245,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         step = ckpt["step"]
         note_saved(args.out_dir, step, resumable=True, world_size=dist.world_size)
         if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {ckpt_path} at step {step} of {args.max_steps}")
             remove_unfinished_saves(args.out_dir)
     if dist.is_main:
         print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}")

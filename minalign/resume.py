@@ -102,10 +102,11 @@ def check_same_model(ckpt: dict, name: str, flag: str, folder, what: str) -> Non
                        {name: f"the {what} in {folder}"})
 
 
-def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: str = "step") -> tuple[int, float]:
-    """(first step, train_seconds so far) of a run about to train, after every check: a new
-    run (`ckpt` None) replaces the earlier one in out_dir; a resumed run loads the
-    checkpoint's model and optimizer state, and keeps the folder as it is."""
+def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, total: int,
+                    unit: str = "step") -> tuple[int, float]:
+    """(first step, train_seconds so far) of a run of `total` steps about to train, after
+    every check: a new run (`ckpt` None) replaces the earlier one in out_dir; a resumed run
+    loads the checkpoint's model and optimizer state, and keeps the folder as it is."""
     if ckpt is None:
         replace_earlier_run(out_dir, dist)
         return 1, 0.0
@@ -113,7 +114,8 @@ def start_or_resume(ckpt: dict | None, out_dir, dist, model, optimizer, unit: st
     optimizer.load_state_dict(ckpt["resume"]["optimizer"])
     note_saved(out_dir, ckpt["step"], resumable=True, unit=unit, world_size=dist.world_size)
     if dist.is_main:
-        print(f"resumed from {Path(out_dir) / 'ckpt.pt'} at {unit} {ckpt['step']}")
+        done = ": training is done, the final evaluation is left" if ckpt["step"] >= total else ""
+        print(f"resumed from {Path(out_dir) / 'ckpt.pt'} at {unit} {ckpt['step']} of {total}{done}")
         remove_unfinished_saves(out_dir)
     return ckpt["step"] + 1, ckpt["resume"]["train_seconds"]
 

@@ -221,7 +221,7 @@ def test_the_clip_settings_each_reach_their_step(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch):
+def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT))
     import train_ppo
 
@@ -238,7 +238,9 @@ def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monke
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # the last update's, to resume from
     assert ckpt["step"] == 1 and "resume" in ckpt and not (tmp_path / "eval.json").exists()
     monkeypatch.undo()
+    capsys.readouterr()
     train_ppo.main(train_ppo.Args(out_dir=str(tmp_path), resume=True))
+    assert "at update 1 of 1: training is done, the final evaluation is left" in capsys.readouterr().out
     final = load_checkpoint(tmp_path / "ckpt.pt")
     assert final["step"] == 1 and "resume" not in final
     assert all(torch.equal(final["model"][k], v) for k, v in ckpt["model"].items())

@@ -181,7 +181,7 @@ def test_the_reward_models_margin_and_centring_each_reach_its_loss(workdir, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,evaluation", [("train_rm", "gold_correlation"), ("train_dpo", "held_out_metrics")])
-def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch, script, evaluation):
+def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monkeypatch, capsys, script, evaluation):
     sys.path.insert(0, str(ROOT))
     import importlib
 
@@ -205,7 +205,10 @@ def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monke
     assert "resume" in ckpt and ckpt["step"] == metrics(tmp_path / "metrics.jsonl")[-1]["step"]
     assert not (tmp_path / "eval.json").exists() and "eval/" not in (tmp_path / "metrics.jsonl").read_text()
     monkeypatch.undo()
+    capsys.readouterr()
     module.main(parse_args(module.Args, ["--resume", "--out-dir", str(tmp_path)]))
+    assert (f"resumed from {tmp_path / 'ckpt.pt'} at step {ckpt['step']} of {ckpt['step']}: training is done, "
+            "the final evaluation is left") in capsys.readouterr().out
     final = load_checkpoint(tmp_path / "ckpt.pt")
     assert "resume" not in final and final["step"] == ckpt["step"]
     assert all(torch.equal(final["model"][k], v) for k, v in ckpt["model"].items() if k not in ("gain", "offset"))

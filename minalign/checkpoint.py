@@ -108,9 +108,11 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
 
 def block_size_of(folder, default: int) -> int:
     """The block size of the model in folder/ckpt.pt, or `default` (that of the model
-    that would be trained there) when the folder holds none."""
+    that would be trained there) when the folder holds none, or a file that is no
+    checkpoint of these scripts (the check of its stage refuses that one, naming it)."""
     path = Path(folder) / "ckpt.pt"
-    return load_checkpoint(path)["model_config"]["block_size"] if path.exists() else default
+    config = load_checkpoint(path).get("model_config") if path.exists() else None
+    return config["block_size"] if isinstance(config, dict) and "block_size" in config else default
 
 
 def weights_fingerprint(model) -> str:

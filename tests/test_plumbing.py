@@ -600,3 +600,15 @@ def test_a_run_saves_to_resume_from_at_each_interval_and_where_it_stops(capsys):
                                        "out/x` (under torchrun, with 2 processes)\n")
     assert not stopped_early("train_x.py", "out/x", 10, 10) and capsys.readouterr().out == ""
     note_saved("out/x", 10, resumable=False)  # (this process's record of what it saved, cleared)
+
+
+def test_block_size_of_a_plain_state_dict_is_the_default_and_its_folder_is_refused_by_stage(tmp_path):
+    from minalign.checkpoint import block_size_of, check_out_dir
+
+    torch.save({"wte.weight": torch.zeros(2, 2)}, tmp_path / "ckpt.pt")  # a bare state dict, not a minalign checkpoint
+    assert block_size_of(tmp_path, default=64) == 64
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "model_config": {"block_size": 48}, "args": {}, "stage": "sft"})
+    assert block_size_of(tmp_path, default=64) == 48
+    torch.save({"wte.weight": torch.zeros(2, 2)}, tmp_path / "ckpt.pt")
+    with pytest.raises(ArgumentError, match="not a checkpoint of these scripts"):
+        check_out_dir(tmp_path, "--sft-dir", stage="sft", read_finished=True)

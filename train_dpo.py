@@ -9,7 +9,7 @@ written to out/dpo/eval.json.
 
     python train_dpo.py
     python train_dpo.py --beta 0.5 --loss-type ipo
-    python train_dpo.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2 --max-length 256
+    python train_dpo.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2 --max-length 128
     python train_dpo.py --resume                          # continue a run that was cut short
 """
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: train a GPT to continue text, giving the starting policy.
 
 With no arguments it trains a small GPT on the built-in task (short movie reviews) in
-a few CPU minutes; `--data file.jsonl` trains on your own text or prompt/completion
+about a minute on 2 CPU cores; `--data file.jsonl` trains on your own text or prompt/completion
 pairs. Runs alone or under `torchrun --nproc_per_node=N train_sft.py`.
 
     python train_sft.py                       # built-in task -> out/sft/ckpt.pt

@@ -152,7 +152,8 @@ def same_bits(a, b):
 def test_forward_and_backward_match_the_reference(kernels, dtype, V, offset, with_entropy):
     logits, labels = make_inputs(5, V, dtype, seed=V + offset)
     logits = misaligned(logits, offset)  # rows start anywhere in a 16-byte vector
-    g, h = torch.randn(5), (torch.randn(5) if with_entropy else None)
+    g, h = torch.randn(2, 5, generator=torch.Generator().manual_seed(V))
+    h = h if with_entropy else None
     logprobs, lse, entropy, bad = run_forward(kernels, logits, labels, with_entropy)
     grad = run_backward(kernels, logits, labels, lse, entropy, g, h, aligned_like(logits), wide=True)
     ref_logprobs, ref_lse, ref_entropy, ref_grad = reference_values_and_grad(logits, labels, g, h)
@@ -179,11 +180,13 @@ def test_forward_and_backward_match_the_reference(kernels, dtype, V, offset, wit
 def test_fused_kernel_is_the_forward_and_backward_bit_for_bit(kernels, dtype, V, cached):
     logits, labels = make_inputs(6, V, dtype, seed=V)
     logits = misaligned(logits, 1)
-    weights = torch.randn(6)
+    weights = torch.randn(6, generator=torch.Generator().manual_seed(V))
     whole_vectors = V // (16 // logits.element_size())
     cached_vecs = {"none": 0, "part": whole_vectors // 3, "all": whole_vectors}[cached]
 
-    x = logits.clone()  # the fused kernel writes the gradient over its logits
+    # The fused kernel writes the gradient over its logits; their copy keeps the rows'
+    # alignment, which decides the order a row is summed in, and so the last bit of lse.
+    x = aligned_like(logits)
     fused_logprobs = torch.full((6,), -7.0)
     kernels.token_logprobs_fused(DTYPES[dtype], ptr(x), ptr(labels), ptr(weights), 6, V, IGNORE, cached_vecs,
                                  ptr(fused_logprobs))

@@ -135,8 +135,9 @@ def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
     check_stop_at(args, len(train_pairs), at_most=True)  # fewer if some are the same once tokenized
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
-        if note := data_note(args):
-            print(note)
+        for note in (data_note(args), data.repeated_prompt_note(stats)):
+            if note:
+                print(note)
     source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
               "test_fraction": args.test_fraction}  # which pairs the SFT data comes from
     source_file = Path(sft_dir) / "source.json"

@@ -218,7 +218,9 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
                                  f"go on as it started; train afresh without --resume")
         n_val = max(1, int(len(raw) * args.val_fraction))
         if n_val >= len(raw):
-            raise data.DataError(f"{args.data}: {len(raw)} example(s), all held out by --val-fraction "
+            how = (" (a .txt file's documents are separated by blank lines; .jsonl holds one per line)"
+                   if len(raw) == 1 and data.is_text_file(args.data) else "")
+            raise data.DataError(f"{args.data}: {counted(len(raw), 'example')}{how}, all held out by --val-fraction "
                                  f"{args.val_fraction} (at least one is): give it more to train on")
         order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
         train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
@@ -231,6 +233,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         print(f"data: {len(train_examples):,} train / {len(val_examples):,} val examples{evaluated}\n"
               f"  train: {stats}\n  val: {val_stats}")
         if note := data_note(args):
+            print(note)
+        if note := held_out_note(args, len(train_examples), len(val_examples)):
             print(note)
     val_examples = val_examples[: args.eval_examples]
 
@@ -340,6 +344,17 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     if dist.is_main:
         print(f"== SFT: {'resuming' if path.exists() else 'training'} the starting policy in {out_dir}")
     return train(args, dist)
+
+
+def held_out_note(args: Args, n_train: int, n_val: int) -> str | None:
+    """A note when the documents held out whole hold far more than --val-fraction of the
+    examples (a long document is split into many)."""
+    share = n_val / (n_train + n_val)
+    if args.data is None or share <= 2 * args.val_fraction:
+        return None
+    return (f"note: the held-out documents make {share:.0%} of the examples, --val-fraction {args.val_fraction:g} "
+            f"of the documents: documents are held out whole, and long ones are split into many examples; "
+            f"more, shorter documents would keep more to train on")
 
 
 def main(args: Args):

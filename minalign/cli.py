@@ -68,6 +68,8 @@ def _parser_for(tp, optional):
     def parse(text: str):
         if optional and text.lower() == "none":
             return None
+        if tp is str and not text.strip():  # no path, device or name is blank
+            raise argparse.ArgumentTypeError("empty")
         return tp(text)
 
     parse.__name__ = tp.__name__  # argparse names the type in its error messages

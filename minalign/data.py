@@ -67,6 +67,9 @@ class DataStats:
     # last "\n\nAssistant:": split at the last one they share, so a response spans turns
     n_empty_responses: int = 0  # responses with no text: kept (their tokens: EOS alone)
     n_blank_lines: int = 0  # lines of a .jsonl file with no record on them
+    n_prompt_repeated: int = 0  # explicit-prompt pairs whose chosen and rejected both begin
+    # with the prompt: whole texts, perhaps, where responses were meant (kept as they are)
+    first_prompt_repeated: str = ""  # "file:line" of the first of them
 
     def __str__(self) -> str:
         """What the scripts print, e.g. "1,000 kept; 12 prompts truncated"; counts of 0 left out."""
@@ -88,7 +91,18 @@ _STATS_WORDING = {  # DataStats field: (noun, what happened to it)
     "n_implicit_prompt_mismatch": ("pair", "split at the last Assistant turn both share"),
     "n_empty_responses": ("empty response", ""),
     "n_blank_lines": ("blank line", "skipped"),
+    "n_prompt_repeated": ("pair", "whose chosen and rejected begin with the prompt"),
 }
+
+
+def repeated_prompt_note(stats: DataStats) -> str | None:
+    """A note when pairs with a 'prompt' repeat it at the start of both responses."""
+    n = stats.n_prompt_repeated
+    if not n:
+        return None
+    return (f"note: {n:,} pair{'s' if n > 1 else ''} (the first at {stats.first_prompt_repeated}) begin both chosen "
+            f"and rejected with the 'prompt': with a 'prompt', they hold the responses alone, which the prompt "
+            f"comes before, so it is read twice; if they are whole texts, remove the prompt from them")
 
 
 @dataclass
@@ -104,11 +118,8 @@ class Example:
 
 def _lines(path: Path):
     """Yield (line number, text) for each line of a plain or gzipped UTF-8 file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    if path.is_dir():
-        raise DataError(f"{path}: a folder, not a data file")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
+    _check_is_file(path)
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         lineno = 0
         try:
@@ -121,13 +132,28 @@ def _lines(path: Path):
             raise DataError(f"{path}:{lineno + 1}: bad gzip data ({e})") from None
 
 
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+
+
 def _format(path: Path) -> str:
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".txt"):
+    """"txt" or "jsonl", by the file's suffix in any case (a folder or a missing file is
+    refused as such first)."""
+    _check_is_file(path)
+    if is_text_file(path):
         return "txt"
-    if name.endswith((".jsonl", ".json")):
+    if path.name.lower().removesuffix(".gz").endswith((".jsonl", ".json")):
         return "jsonl"
     raise DataError(f"{path}: unknown format, expected .txt or .jsonl (optionally .gz)")
+
+
+def is_text_file(path: str | Path) -> bool:
+    """Whether `path` names a .txt file (optionally .gz), whose documents are separated by
+    blank lines."""
+    return Path(path).name.lower().removesuffix(".gz").endswith(".txt")
 
 
 def _records(path: Path, stats: DataStats | None = None):
@@ -166,7 +192,8 @@ def data_name(path: str | Path) -> str:
     "hh.test"): the scripts name their default output folders after it."""
     name = Path(path).name
     for suffix in (".gz", ".jsonl", ".json", ".txt"):
-        name = name.removesuffix(suffix)
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
     return name
 
 
@@ -216,14 +243,21 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """The JSON objects of a .jsonl file this project wrote (a cache of pairs, say)."""
+def read_rows(path: str | Path, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The JSON objects of a .jsonl file this project wrote (a cache of pairs, say), each
+    holding a string under every one of `keys`; a damaged one stops the run with its line."""
     rows = []
     for lineno, line in _lines(Path(path)):
+        remedy = "remove the file's folder to make it again"
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"{path}:{lineno}: damaged ({e}): remove the file's folder to make it again") from None
+            raise DataError(f"{path}:{lineno}: damaged ({e}): {remedy}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: damaged (not a JSON object): {remedy}")
+        if wrong := [key for key in keys if not isinstance(row.get(key), str)]:
+            raise DataError(f"{path}:{lineno}: damaged (no text under {', '.join(map(repr, wrong))}): {remedy}")
+        rows.append(row)
     return rows
 
 
@@ -255,6 +289,9 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
         if "prompt" in record:
             prompt = _text(record, "prompt", where)
             stats.n_empty_responses += (not chosen.strip()) + (not rejected.strip())
+            if chosen.startswith(prompt) and rejected.startswith(prompt):
+                stats.first_prompt_repeated = stats.first_prompt_repeated or where
+                stats.n_prompt_repeated += 1
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             continue
         split = split_implicit_prompt(chosen, rejected)

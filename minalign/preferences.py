@@ -163,7 +163,7 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
     splits = []
     for split in ("train", "test"):
         path = pairs_dir / f"{split}.jsonl"
-        rows = data.read_rows(path)
+        rows = data.read_rows(path, keys=("prompt", "chosen", "rejected"))
         expected = counts.get(split, {}).get("pairs")
         if len(rows) != expected:  # a file cut short at a line's end reads as fewer pairs
             raise data.DataError(f"{path}: {len(rows)} pairs where {meta_path} counts {expected}: "

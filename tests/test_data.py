@@ -7,7 +7,7 @@ import torch
 
 from minalign.data import (
     ASSISTANT, IGNORE_INDEX, DataError, DataStats, Example, collate, collate_pairs,
-    collate_prompts, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
+    collate_prompts, data_name, load_pairs, load_sft, tokenize_pairs, tokenize_sft,
 )
 from minalign.tokenizer import get_tokenizer
 
@@ -47,6 +47,21 @@ def test_load_pairs_explicit_and_implicit(tmp_path):
     assert pairs[1] == {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant:",
                         "chosen": " Bye!", "rejected": " Whatever."}
     assert stats.n_implicit_prompt_mismatch == 0
+
+
+def test_responses_that_repeat_their_prompt_are_counted_and_noted(tmp_path):
+    from minalign.data import repeated_prompt_note
+
+    whole = {"prompt": "Say hi.", "chosen": "Say hi. Hi!", "rejected": "Say hi. No."}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "Say hi.", "chosen": " Hi!", "rejected": "Say hi. No."},  # one alone is a response
+        whole, whole])
+    pairs, stats = load_pairs(path)
+    assert pairs[1] == whole, "kept as they are"
+    assert stats.n_prompt_repeated == 2 and str(stats) == "3 kept; 2 pairs whose chosen and rejected begin with the prompt"
+    assert repeated_prompt_note(stats).startswith(f"note: 2 pairs (the first at {path}:2) begin both chosen and "
+                                                  f"rejected with the 'prompt'")
+    assert repeated_prompt_note(load_pairs(write_jsonl(tmp_path / "ok.jsonl", [pairs[0]]))[1]) is None
 
 
 def test_blank_lines_of_a_pairs_file_are_skipped_and_counted(tmp_path):
@@ -117,7 +132,8 @@ def test_bad_sft_records(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="no examples"):
         load_sft(empty)
-    with pytest.raises(DataError, match="unknown format"):
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="data.csv: unknown format"):
         load_sft(tmp_path / "data.csv")
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": " a", "rejected": " b"}])
     with pytest.raises(DataError, match="pairs.jsonl:1: a preference pair .*, for train_rm.py and train_dpo.py; SFT"):
@@ -233,6 +249,23 @@ def test_a_folder_given_as_data_is_named(tmp_path):
         load_pairs(tmp_path / "pairs.jsonl")
 
 
+def test_a_folder_or_missing_file_is_named_whatever_its_suffix(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(DataError, match=r"corpus: a folder, not a data file$"):
+        load_sft(tmp_path / "corpus")
+    with pytest.raises(DataError, match=r"nowhere: no such file$"):
+        load_pairs(tmp_path / "nowhere")
+
+
+def test_suffixes_are_read_in_any_case(tmp_path):
+    (tmp_path / "Docs.TXT").write_text("one\n\ntwo\n")
+    assert load_sft(tmp_path / "Docs.TXT") == [{"text": "one"}, {"text": "two"}]
+    with gzip.open(tmp_path / "PAIRS.JSONL.GZ", "wt") as f:
+        f.write(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    assert load_pairs(tmp_path / "PAIRS.JSONL.GZ")[0] == [{"prompt": "p", "chosen": " a", "rejected": " b"}]
+    assert data_name("a/HH.Test.JSONL.GZ") == "HH.Test"
+
+
 def test_a_missing_data_file_is_named(tmp_path):
     with pytest.raises(DataError, match=r"^.*nowhere.jsonl: no such file$"):
         load_sft(tmp_path / "nowhere.jsonl")
@@ -250,6 +283,15 @@ def test_damaged_records_and_caches_are_named(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "cho')  # cut short
     with pytest.raises(DataError, match=r"train.jsonl:2: damaged"):
         read_rows(tmp_path / "train.jsonl")
+    keys = ("prompt", "chosen", "rejected")
+    good = {"prompt": "p", "chosen": "c", "rejected": "r", "gold": 0.5}
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n")
+    assert read_rows(tmp_path / "train.jsonl", keys) == [good]
+    for row, why in ((["p", "c", "r"], "not a JSON object"), ({"prompt": "p", "chosen": "c"}, "no text under 'rejected'"),
+                     ({**good, "prompt": 3, "chosen": None}, "no text under 'prompt', 'chosen'")):
+        (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=rf"train.jsonl:2: damaged \({why}\): remove the file's folder"):
+            read_rows(tmp_path / "train.jsonl", keys)
 
 
 def test_tiny_shakespeare_documents_and_windows(shared_data):

@@ -62,6 +62,9 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_args(Args, ["--unknown", "1"])
     with pytest.raises(SystemExit):
+        parse_args(Args, ["--data", ""])
+    assert "argument --data: empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse_args(Args, ["--betas"])  # not optional: at least one value
     assert "--betas" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # a value the checks reject: one line, as the scripts' later checks

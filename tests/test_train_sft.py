@@ -204,7 +204,8 @@ def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
     result = subprocess.run([sys.executable, "train_sft.py", *TINY, "--data", str(tmp_path / "one.txt"),
                              "--out-dir", str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "one.txt: 1 example(s), all held out by --val-fraction 0.05 (at least one is)" in result.stderr
+    assert ("one.txt: 1 example (a .txt file's documents are separated by blank lines; .jsonl holds one per "
+            "line), all held out by --val-fraction 0.05 (at least one is)") in result.stderr
     assert not (tmp_path / "sft").exists()
 
 
@@ -300,3 +301,14 @@ def test_dtype_auto_is_float32_on_the_cpu_and_bfloat16_autocasts():
         assert (a @ b).dtype == torch.float32
     with train_sft.autocast_context("cpu", "bfloat16"):
         assert (a @ b).dtype == torch.bfloat16
+
+
+def test_held_out_documents_far_over_the_val_fraction_are_noted():
+    import train_sft
+
+    args = train_sft.Args(data="book.txt", val_fraction=0.05)
+    note = train_sft.held_out_note(args, n_train=60, n_val=40)
+    assert note.startswith("note: the held-out documents make 40% of the examples, --val-fraction 0.05 of the "
+                           "documents: documents are held out whole")
+    assert train_sft.held_out_note(args, n_train=90, n_val=10) is None  # within twice the fraction
+    assert train_sft.held_out_note(train_sft.Args(), n_train=60, n_val=40) is None  # the built-in split

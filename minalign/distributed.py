@@ -44,7 +44,14 @@ def check_device(device: str) -> str:
         raise ArgumentError(f"--device {device!r}: must be auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ArgumentError(f"--device {device}: {_cuda_devices()}")
     return device
+
+
+def _cuda_devices() -> str:
+    n = torch.cuda.device_count()
+    return "there is only cuda:0" if n == 1 else f"there are {n} CUDA devices, cuda:0 to cuda:{n - 1}"
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -58,6 +65,12 @@ def setup(device: str = "auto") -> DistInfo:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
+        if device != "cuda":  # each process has its own device; one named for all would be ignored
+            raise ArgumentError(f"--device {device}: under torchrun each process takes cuda:<its LOCAL_RANK>; "
+                                f"pass --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose which")
+        if local_rank >= torch.cuda.device_count():
+            raise ArgumentError(f"torchrun's process LOCAL_RANK {local_rank} has no CUDA device of its own "
+                                f"({_cuda_devices()}): start at most {torch.cuda.device_count()} per node")
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():

@@ -464,6 +464,29 @@ def test_device_is_checked_before_any_work():
     assert distributed.setup("cpu").device == "cpu"
 
 
+def test_a_cuda_device_that_is_not_there_is_refused(monkeypatch):
+    from minalign import distributed
+    from minalign.cli import ArgumentError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.check_device("cuda:1") == "cuda:1" and distributed.check_device("auto") == "cuda"
+    with pytest.raises(ArgumentError, match=r"^--device cuda:2: there are 2 CUDA devices, cuda:0 to cuda:1$"):
+        distributed.check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ArgumentError, match=r"^--device cuda:1: there is only cuda:0$"):
+        distributed.check_device("cuda:1")
+    # under torchrun each process takes the device of its LOCAL_RANK
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ArgumentError, match=r"^--device cuda:0: under torchrun each process takes cuda:<its LOCAL_RANK>"):
+        distributed.setup("cuda:0")
+    with pytest.raises(ArgumentError, match=r"^torchrun's process LOCAL_RANK 1 has no CUDA device of its own "
+                                            r"\(there is only cuda:0\): start at most 1 per node$"):
+        distributed.setup("auto")
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     from minalign.checkpoint import check_distinct, check_out_dir
 

@@ -55,8 +55,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         lines = text.splitlines() or [""]  # torch's own reason, without its advice on weights_only
         reason = next((line.split(":", 1)[1] for line in lines if line.startswith("WeightsUnpickler error")),
                       lines[0])
-        raise ArgumentError(f"{path} is not a readable checkpoint: truncated, or not written by torch.save "
-                            f"({type(error).__name__}: {reason.strip().split('. ')[0][:160]})") from None
+        raise UnreadableCheckpoint(f"{path} is not a readable checkpoint: truncated, or not written by torch.save "
+                                   f"({type(error).__name__}: {reason.strip().split('. ')[0][:160]})") from None
+
+
+class UnreadableCheckpoint(ArgumentError):
+    """A ckpt.pt that torch.load cannot read (truncated, or another kind of file)."""
 
 
 STAGES = {"sft": "an SFT policy", "rm": "a reward model", "dpo": "a DPO policy", "ppo": "a PPO policy"}
@@ -179,7 +183,9 @@ def check_out_dir(path, flag: str = "--out-dir", stage: str | None = None, read_
             ckpt = load_checkpoint(path / "ckpt.pt")
             check_stage(ckpt, path / "ckpt.pt", stage, f"{flag} {path}")
         except ArgumentError as error:
-            raise ArgumentError(str(error) if str(error).startswith(flag) else f"{flag} {path}: {error}") from None
+            remedy = "; remove it, or name another folder" if isinstance(error, UnreadableCheckpoint) else ""
+            raise ArgumentError((str(error) if str(error).startswith(flag) else f"{flag} {path}: {error}")
+                                + remedy) from None
         if read_finished and finished(ckpt):
             return
     existing = path

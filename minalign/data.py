@@ -284,6 +284,9 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
         raise DataError(f"{path}: preference pairs must be .jsonl (optionally .gz)")
     pairs, stats = [], DataStats()
     for where, record in _records(path, stats):
+        if not {"chosen", "rejected"} & record.keys() and {"text", "completion"} & record.keys():
+            raise DataError(f"{where}: an SFT example ('text', or 'prompt' and 'completion'), for train_sft.py; "
+                            f"preference pairs take 'chosen' and 'rejected' (and optionally 'prompt')")
         # a response may be empty (the model stopped at once: its tokens are just EOS)
         chosen, rejected = (_text(record, key, where, allow_empty=True) for key in ("chosen", "rejected"))
         if "prompt" in record:

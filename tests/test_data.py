@@ -49,6 +49,13 @@ def test_load_pairs_explicit_and_implicit(tmp_path):
     assert stats.n_implicit_prompt_mismatch == 0
 
 
+def test_sft_examples_given_as_pairs_are_named(tmp_path):
+    for row in ({"text": "A review."}, {"prompt": "Say hi.", "completion": " Hi!"}):
+        path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "chosen": " a", "rejected": " b"}, row])
+        with pytest.raises(DataError, match=r"sft.jsonl:2: an SFT example .*, for train_sft.py; preference pairs take"):
+            load_pairs(path)
+
+
 def test_responses_that_repeat_their_prompt_are_counted_and_noted(tmp_path):
     from minalign.data import repeated_prompt_note
 

@@ -515,7 +515,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
     with pytest.raises(ArgumentError, match=r"--rm-dir .*sft: .*ckpt.pt holds an SFT policy, not a reward model"):
         check_out_dir(tmp_path / "sft", "--rm-dir", stage="rm")
     (tmp_path / "sft" / "ckpt.pt").write_text("junk")
-    with pytest.raises(ArgumentError, match=r"--out-dir .*sft: .*ckpt.pt is not a readable checkpoint"):
+    with pytest.raises(ArgumentError, match=r"--out-dir .*sft: .*ckpt.pt is not a readable checkpoint: .*\); "
+                                            r"remove it, or name another folder$"):
         check_out_dir(tmp_path / "sft", stage="sft")
 
 

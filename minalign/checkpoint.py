@@ -105,8 +105,13 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
         raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}: "
                             f"pass --max-length {block_size} or less, or another checkpoint folder")
     cls = RewardModel if ckpt.get("kind") == "reward" else GPT
-    model = cls(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as error:  # an unknown field; missing or misshapen weights
+        reason = " ".join(str(error).split())[:200]
+        raise ArgumentError(f"{path}: its weights and model_config do not fit together ({reason}): damaged, "
+                            f"or not written by these scripts") from None
     return model.to(device), ckpt
 
 

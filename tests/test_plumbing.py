@@ -291,6 +291,13 @@ def test_a_model_must_fit_the_runs_tokenizer_and_length(tmp_path):
         load_model(path, "cpu", gpt2)
     with pytest.raises(ArgumentError, match="--max-length 33 exceeds the block size 32"):
         load_model(path, "cpu", builtin, max_length=33)
+    config = dataclasses.asdict(model.config)
+    for damaged, why in (({**config, "n_layer": 2}, r"Missing key\(s\) in state_dict"),
+                         ({**config, "n_embd": 32}, r"size mismatch"), ({**config, "depth": 3}, "unexpected keyword")):
+        save_checkpoint(path, {"model": model.state_dict(), "model_config": damaged})
+        with pytest.raises(ArgumentError, match=rf"ckpt.pt: its weights and model_config do not fit together "
+                                                rf"\(.*{why}.*\): damaged, or not written by these scripts$"):
+            load_model(path)
 
 
 def test_a_new_run_replaces_the_earlier_runs_outputs_and_nothing_else(tmp_path, capsys):

@@ -1,8 +1,10 @@
 import os
+import random
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Real data (the GPT-2 BPE cache, HH-RLHF pairs) lives in ../shared/data beside the
 # checkout. Pointing tiktoken at its cache keeps the tests offline; a cache set by the
@@ -10,6 +12,18 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED_DATA / "tiktoken")
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Each test starts from the same global random state, whichever tests ran before it
+    (many seed it themselves), and leaves it as it was."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random.seed(0)
+        yield
+    random.setstate(python_state)
 
 
 @pytest.fixture

@@ -8,6 +8,17 @@ against SFT on held-out prompts, in the same table and eval.json as train_dpo.py
 policies sampled at --temperature, which eval.json records: compare runs at one
 temperature).
 
+Each update, in the loop of `main`:
+  1. sample: the policy completes a batch of prompts (`rollout_prompts`, `sample`);
+  2. score: the reward model scores each response, and the policy, the reference and the
+     critic give their per-token log-probs and values (`prepare_update`);
+  3. penalise: every response token pays -beta (log pi - log pi_ref), and the score is
+     added on the last one (`token_rewards` in minalign/ppo.py);
+  4. GAE turns those rewards and the critic's values into advantages and returns
+     (`advantages_and_returns`, minalign/ppo.py);
+  5. PPO: --epochs passes of minibatches over the rollout, with the clipped surrogate and
+     the clipped value loss (`ops.ppo_policy_loss`, `ops.ppo_value_loss`).
+
     python train_ppo.py
     python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run
     python train_ppo.py --resume                         # continue a run that was cut short
@@ -74,7 +85,8 @@ class Args:
     minibatch_size: int = 64
     """Sequences per gradient step within an update, summed over processes."""
     epochs: int = 4
-    """Passes over each rollout batch (N+ implementation details: 4)."""
+    """Passes over each rollout batch (4, as in Huang et al. 2024, "The N+ Implementation
+    Details of RLHF with PPO")."""
     max_new_tokens: int = 40
     """Longest sampled response."""
     temperature: float = 1.0
@@ -148,6 +160,16 @@ class Args:
             raise ArgumentError(f"--missing-eos-score {self.missing_eos_score}: must be finite")
 
 
+def rollout_prompts(train_prompts: list[str], update: int, batch_size: int, dist) -> list[str]:
+    """This process's share of update `update`'s prompts: successive updates take
+    successive slices of `batch_size` prompts, starting over before one would run past
+    the end of the list, and each process takes its part of the slice, so any number of
+    processes sample the prompts one process would."""
+    start = (update - 1) * batch_size % (len(train_prompts) - batch_size)
+    per_rank = batch_size // dist.world_size
+    return train_prompts[start + dist.rank * per_rank : start + (dist.rank + 1) * per_rank]
+
+
 @torch.no_grad()
 def prepare_update(policy, reference, reward_model, critic, rollout, args, beta, eos_id, all_sum=single_process):
     """What PPO's update needs from a rollout: the old log-probs and values, the
@@ -158,6 +180,9 @@ def prepare_update(policy, reference, reward_model, critic, rollout, args, beta,
     ref = response_logprobs(reference, rollout, temperature=args.temperature)
     values = response_values(critic, rollout) * mask  # (B, N)
     scores = reward_model(rollout.sequences, rollout.attention_mask)  # (B,) at each row's last real token
+    # A response cut at --max-new-tokens (no EOS) is scored as it stands, or given
+    # --missing-eos-score; either way its episode ends at its last token, with no value
+    # after it, as in TRL.
     ended = rollout.ended(eos_id)  # (B,)
     if args.missing_eos_score is not None:
         scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_score))
@@ -234,11 +259,10 @@ def continue_ppo_run(args: Args, dist):
     return args, ckpt
 
 
-def main(args: Args):
-    dist = distributed.setup(args.device)
-    ckpt = None
-    if args.resume:
-        args, ckpt = continue_ppo_run(args, dist)
+def check_run(args: Args, dist, tokenizer, train_prompts: list[str]) -> None:
+    """Refuse, before any model is trained or loaded, a run that could not go through:
+    flags that do not fit together, output folders that cannot be written, and no room
+    for prompt + response in the models."""
     if args.stop_at is not None and args.stop_at > args.updates:
         raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --updates {args.updates}; stop it earlier "
                             f"or leave --stop-at out")
@@ -248,9 +272,6 @@ def main(args: Args):
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm", read_finished=True)  # now, not after training the SFT policy
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
-    torch.manual_seed(args.seed)
-    tokenizer = get_tokenizer(args.tokenizer)
-    train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
     # Room for prompt + response in the policy that samples the rollouts and in the reward
     # model that scores them (the critic is its copy): refused now, not after training one.
     sft_block = block_size_of(args.sft_dir, default=train_sft.Args().block_size)
@@ -258,18 +279,37 @@ def main(args: Args):
     for model, folder, block in (("the SFT policy", args.sft_dir, sft_block),
                                  ("the reward model", args.rm_dir, rm_block)):
         check_room(block, tokenizer, train_prompts, args.max_new_tokens, "--max-new-tokens", f"{model} in {folder}")
+
+
+def load_models(args: Args, dist, tokenizer):
+    """(policy, reference, reward_model, critic): the policy and its frozen reference from
+    the SFT checkpoint, the frozen reward model, and the critic, a trainable copy of the
+    reward model. The SFT policy and the reward model are trained first if absent."""
     sft_path = train_sft.ensure(args.sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
-    policy, _ = load_model(sft_path, dist.device, tokenizer)  # before a reward model is trained from it
+    # loaded (and its tokenizer checked) before a reward model is trained from it
+    policy, _ = load_model(sft_path, dist.device, tokenizer)
     rm_path = train_rm.ensure(args.rm_dir, dist, tokenizer=args.tokenizer, sft_dir=args.sft_dir, device=args.device)
     disable_dropout(policy)  # the ratio and KL compare log-probs taken at different times
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     reward_model, _ = load_model(rm_path, dist.device, tokenizer)
     reward_model.eval().requires_grad_(False)
     critic = disable_dropout(copy.deepcopy(reward_model)).train().requires_grad_(True)  # initialised from the RM
+    return policy.train(), reference, reward_model, critic
+
+
+def main(args: Args):
+    dist = distributed.setup(args.device)
+    ckpt = None
+    if args.resume:
+        args, ckpt = continue_ppo_run(args, dist)
+    torch.manual_seed(args.seed)
+    tokenizer = get_tokenizer(args.tokenizer)
+    train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
+    check_run(args, dist, tokenizer, train_prompts)
+    policy, reference, reward_model, critic = load_models(args, dist, tokenizer)
     started_from = {"sft": weights_fingerprint(reference), "rm": weights_fingerprint(reward_model)}
     if ckpt is not None:
         critic.load_state_dict(ckpt["resume"]["critic"])  # the policy: by start_or_resume below
-    policy.train()
 
     # One AdamW over both models, at torch's default betas (0.9, 0.999) and no weight decay,
     # as TRL's PPO trainer; Adam normalises each parameter's step, so the summed loss below
@@ -285,7 +325,6 @@ def main(args: Args):
         generator.set_state(ckpt["resume"]["generators"][dist.rank])
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=first - 1 if ckpt is not None else None)
     progress = Progress(args.updates, enabled=dist.is_main, unit="update", start_step=first - 1)
-    rollouts_per_rank = args.rollout_batch_size // dist.world_size  # each process's share of the batches
     minibatch_per_rank = args.minibatch_size // dist.world_size
     all_sum = partial(distributed.all_reduce_sum, info=dist)  # a sum over processes (the value itself alone)
     last = args.stop_at or args.updates
@@ -312,11 +351,7 @@ def main(args: Args):
 
     for update in range(first, last + 1):
         # ---- rollout: sample, then score with the reward model, reference and critic ----
-        # successive updates take successive slices of the training prompts, each rank its
-        # own; the modulus starts over before a slice would run past the end of the list
-        start = ((update - 1) * args.rollout_batch_size + dist.rank * rollouts_per_rank) % (
-            len(train_prompts) - rollouts_per_rank)
-        prompts = train_prompts[start : start + rollouts_per_rank]
+        prompts = rollout_prompts(train_prompts, update, args.rollout_batch_size, dist)
         t_roll = time.time()
         rollout = sample(policy, tokenizer, prompts, args.max_new_tokens, generator, temperature=args.temperature)
         roll_tokens = rollout.response_mask.sum().item()

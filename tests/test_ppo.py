@@ -653,3 +653,17 @@ def test_the_readmes_example_of_using_trained_models_runs(workdir, tmp_path, mon
     assert out.startswith("The acting was") and "\nI expected more from" in out
     scores = out.splitlines()[-1]
     assert scores.startswith("tensor([") and len(scores.split(",")) == 2  # a score per response
+
+
+def test_the_processes_share_of_an_updates_prompts_is_one_processs_slice():
+    import train_ppo
+    from minalign.distributed import DistInfo
+
+    prompts = [f"prompt {i}" for i in range(100)]
+    for update in (1, 2, 3, 7, 8, 50):  # (update - 1) * 16 passes 100 - 16 at update 7: it starts over
+        alone = train_ppo.rollout_prompts(prompts, update, 16, DistInfo())
+        assert len(alone) == 16 and alone[0] == prompts[(update - 1) * 16 % 84]
+        for world_size in (2, 4):
+            parts = [train_ppo.rollout_prompts(prompts, update, 16, DistInfo(rank=r, world_size=world_size))
+                     for r in range(world_size)]
+            assert sum(parts, []) == alone, (update, world_size)

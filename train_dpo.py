@@ -28,7 +28,8 @@ from minalign.checkpoint import block_size_of, check_weights_finite, save_checkp
 from minalign.cli import ArgumentError, check_args, check_finite, run
 from minalign.data import IGNORE_INDEX
 from minalign.dpo import pair_logps, reference_logps
-from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
+from minalign.evaluate import (eval_metrics, evaluate_policy, format_samples, format_table, held_out_prompts,
+                               write_eval)
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout, evaluating
 from minalign.optim import cosine_lr, make_optimizer, set_lr
@@ -123,7 +124,7 @@ def gold_eval(policy, reference, tokenizer, args, device, logger=None, step=0) -
                              seed=args.seed)
     reference.cpu()
     if logger is not None:
-        logger.log(step, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+        logger.log(step, **eval_metrics(result))
         print(f"eval @ step {step}: gold {result['gold_reward']:.3f} | KL {result['kl']:.2f} | "
               f"win rate {result['win_rate']:.3f}", flush=True)
     return result
@@ -236,7 +237,7 @@ def main(args: Args):
             print(format_samples("DPO", gold))
         print(f"wrote {write_eval(args.out_dir, results)}")  # before the final checkpoint, which ends the run
         save(total_steps, resumable=False)
-        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items() if k != "samples"})  # after it: logged once
+        logger.log(total_steps, **eval_metrics(results))  # after it: logged once
     distributed.cleanup(dist)
 
 

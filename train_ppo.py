@@ -42,7 +42,8 @@ from minalign import distributed, ops, task
 from minalign.checkpoint import (block_size_of, check_distinct, check_out_dir, check_weights_finite, load_model,
                                  save_checkpoint, weights_fingerprint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, refuse_given, run
-from minalign.evaluate import evaluate_policy, format_samples, format_table, held_out_prompts, write_eval
+from minalign.evaluate import (eval_metrics, evaluate_policy, format_samples, format_table, held_out_prompts,
+                               write_eval)
 from minalign.logger import MetricsLogger, Progress
 from minalign.model import disable_dropout
 from minalign.ppo import (AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate,
@@ -225,7 +226,7 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
                              reward_model=reward_model, temperature=args.temperature)  # what PPO trained
     result.update(extra)
     if logger is not None:
-        logger.log(update, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})
+        logger.log(update, **eval_metrics(result))
     print(f"eval @ update {update}: gold {result['gold_reward']:.3f} | reward model {result['rm_score']:.3f} | "
           f"KL {result['kl']:.2f} | win rate {result['win_rate']:.3f}", flush=True)
     return result
@@ -429,7 +430,7 @@ def main(args: Args):
         print(format_samples("PPO", result))
         print(f"wrote {write_eval(args.out_dir, result)}")  # before the final checkpoint, which ends the run
         save(args.updates, resumable=False)
-        logger.log(args.updates, **{f"eval/{k}": v for k, v in result.items() if k != "samples"})  # after it: logged once
+        logger.log(args.updates, **eval_metrics(result))  # after it: logged once
     distributed.cleanup(dist)
 
 

@@ -27,7 +27,7 @@ from minalign.checkpoint import (check_distinct, check_out_dir, check_stage, che
                                  finished, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state,
                                  weights_fingerprint)
 from minalign.cli import ArgumentError, check_args, check_divisible, check_finite, flag, refuse_given, run
-from minalign.evaluate import write_eval
+from minalign.evaluate import eval_metrics, write_eval
 from minalign.logger import MetricsLogger, Progress, counted
 from minalign.optim import cosine_lr, make_optimizer, set_lr
 from minalign.pairs import (PairArgs, check_same_pairs, check_stop_at, continue_pair_run, pair_batches,
@@ -316,7 +316,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         results["train_seconds"] = train_seconds
         eval_path = write_eval(args.out_dir, results)  # before the final checkpoint, which ends the run
         save_reward_model(args, model, tokenizer, total_steps, results=results)
-        logger.log(total_steps, **{f"eval/{k}": v for k, v in results.items()})  # after it: logged once
+        logger.log(total_steps, **eval_metrics(results))  # after it: logged once
         print(f"saved {args.out_dir}/ckpt.pt; wrote {eval_path}")
     distributed.barrier(dist)  # the other ranks wait for the checkpoint
     return str(Path(args.out_dir) / "ckpt.pt")

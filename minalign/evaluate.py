@@ -97,6 +97,11 @@ def format_samples(name: str, result: dict, n: int = 3) -> str:
                      f"\n    {name} ({s['gold']:+.2f}): {s['response']!r}" for s in result["samples"][:n])
 
 
+def eval_metrics(result: dict) -> dict:
+    """An evaluation's figures as metrics.jsonl logs them: eval/<name>, samples left out."""
+    return {f"eval/{k}": v for k, v in result.items() if k != "samples"}
+
+
 def write_eval(out_dir, result: dict) -> Path:
     path = Path(out_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,16 @@ written to out/dpo/eval.json.
     python train_dpo.py --beta 0.5 --loss-type ipo
     python train_dpo.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2 --max-length 128
     python train_dpo.py --resume                          # continue a run that was cut short
+
+The algorithm, in `main`:
+  1. the reference (the SFT policy, frozen) gives each pair's chosen and rejected
+     log-probs once, before training: summed over the response tokens, EOS included
+     (`reference_logps` in minalign/dpo.py; means per token for IPO);
+  2. each step, the policy gives the same log-probs for a batch of pairs, chosen and
+     rejected in one [2B, T] forward pass (`pair_logps`);
+  3. the DPO loss, -log sigmoid(beta [(log pi - log pi_ref)(chosen) - (log pi -
+     log pi_ref)(rejected)]), or one of its relatives (`ops.dpo_loss`; its spec is
+     `dpo_loss` in minalign/reference.py); no reward model, no sampling.
 """
 
 import copy
@@ -150,10 +160,11 @@ def main(args: Args):
     batches, total_steps = pair_batches(args, dist, len(train_pairs), f"DPO ({args.loss_type}, beta {args.beta})")
 
     # The reference is the SFT policy, frozen: its log-probs of every pair are all DPO needs
-    # from it, so compute them once (a resumed run has them in its checkpoint) and keep only
-    # the policy in memory while training.
+    # from it, so compute them once (a resumed run has them in its checkpoint); only the
+    # policy is on the device while training. A copy of the SFT policy waits on the CPU
+    # for the gold evaluation, which samples from both.
     per_token = dpo.per_token(args.loss_type)  # mean log-probs (IPO) or sums (the others)
-    reference = copy.deepcopy(policy).cpu() if args.data is None else None  # for the gold evaluation
+    sft_policy = copy.deepcopy(policy).cpu() if args.data is None else None
     if ckpt is None:
         t_ref = time.time()
         ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main)  # (n, 2)
@@ -174,7 +185,7 @@ def main(args: Args):
 
     gold_evals = args.eval_interval and args.data is None  # on the main process; the others wait
     if gold_evals and ckpt is None:
-        distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device, logger, 0)
+        distributed.on_main(dist, gold_eval, policy, sft_policy, tokenizer, args, dist.device, logger, 0)
     t0, eval_seconds = time.time(), 0.0  # eval_seconds: left out of steps_per_s and train_seconds
 
     def save(step: int, resumable: bool):
@@ -216,7 +227,7 @@ def main(args: Args):
                            margin=round(metrics["rewards/margins"], 3), **{"steps/s": round(metrics["steps_per_s"], 2)})
         if gold_evals and step % args.eval_interval == 0 and step < total_steps:
             check_weights_finite(step, policy)  # it samples from them
-            eval_seconds += distributed.on_main(dist, gold_eval, policy, reference, tokenizer, args, dist.device,
+            eval_seconds += distributed.on_main(dist, gold_eval, policy, sft_policy, tokenizer, args, dist.device,
                                                 logger, step)
         if save_due(step, last, args.save_interval):
             check_weights_finite(step, policy)
@@ -231,7 +242,7 @@ def main(args: Args):
         print("held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
         results["train_seconds"] = train_seconds
         if args.data is None:  # the gold judge: better reviews than SFT, at what KL?
-            gold = gold_eval(policy, reference, tokenizer, args, dist.device)
+            gold = gold_eval(policy, sft_policy, tokenizer, args, dist.device)
             results.update(gold)
             print(format_table("DPO", gold))
             print(format_samples("DPO", gold))

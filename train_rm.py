@@ -10,6 +10,15 @@ correlation of its scores with the gold judge.
     python train_rm.py --label-temperature 0.2     # noisy, annotator-like labels
     python train_rm.py --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --tokenizer gpt2
     python train_rm.py --resume                       # continue a run that was cut short
+
+The algorithm, in `train`:
+  1. the reward model is a copy of the SFT policy whose last hidden states feed a
+     scalar head instead of the vocabulary's logits (`RewardModel` in minalign/reward.py);
+  2. each step it scores a batch's chosen and rejected texts, read at each one's last
+     real token (`pair_scores`);
+  3. the Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected) (`bradley_terry_loss`);
+  4. after training, its scores are shifted and scaled to mean 0 and standard deviation
+     1 over the training pairs' responses, the units PPO reads (`normalise`).
 """
 
 import json
@@ -204,15 +213,19 @@ def own_sft_policy(args, sft_dir, dist, tokenizer):
     return policy
 
 
-def normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, device) -> dict:
-    """Normalise the scores over (up to 2,000 of) the training pairs' responses, as trained
-    on; then held-out accuracy (against the best possible, for noisy labels) and margin, in
-    the normalised units the checkpoint scores in."""
+def normalise(model, tokenizer, train_pairs, device) -> None:
+    """Shift and scale the model's scores to mean 0 and standard deviation 1 over (up to
+    2,000 of) the training pairs' responses: the units the checkpoint, and so PPO, reads
+    its scores in (Ziegler et al. 2019)."""
     # On the built-in task the pairs' responses are the SFT policy's samples, which PPO
     # starts from; on real data, the human-written responses.
     chosen, rejected = score_pairs(model, train_pairs[:2000], tokenizer.pad_id, device)
     print(f"normalising the scores over {2 * len(chosen):,} responses of the training pairs", flush=True)
     model.fit_normalisation(torch.cat([chosen, rejected]))
+
+
+def held_out_accuracy(args, model, tokenizer, test_pairs, test_raw, device) -> dict:
+    """Held-out accuracy (against the best possible, for noisy labels) and margin."""
     results = {}
     results["test_accuracy"], results["test_margin"] = accuracy_and_margin(model, test_pairs, tokenizer.pad_id,
                                                                            device)
@@ -308,7 +321,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     check_weights_finite(last, model)
     if dist.is_main and not stopped_early("train_rm.py", args.out_dir, last, total_steps):
         # the last step's checkpoint holds everything: --resume finishes an evaluation cut short
-        results = normalise_and_evaluate(args, model, tokenizer, train_pairs, test_pairs, test_raw, dist.device)
+        normalise(model, tokenizer, train_pairs, dist.device)
+        results = held_out_accuracy(args, model, tokenizer, test_pairs, test_raw, dist.device)  # in those units
         if args.data is None:  # does the reward model agree with the gold judge?
             results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)
         for k, v in results.items():

@@ -6,6 +6,13 @@ pairs. Runs alone or under `torchrun --nproc_per_node=N train_sft.py`.
 
     python train_sft.py                       # built-in task -> out/sft/ckpt.pt
     python train_sft.py --data my.jsonl --tokenizer gpt2 --block-size 256
+
+The algorithm, in `train`:
+  1. examples become token windows: a document is split into --block-size windows, a
+     prompt + completion keeps its prompt as context only (`tokenize_sft` in
+     minalign/data.py; `collate` sets the labels, IGNORE_INDEX where nothing is learnt);
+  2. each step, the next-token cross-entropy, averaged over the trained tokens of the
+     whole global batch (`sft_loss`), and one AdamW step on a cosine schedule.
 """
 
 import math
@@ -122,6 +129,8 @@ RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "compile", "log_i
 
 
 def autocast_context(device: str, dtype: str):
+    """The context the forward passes run in for --dtype: autocast to bfloat16 or float16,
+    or nothing for float32 ("auto": bfloat16 on a GPU that has it, else float32)."""
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "float32":
@@ -138,12 +147,13 @@ def sft_loss(model, batch, scale):
     """
     logits, _ = model(batch["input_ids"])  # (B, T, Vp); right padding needs no attention mask
     labels = batch["labels"]  # (B, T), IGNORE_INDEX where no loss: those tokens add nothing
-    weights = torch.ones(labels.shape, device=labels.device) * -scale
+    weights = torch.ones(labels.shape, device=labels.device) * -scale  # scale: a number or a 0-d tensor
     return ops.weighted_logprob_sum(logits, labels, weights)
 
 
 @torch.no_grad()
-def evaluate(model, examples, tokenizer, batch_size, device, ctx):
+def val_loss_of(model, examples, tokenizer, batch_size, device, ctx) -> float:
+    """The mean -log p(target) per trained token of `examples`, without dropout."""
     total, count = 0.0, 0
     with evaluating(model):
         for start in range(0, len(examples), batch_size):
@@ -305,7 +315,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             # the main process evaluates and every process learns the result, so that all of
             # them stop alike if training diverged, before a checkpoint is written
             check_weights_finite(step, model)
-            val_loss = evaluate(model, val_examples, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
+            val_loss = val_loss_of(model, val_examples, tokenizer, 64, dist.device, ctx) if dist.is_main else 0.0
             val_loss = torch.tensor(val_loss, dtype=torch.float64, device=dist.device)
             val_loss = distributed.all_reduce_sum(val_loss, dist).item()
             check_finite(step, val_loss=val_loss)

@@ -82,7 +82,8 @@ def test_held_out_margin_is_in_the_normalised_units_the_checkpoint_scores_in():
     pairs, _ = data.tokenize_pairs(raw, tok, 48)
     train_pairs, test_pairs = pairs[:6], pairs[6:]
     args = train_rm.Args(data="pairs.jsonl")  # not the built-in task: no Bayes-optimal figure
-    results = train_rm.normalise_and_evaluate(args, rm, tok, train_pairs, test_pairs, raw[6:], "cpu")
+    train_rm.normalise(rm, tok, train_pairs, "cpu")
+    results = train_rm.held_out_accuracy(args, rm, tok, test_pairs, raw[6:], "cpu")
     chosen, rejected = score_pairs(rm, train_pairs, tok.pad_id, "cpu")
     scores = torch.cat([chosen, rejected])  # normalised over the training pairs' responses
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)

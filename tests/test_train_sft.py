@@ -283,7 +283,7 @@ def test_validation_loss_is_the_mean_over_trained_tokens_of_all_batches():
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32,
                           pad_id=tokenizer.pad_id))
     # batches of 2 and 1 examples, of different token counts: the mean is over tokens, not batches
-    loss = train_sft.evaluate(model, examples, tokenizer, 2, "cpu", nullcontext())
+    loss = train_sft.val_loss_of(model, examples, tokenizer, 2, "cpu", nullcontext())
     batch = data.collate(examples, tokenizer.pad_id)
     with torch.no_grad():
         logits, _ = model(batch["input_ids"])

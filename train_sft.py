@@ -179,25 +179,54 @@ def print_samples(model, tokenizer, prompts, block_size, seed):
         print(f"  sample: {'...' if cut else ''}{prompt + text!r}")
 
 
+def continue_sft_run(args: Args, ckpt_path: str) -> tuple[Args, dict]:
+    """(args, checkpoint) of the run that --resume continues: the checkpoint's settings
+    (resume.resumed_args), refused if it is another stage's, finished, already past
+    --stop-at, or its data file is gone."""
+    ckpt = load_checkpoint(ckpt_path)
+    check_stage(ckpt, ckpt_path, "sft", "--resume")
+    saved = ckpt["args"]
+    if args.data is not None and trained_on(ckpt, args.data):
+        saved = {**saved, "data": args.data}  # the same file, wherever it is now
+    args = resumed_args(args, saved, may_change=RESUME_MAY_CHANGE, own=NOT_RESUMED)
+    if args.data is not None and "data" not in given(args) and not Path(args.data).exists():
+        raise ArgumentError(f"--resume: the run's data file {args.data} is not there any more: pass --data "
+                            f"and where it is now")
+    if ckpt["step"] >= args.max_steps:
+        raise ArgumentError(f"--resume: the run in {args.out_dir} finished at step {ckpt['step']}: nothing is "
+                            f"left to train")
+    if args.stop_at is not None and args.stop_at <= ckpt["step"]:
+        raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
+    return args, ckpt
+
+
+def read_examples(args: Args, tokenizer) -> tuple[list[dict], list[dict], list[str]]:
+    """(train, validation, prompts to sample from): the built-in task's splits, or the
+    --data file's examples, a --val-fraction of them (whole documents) held out by --seed."""
+    if args.data is None:
+        train_raw = [{"text": r} for r in task.reviews("train")]
+        val_raw = [{"text": r} for r in task.reviews("val")]
+        return train_raw, val_raw, task.prompts("val", tokenizer, n=args.num_samples, seed=args.seed)
+    raw = data.load_sft(args.data)
+    n_val = max(1, int(len(raw) * args.val_fraction))
+    if n_val >= len(raw):
+        how = (" (a .txt file's documents are separated by blank lines; .jsonl holds one per line)"
+               if len(raw) == 1 and data.is_text_file(args.data) else "")
+        raise data.DataError(f"{args.data}: {counted(len(raw), 'example')}{how}, all held out by --val-fraction "
+                             f"{args.val_fraction} (at least one is): give it more to train on")
+    order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
+    prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
+    return train_raw, val_raw, prompts[: args.num_samples]
+
+
 def train(args: Args, dist: distributed.DistInfo) -> str:
     """Train; returns the checkpoint's path."""
     step = 0
     ckpt_path = f"{args.out_dir}/ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt is not None:  # the run goes on with the checkpoint's settings and model shape
-        check_stage(ckpt, ckpt_path, "sft", "--resume")
-        saved = ckpt["args"]
-        if args.data is not None and trained_on(ckpt, args.data):
-            saved = {**saved, "data": args.data}  # the same file, wherever it is now
-        args = resumed_args(args, saved, may_change=RESUME_MAY_CHANGE, own=NOT_RESUMED)
-        if args.data is not None and "data" not in given(args) and not Path(args.data).exists():
-            raise ArgumentError(f"--resume: the run's data file {args.data} is not there any more: pass --data "
-                                f"and where it is now")
-        if ckpt["step"] >= args.max_steps:
-            raise ArgumentError(f"--resume: the run in {args.out_dir} finished at step {ckpt['step']}: nothing is "
-                                f"left to train")
-        if args.stop_at is not None and args.stop_at <= ckpt["step"]:
-            raise ArgumentError(f"--stop-at {args.stop_at}: the run in {args.out_dir} is at step {ckpt['step']} already")
+    ckpt = None
+    if args.resume:  # the run goes on with the checkpoint's settings and model shape
+        args, ckpt = continue_sft_run(args, ckpt_path)
     if args.stop_at is not None and args.stop_at > args.max_steps:  # the run's own end comes first
         raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --max-steps {args.max_steps}; stop it "
                             f"earlier or leave --stop-at out")
@@ -215,27 +244,11 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
-    data_sha256 = None  # of the --data file, so that a resumed run can tell it is the same
-    if args.data is None:
-        train_raw = [{"text": r} for r in task.reviews("train")]
-        val_raw = [{"text": r} for r in task.reviews("val")]
-        prompts = task.prompts("val", tokenizer, n=args.num_samples, seed=args.seed)
-    else:
-        raw = data.load_sft(args.data)
-        data_sha256 = file_fingerprint(args.data)
-        if ckpt is not None and ckpt.get("data_sha256", data_sha256) != data_sha256:
-            raise data.DataError(f"{args.data} has changed since the run in {args.out_dir} began: it cannot "
-                                 f"go on as it started; train afresh without --resume")
-        n_val = max(1, int(len(raw) * args.val_fraction))
-        if n_val >= len(raw):
-            how = (" (a .txt file's documents are separated by blank lines; .jsonl holds one per line)"
-                   if len(raw) == 1 and data.is_text_file(args.data) else "")
-            raise data.DataError(f"{args.data}: {counted(len(raw), 'example')}{how}, all held out by --val-fraction "
-                                 f"{args.val_fraction} (at least one is): give it more to train on")
-        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
-        prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
-        prompts = prompts[: args.num_samples]
+    train_raw, val_raw, prompts = read_examples(args, tokenizer)
+    data_sha256 = None if args.data is None else file_fingerprint(args.data)  # a resumed run checks it is the same
+    if ckpt is not None and ckpt.get("data_sha256", data_sha256) != data_sha256:
+        raise data.DataError(f"{args.data} has changed since the run in {args.out_dir} began: it cannot "
+                             f"go on as it started; train afresh without --resume")
     train_examples, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
     val_examples, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
     evaluated = f" (the first {args.eval_examples} evaluated)" if len(val_examples) > args.eval_examples else ""

@@ -83,136 +83,6 @@ class Args(PairArgs):
                                 f"the gold-score gap would tell the model which labels are wrong")
 
 
-def prepare_pairs(args: PairArgs, dist):
-    """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing,
-    once the flags and folders are checked (out_dir is made). Shared by train_rm.py and
-    train_dpo.py."""
-    if args.data is None:
-        refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
-    else:
-        refuse_given(args, args.builtin_only, "for the built-in task only, not with --data")
-    check_divisible(args, ("batch_size",), dist.world_size)
-    sft_dir = args.sft_folder()
-    check_out_dir(args.out_dir, stage=args.stage)
-    check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
-    check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
-    tokenizer = get_tokenizer(args.tokenizer)
-    if args.data is None:
-        policy, train_pairs, test_pairs = builtin_task_pairs(args, dist, tokenizer, sft_dir)
-    else:
-        policy, train_pairs, test_pairs = data_file_pairs(args, dist, tokenizer, sft_dir)
-    return policy, tokenizer, train_pairs, test_pairs
-
-
-def builtin_task_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
-    """Built-in task: the SFT policy (trained if missing) and the pairs it samples, judged by
-    the gold judge (cached in --pairs-dir), optionally subsampled or with flipped labels."""
-    labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
-    if not (Path(args.pairs_dir) / labels / "meta.json").exists():  # cached pairs: only read
-        check_out_dir(args.pairs_dir, "--pairs-dir")
-    if not (Path(sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
-        raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
-                            f"of the SFT policy that would be trained in {sft_dir}")
-    sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
-    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
-    train_pairs, test_pairs = builtin_pairs(
-        Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
-        args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main,
-        lambda: distributed.barrier(dist))
-    if args.n_train_pairs is not None or args.label_flip:
-        if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
-            raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs):,} training pairs exist; "
-                                f"raise --n-train-prompts for more")
-        train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
-        if dist.is_main:
-            print(f"training on {len(train_pairs):,} pairs, {flipped:,} of them with the wrong label")
-    return policy, train_pairs, test_pairs
-
-
-def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
-    """--data: the file's pairs split by --seed and --test-fraction, and an SFT policy for
-    them: the one --sft-dir names, or one trained on the chosen responses of the training
-    pairs."""
-    pairs, stats = data.load_pairs(args.data)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_test = max(1, int(len(pairs) * args.test_fraction))
-    test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
-    if args.batch_size > len(train_pairs):  # now, not after the SFT policy is trained on them
-        raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only "
-                            f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
-                            f"{args.test_fraction})")
-    check_stop_at(args, len(train_pairs), at_most=True)  # fewer if some are the same once tokenized
-    if dist.is_main:
-        print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
-        for note in (data_note(args), data.repeated_prompt_note(stats)):
-            if note:
-                print(note)
-    source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
-              "test_fraction": args.test_fraction}  # which pairs the SFT data comes from
-    source_file = Path(sft_dir) / "source.json"
-    if (Path(sft_dir) / "ckpt.pt").exists():
-        made_from = data.read_record(source_file) if source_file.exists() else None
-        if made_from is None or made_from.get("sha256") != source["sha256"]:
-            if args.sft_dir is not None:  # the user's own SFT policy, taken as it is
-                return own_sft_policy(args, sft_dir, dist, tokenizer), train_pairs, test_pairs
-            what = ("not made from these pairs" if made_from is None
-                    else f"made from the chosen responses of other pairs ({made_from.get('data')})")
-            raise ArgumentError(f"{sft_dir} holds an SFT policy {what}: pass --sft-dir {sft_dir} to start from it "
-                                f"as it is, or another --sft-dir (and --out-dir)")
-        check_same_split(sft_dir, made_from, source)
-    policy = sft_on_chosen(args, dist, tokenizer, sft_dir, train_pairs, source)
-    return policy, train_pairs, test_pairs
-
-
-def check_same_split(sft_dir: str, made_from: dict, source: dict) -> None:
-    """An SFT policy made from this file must have seen only this run's training pairs: the
-    same file (wherever it is now), seed and test fraction, so no held-out pair is in its data."""
-    split = ("sha256", "seed", "test_fraction")
-    if any(made_from.get(k) != source[k] for k in split):
-        why = ", ".join(f"{k} {made_from.get(k)} there, {source[k]} here" for k in split
-                        if made_from.get(k) != source[k])
-        raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
-                            f"another split of these pairs ({why}), some of them held out here: pass another "
-                            f"--sft-dir (and --out-dir)")
-
-
-def sft_on_chosen(args: PairArgs, dist, tokenizer, sft_dir: str, train_pairs: list, source: dict):
-    """The SFT policy trained on the chosen responses of the training pairs (with fixed
-    settings; see --sft-dir's help), or the one already in sft_dir, resumed if unfinished."""
-    sft_file = Path(sft_dir) / "sft_data.jsonl"
-    if dist.is_main and not (Path(sft_dir) / "ckpt.pt").exists():
-        rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
-        print(f"SFT data: the {len(rows):,} non-empty chosen responses of the training pairs "
-              f"({counted(len(train_pairs) - len(rows), 'empty one')} left out) -> {sft_file}")
-        write_jsonl(sft_file, rows)
-        (Path(sft_dir) / "source.json").write_text(json.dumps(source, indent=1))
-    distributed.barrier(dist)
-    try:
-        sft_path = train_sft.ensure(sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
-                                    block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
-                                    device=args.device)
-    except ArgumentError as error:  # its settings are this function's, not the user's flags
-        raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs):,} training pairs "
-                            f"({sft_file}): {error}") from None
-    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
-    return policy
-
-
-def own_sft_policy(args, sft_dir, dist, tokenizer):
-    """The SFT policy the user named with --sft-dir, taken as it is: a finished one."""
-    sft_path = Path(sft_dir) / "ckpt.pt"
-    ckpt = load_checkpoint(sft_path)
-    check_stage(ckpt, sft_path, "sft", f"--sft-dir {sft_dir}")
-    if not finished(ckpt):
-        raise ArgumentError(f"--sft-dir {sft_dir}: its SFT run stopped at step {ckpt['step']} of "
-                            f"{ckpt['args']['max_steps']}: finish it first, with `python train_sft.py --resume "
-                            f"--out-dir {sft_dir}`")
-    policy, ckpt = load_model(sft_path, dist.device, tokenizer, args.max_length)
-    if dist.is_main:
-        print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
-    return policy
-
-
 def normalise(model, tokenizer, train_pairs, device) -> None:
     """Shift and scale the model's scores to mean 0 and standard deviation 1 over (up to
     2,000 of) the training pairs' responses: the units the checkpoint, and so PPO, reads
@@ -362,6 +232,141 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
         raise ArgumentError(f"no reward model in {out_dir}, and training one with train_rm.py's defaults failed: "
                             f"{error}; train one with `python train_rm.py --out-dir {out_dir}{settings}` and the "
                             f"flags that fit") from None
+
+
+# ------------------------------------------------------------------------------------
+# Where the preference pairs come from, and the SFT policy that starts from them (the
+# reward model's trunk here, DPO's policy and reference in train_dpo.py)
+
+
+def prepare_pairs(args: PairArgs, dist):
+    """SFT policy, tokenizer and (train, test) preference pairs, creating what is missing,
+    once the flags and folders are checked (out_dir is made). Shared by train_rm.py and
+    train_dpo.py."""
+    if args.data is None:
+        refuse_given(args, ("test_fraction",), "applies to --data; the built-in task has its own test prompts")
+    else:
+        refuse_given(args, args.builtin_only, "for the built-in task only, not with --data")
+    check_divisible(args, ("batch_size",), dist.world_size)
+    sft_dir = args.sft_folder()
+    check_out_dir(args.out_dir, stage=args.stage)
+    check_distinct(out_dir=args.out_dir, sft_dir=sft_dir)
+    check_out_dir(sft_dir, "--sft-dir", stage="sft", read_finished=True)  # both may be written below
+    tokenizer = get_tokenizer(args.tokenizer)
+    if args.data is None:
+        policy, train_pairs, test_pairs = builtin_task_pairs(args, dist, tokenizer, sft_dir)
+    else:
+        policy, train_pairs, test_pairs = data_file_pairs(args, dist, tokenizer, sft_dir)
+    return policy, tokenizer, train_pairs, test_pairs
+
+
+def builtin_task_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
+    """Built-in task: the SFT policy (trained if missing) and the pairs it samples, judged by
+    the gold judge (cached in --pairs-dir), optionally subsampled or with flipped labels."""
+    labels = "ranked" if args.label_temperature is None else f"bt-t{args.label_temperature:g}"
+    if not (Path(args.pairs_dir) / labels / "meta.json").exists():  # cached pairs: only read
+        check_out_dir(args.pairs_dir, "--pairs-dir")
+    if not (Path(sft_dir) / "ckpt.pt").exists() and args.max_length > train_sft.Args().block_size:
+        raise ArgumentError(f"--max-length {args.max_length} exceeds the block size {train_sft.Args().block_size} "
+                            f"of the SFT policy that would be trained in {sft_dir}")
+    sft_path = train_sft.ensure(sft_dir, dist, tokenizer=args.tokenizer, device=args.device)
+    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
+    train_pairs, test_pairs = builtin_pairs(
+        Path(args.pairs_dir) / labels, policy, tokenizer, args.n_train_prompts, args.n_test_prompts,
+        args.label_temperature, args.max_length - task.MAX_PROMPT_TOKENS, args.seed, dist.is_main,
+        lambda: distributed.barrier(dist))
+    if args.n_train_pairs is not None or args.label_flip:
+        if args.n_train_pairs is not None and not 0 < args.n_train_pairs <= len(train_pairs):
+            raise ArgumentError(f"--n-train-pairs {args.n_train_pairs}: {len(train_pairs):,} training pairs exist; "
+                                f"raise --n-train-prompts for more")
+        train_pairs, flipped = select_pairs(train_pairs, args.n_train_pairs, args.label_flip, args.seed)
+        if dist.is_main:
+            print(f"training on {len(train_pairs):,} pairs, {flipped:,} of them with the wrong label")
+    return policy, train_pairs, test_pairs
+
+
+def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
+    """--data: the file's pairs split by --seed and --test-fraction, and an SFT policy for
+    them: the one --sft-dir names, or one trained on the chosen responses of the training
+    pairs."""
+    pairs, stats = data.load_pairs(args.data)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_test = max(1, int(len(pairs) * args.test_fraction))
+    test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
+    if args.batch_size > len(train_pairs):  # now, not after the SFT policy is trained on them
+        raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only "
+                            f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
+                            f"{args.test_fraction})")
+    check_stop_at(args, len(train_pairs), at_most=True)  # fewer if some are the same once tokenized
+    if dist.is_main:
+        print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")
+        for note in (data_note(args), data.repeated_prompt_note(stats)):
+            if note:
+                print(note)
+    source = {"data": str(Path(args.data).resolve()), "sha256": file_fingerprint(args.data), "seed": args.seed,
+              "test_fraction": args.test_fraction}  # which pairs the SFT data comes from
+    source_file = Path(sft_dir) / "source.json"
+    if (Path(sft_dir) / "ckpt.pt").exists():
+        made_from = data.read_record(source_file) if source_file.exists() else None
+        if made_from is None or made_from.get("sha256") != source["sha256"]:
+            if args.sft_dir is not None:  # the user's own SFT policy, taken as it is
+                return own_sft_policy(args, sft_dir, dist, tokenizer), train_pairs, test_pairs
+            what = ("not made from these pairs" if made_from is None
+                    else f"made from the chosen responses of other pairs ({made_from.get('data')})")
+            raise ArgumentError(f"{sft_dir} holds an SFT policy {what}: pass --sft-dir {sft_dir} to start from it "
+                                f"as it is, or another --sft-dir (and --out-dir)")
+        check_same_split(sft_dir, made_from, source)
+    policy = sft_on_chosen(args, dist, tokenizer, sft_dir, train_pairs, source)
+    return policy, train_pairs, test_pairs
+
+
+def check_same_split(sft_dir: str, made_from: dict, source: dict) -> None:
+    """An SFT policy made from this file must have seen only this run's training pairs: the
+    same file (wherever it is now), seed and test fraction, so no held-out pair is in its data."""
+    split = ("sha256", "seed", "test_fraction")
+    if any(made_from.get(k) != source[k] for k in split):
+        why = ", ".join(f"{k} {made_from.get(k)} there, {source[k]} here" for k in split
+                        if made_from.get(k) != source[k])
+        raise ArgumentError(f"--sft-dir {sft_dir} holds an SFT policy trained on the chosen responses of "
+                            f"another split of these pairs ({why}), some of them held out here: pass another "
+                            f"--sft-dir (and --out-dir)")
+
+
+def sft_on_chosen(args: PairArgs, dist, tokenizer, sft_dir: str, train_pairs: list, source: dict):
+    """The SFT policy trained on the chosen responses of the training pairs (with fixed
+    settings; see --sft-dir's help), or the one already in sft_dir, resumed if unfinished."""
+    sft_file = Path(sft_dir) / "sft_data.jsonl"
+    if dist.is_main and not (Path(sft_dir) / "ckpt.pt").exists():
+        rows = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs if p["chosen"].strip()]
+        print(f"SFT data: the {len(rows):,} non-empty chosen responses of the training pairs "
+              f"({counted(len(train_pairs) - len(rows), 'empty one')} left out) -> {sft_file}")
+        write_jsonl(sft_file, rows)
+        (Path(sft_dir) / "source.json").write_text(json.dumps(source, indent=1))
+    distributed.barrier(dist)
+    try:
+        sft_path = train_sft.ensure(sft_dir, dist, data=str(sft_file), tokenizer=args.tokenizer,
+                                    block_size=args.max_length, batch_size=16, max_steps=300, eval_interval=100,
+                                    device=args.device)
+    except ArgumentError as error:  # its settings are this function's, not the user's flags
+        raise ArgumentError(f"SFT on the chosen responses of the {len(train_pairs):,} training pairs "
+                            f"({sft_file}): {error}") from None
+    policy, _ = load_model(sft_path, dist.device, tokenizer, args.max_length)
+    return policy
+
+
+def own_sft_policy(args, sft_dir, dist, tokenizer):
+    """The SFT policy the user named with --sft-dir, taken as it is: a finished one."""
+    sft_path = Path(sft_dir) / "ckpt.pt"
+    ckpt = load_checkpoint(sft_path)
+    check_stage(ckpt, sft_path, "sft", f"--sft-dir {sft_dir}")
+    if not finished(ckpt):
+        raise ArgumentError(f"--sft-dir {sft_dir}: its SFT run stopped at step {ckpt['step']} of "
+                            f"{ckpt['args']['max_steps']}: finish it first, with `python train_sft.py --resume "
+                            f"--out-dir {sft_dir}`")
+    policy, ckpt = load_model(sft_path, dist.device, tokenizer, args.max_length)
+    if dist.is_main:
+        print(f"SFT policy: {sft_path} as it is (trained on {ckpt['args'].get('data') or 'the built-in task'})")
+    return policy
 
 
 def main(args: Args):

@@ -49,7 +49,7 @@ from minalign.model import disable_dropout
 from minalign.ppo import (AdaptiveKLController, advantages_and_returns, explained_variance, kl_estimate,
                           masked_mean, single_process, token_share)
 from minalign.resume import check_same_model, continue_run, note_saved, save_due, start_or_resume, stopped_early
-from minalign.rollout import Rollout, check_room, response_logprobs, response_values, sample
+from minalign.rollout import check_room, response_logprobs, response_values, sample
 from minalign.tokenizer import TOKENIZERS, get_tokenizer
 
 
@@ -371,21 +371,23 @@ def main(args: Args):
                 order = torch.randperm(B, generator=shuffle)
             for i in range(0, B, minibatch_per_rank):
                 idx = order[i : i + minibatch_per_rank].to(dist.device)
-                mb = Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.response_ids[idx], mask[idx])
+                mb, mb_mask = rollout.rows(idx), mask[idx]
+                mb_old_logps, mb_advantages, mb_old_values, mb_returns = (
+                    t[idx] for t in (old_logps, advantages, old_values, returns))
                 new = response_logprobs(train_policy, mb, temperature=args.temperature, inplace_backward=True)
                 values = response_values(train_critic, mb)
-                pg = ops.ppo_policy_loss(new.token_logps, old_logps[idx], advantages[idx], mask[idx], args.clip_eps)
-                vf = ops.ppo_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
+                pg = ops.ppo_policy_loss(new.token_logps, mb_old_logps, mb_advantages, mb_mask, args.clip_eps)
+                vf = ops.ppo_value_loss(values, mb_old_values, mb_returns, mb_mask, args.value_clip)
                 # token means of this rank's share, weighed so that DDP's average of the ranks'
                 # gradients (and reduce_metrics' of their figures) is the global minibatch's
-                share = token_share(mask[idx], dist.world_size, all_sum)
+                share = token_share(mb_mask, dist.world_size, all_sum)
                 loss = (pg.loss + args.vf_coef * vf.loss) * share
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf)
                 torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or math.inf)
                 optimizer.step()
-                for name, value in minibatch_stats(pg, vf, new.token_logps, old_logps[idx], mask[idx]).items():
+                for name, value in minibatch_stats(pg, vf, new.token_logps, mb_old_logps, mb_mask).items():
                     history[name].append(value * share)
         stats.update({name: sum(values) / len(values) for name, values in history.items()})
         stats.update({

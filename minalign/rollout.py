@@ -35,6 +35,10 @@ class Rollout:
         keep = self.response_mask & (self.response_ids != tokenizer.eos_id)
         return [tokenizer.decode(ids[m].tolist()) for ids, m in zip(self.response_ids, keep)]
 
+    def rows(self, idx: torch.Tensor) -> "Rollout":
+        """The rollout of the rows `idx` (a minibatch)."""
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx])
+
     def ended(self, eos_id: int) -> torch.Tensor:
         """(B,) True where the response ended with EOS (it did not run out of room)."""
         return ((self.response_ids == eos_id) & self.response_mask).any(1)

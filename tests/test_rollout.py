@@ -202,3 +202,12 @@ def test_evaluation_judges_prompt_and_response_and_scores_them_unpadded():
     alone = [reward_model(ids[m][None], torch.ones(1, int(m.sum()), dtype=torch.bool)).item()
              for ids, m in zip(rollout.sequences, rollout.attention_mask)]  # each sequence without its padding
     assert result["rm_score"] == pytest.approx(sum(alone) / len(alone), abs=1e-5)
+
+
+def test_rows_of_a_rollout_are_its_minibatch():
+    prompt_ids, response_ids = torch.arange(8).view(4, 2), torch.arange(100, 112).view(4, 3)
+    rollout = Rollout(prompt_ids, prompt_ids > 0, response_ids, response_ids % 2 == 0)
+    idx = torch.tensor([3, 1])
+    mb = rollout.rows(idx)
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
+        assert torch.equal(getattr(mb, name), getattr(rollout, name)[idx]), name

@@ -8,20 +8,20 @@ against SFT on held-out prompts, in the same table and eval.json as train_dpo.py
 policies sampled at --temperature, which eval.json records: compare runs at one
 temperature).
 
+    python train_ppo.py
+    python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run
+    python train_ppo.py --resume                         # continue a run that was cut short
+
 Each update, in the loop of `main`:
   1. sample: the policy completes a batch of prompts (`rollout_prompts`, `sample`);
   2. score: the reward model scores each response, and the policy, the reference and the
      critic give their per-token log-probs and values (`prepare_update`);
-  3. penalise: every response token pays -beta (log pi - log pi_ref), and the score is
-     added on the last one (`token_rewards` in minalign/ppo.py);
-  4. GAE turns those rewards and the critic's values into advantages and returns
-     (`advantages_and_returns`, minalign/ppo.py);
+  3. penalise: each response token's reward is -beta (log pi - log pi_ref), and the
+     score is added to the last one's (`token_rewards` in minalign/ppo.py);
+  4. GAE turns those rewards and the critic's values into advantages and returns, and
+     the advantages are whitened over the batch (`advantages_and_returns`, same file);
   5. PPO: --epochs passes of minibatches over the rollout, with the clipped surrogate and
      the clipped value loss (`ops.ppo_policy_loss`, `ops.ppo_value_loss`).
-
-    python train_ppo.py
-    python train_ppo.py --kl-coef 0.02 --updates 200     # weaker KL penalty, longer run
-    python train_ppo.py --resume                         # continue a run that was cut short
 """
 
 import copy
@@ -260,10 +260,9 @@ def continue_ppo_run(args: Args, dist):
     return args, ckpt
 
 
-def check_run(args: Args, dist, tokenizer, train_prompts: list[str]) -> None:
-    """Refuse, before any model is trained or loaded, a run that could not go through:
-    flags that do not fit together, output folders that cannot be written, and no room
-    for prompt + response in the models."""
+def check_run(args: Args, dist) -> None:
+    """Refuse, before any work, flags that do not fit together and output folders that
+    cannot be written."""
     if args.stop_at is not None and args.stop_at > args.updates:
         raise ArgumentError(f"--stop-at {args.stop_at}: the run ends at --updates {args.updates}; stop it earlier "
                             f"or leave --stop-at out")
@@ -273,8 +272,11 @@ def check_run(args: Args, dist, tokenizer, train_prompts: list[str]) -> None:
     check_out_dir(args.out_dir, stage="ppo")
     check_out_dir(args.rm_dir, "--rm-dir", stage="rm", read_finished=True)  # now, not after training the SFT policy
     check_distinct(out_dir=args.out_dir, sft_dir=args.sft_dir, rm_dir=args.rm_dir)
-    # Room for prompt + response in the policy that samples the rollouts and in the reward
-    # model that scores them (the critic is its copy): refused now, not after training one.
+
+
+def check_models_room(args: Args, tokenizer, train_prompts: list[str]) -> None:
+    """Room for prompt + response in the policy that samples the rollouts and in the reward
+    model that scores them (the critic is its copy): refused now, not after training one."""
     sft_block = block_size_of(args.sft_dir, default=train_sft.Args().block_size)
     rm_block = block_size_of(args.rm_dir, default=sft_block)  # one trained below starts from the SFT policy
     for model, folder, block in (("the SFT policy", args.sft_dir, sft_block),
@@ -303,10 +305,11 @@ def main(args: Args):
     ckpt = None
     if args.resume:
         args, ckpt = continue_ppo_run(args, dist)
+    check_run(args, dist)
     torch.manual_seed(args.seed)
     tokenizer = get_tokenizer(args.tokenizer)
     train_prompts = task.prompts("train", tokenizer, seed=args.seed + 3)
-    check_run(args, dist, tokenizer, train_prompts)
+    check_models_room(args, tokenizer, train_prompts)
     policy, reference, reward_model, critic = load_models(args, dist, tokenizer)
     started_from = {"sft": weights_fingerprint(reference), "rm": weights_fingerprint(reward_model)}
     if ckpt is not None:

@@ -244,11 +244,11 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
-    train_raw, val_raw, prompts = read_examples(args, tokenizer)
     data_sha256 = None if args.data is None else file_fingerprint(args.data)  # a resumed run checks it is the same
     if ckpt is not None and ckpt.get("data_sha256", data_sha256) != data_sha256:
         raise data.DataError(f"{args.data} has changed since the run in {args.out_dir} began: it cannot "
                              f"go on as it started; train afresh without --resume")
+    train_raw, val_raw, prompts = read_examples(args, tokenizer)
     train_examples, stats = data.tokenize_sft(train_raw, tokenizer, config.block_size)
     val_examples, val_stats = data.tokenize_sft(val_raw, tokenizer, config.block_size)
     evaluated = f" (the first {args.eval_examples} evaluated)" if len(val_examples) > args.eval_examples else ""
@@ -257,7 +257,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
               f"  train: {stats}\n  val: {val_stats}")
         if note := data_note(args):
             print(note)
-        if note := held_out_note(args, len(train_examples), len(val_examples)):
+        if args.data is not None and (note := held_out_note(len(train_raw), len(val_raw), len(train_examples),
+                                                            len(val_examples))):
             print(note)
     val_examples = val_examples[: args.eval_examples]
 
@@ -369,15 +370,15 @@ def ensure(out_dir: str, dist: distributed.DistInfo, **overrides) -> str:
     return train(args, dist)
 
 
-def held_out_note(args: Args, n_train: int, n_val: int) -> str | None:
-    """A note when the documents held out whole hold far more than --val-fraction of the
-    examples (a long document is split into many)."""
-    share = n_val / (n_train + n_val)
-    if args.data is None or share <= 2 * args.val_fraction:
+def held_out_note(n_train: int, n_val: int, n_train_examples: int, n_val_examples: int) -> str | None:
+    """A note when the documents held out whole (n_val of n_train + n_val) make far more
+    of the examples than of the documents: long ones are split into many examples."""
+    doc_share, example_share = n_val / (n_train + n_val), n_val_examples / (n_train_examples + n_val_examples)
+    if example_share <= 2 * doc_share:
         return None
-    return (f"note: the held-out documents make {share:.0%} of the examples, --val-fraction {args.val_fraction:g} "
-            f"of the documents: documents are held out whole, and long ones are split into many examples; "
-            f"more, shorter documents would keep more to train on")
+    return (f"note: the documents held out for validation ({counted(n_val, 'document')}, {doc_share:.0%}) hold "
+            f"{example_share:.0%} of the examples: documents are held out whole, and long ones are split into "
+            f"many examples; more, shorter documents would keep more to train on")
 
 
 def main(args: Args):

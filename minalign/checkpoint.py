@@ -100,15 +100,18 @@ def load_model(path, device="cpu", tokenizer=None, max_length: int | None = None
     if tokenizer is not None and ckpt.get("tokenizer", tokenizer.name) != tokenizer.name:
         raise ArgumentError(f"{path} was trained with tokenizer {ckpt['tokenizer']!r}, not {tokenizer.name!r}: "
                             f"pass --tokenizer {ckpt['tokenizer']} or another checkpoint folder")
-    block_size = ckpt["model_config"]["block_size"]
-    if max_length is not None and max_length > block_size:
-        raise ArgumentError(f"--max-length {max_length} exceeds the block size {block_size} of the model in {path}: "
-                            f"pass --max-length {block_size} or less, or another checkpoint folder")
-    cls = RewardModel if ckpt.get("kind") == "reward" else GPT
     try:
-        model = cls(GPTConfig(**ckpt["model_config"]))
+        config = GPTConfig(**ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as error:  # none, or a field these scripts do not know
+        raise ArgumentError(f"{path}: no model_config these scripts can read ({type(error).__name__}: {error}): "
+                            f"damaged, or not written by these scripts") from None
+    if max_length is not None and max_length > config.block_size:
+        raise ArgumentError(f"--max-length {max_length} exceeds the block size {config.block_size} of the model in "
+                            f"{path}: pass --max-length {config.block_size} or less, or another checkpoint folder")
+    model = (RewardModel if ckpt.get("kind") == "reward" else GPT)(config)
+    try:
         model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as error:  # an unknown field; missing or misshapen weights
+    except (KeyError, RuntimeError) as error:  # no weights; missing, unexpected or misshapen ones
         reason = " ".join(str(error).split())[:200]
         raise ArgumentError(f"{path}: its weights and model_config do not fit together ({reason}): damaged, "
                             f"or not written by these scripts") from None

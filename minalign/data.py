@@ -243,9 +243,10 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
-def read_rows(path: str | Path, keys: tuple[str, ...] = ()) -> list[dict]:
+def read_rows(path: str | Path, fields: dict[str, type | tuple[type, ...]] | None = None) -> list[dict]:
     """The JSON objects of a .jsonl file this project wrote (a cache of pairs, say), each
-    holding a string under every one of `keys`; a damaged one stops the run with its line."""
+    holding a value of the given type under every key of `fields`; a damaged one stops
+    the run with its line."""
     rows = []
     for lineno, line in _lines(Path(path)):
         remedy = "remove the file's folder to make it again"
@@ -255,8 +256,11 @@ def read_rows(path: str | Path, keys: tuple[str, ...] = ()) -> list[dict]:
             raise DataError(f"{path}:{lineno}: damaged ({e}): {remedy}") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: damaged (not a JSON object): {remedy}")
-        if wrong := [key for key in keys if not isinstance(row.get(key), str)]:
-            raise DataError(f"{path}:{lineno}: damaged (no text under {', '.join(map(repr, wrong))}): {remedy}")
+        wrong = [key for key, kind in (fields or {}).items()
+                 if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool)]  # JSON's true is no number
+        if wrong:
+            raise DataError(f"{path}:{lineno}: damaged ({', '.join(map(repr, wrong))} missing or not of its type): "
+                            f"{remedy}")
         rows.append(row)
     return rows
 

@@ -30,6 +30,8 @@ from minalign.checkpoint import weights_fingerprint
 from minalign.rollout import sample_texts
 
 SAMPLES_PER_PROMPT = 4  # the DPO paper's IMDb setting: 4 completions, all 6 pairs
+PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str,  # a labelled pair, as label_pairs makes it
+               "chosen_gold": (int, float), "rejected_gold": (int, float), "p_chosen": (int, float)}
 
 
 def label_pairs(prompt: str, completions: list[str], scores: list[float], rng: random.Random,
@@ -163,7 +165,7 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
     splits = []
     for split in ("train", "test"):
         path = pairs_dir / f"{split}.jsonl"
-        rows = data.read_rows(path, keys=("prompt", "chosen", "rejected"))
+        rows = data.read_rows(path, PAIR_FIELDS)
         expected = counts.get(split, {}).get("pairs")
         if len(rows) != expected:  # a file cut short at a line's end reads as fewer pairs
             raise data.DataError(f"{path}: {len(rows)} pairs where {meta_path} counts {expected}: "

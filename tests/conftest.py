@@ -19,8 +19,8 @@ def seeded_random_state():
     """Each test starts from the same global random state, whichever tests ran before it
     (many seed it themselves), and leaves it as it was."""
     python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the CPU's generator (a CUDA test seeds its own)
+        torch.default_generator.manual_seed(0)
         random.seed(0)
         yield
     random.setstate(python_state)

@@ -290,15 +290,15 @@ def test_damaged_records_and_caches_are_named(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "cho')  # cut short
     with pytest.raises(DataError, match=r"train.jsonl:2: damaged"):
         read_rows(tmp_path / "train.jsonl")
-    keys = ("prompt", "chosen", "rejected")
-    good = {"prompt": "p", "chosen": "c", "rejected": "r", "gold": 0.5}
-    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n")
-    assert read_rows(tmp_path / "train.jsonl", keys) == [good]
-    for row, why in ((["p", "c", "r"], "not a JSON object"), ({"prompt": "p", "chosen": "c"}, "no text under 'rejected'"),
-                     ({**good, "prompt": 3, "chosen": None}, "no text under 'prompt', 'chosen'")):
+    fields = {"prompt": str, "chosen": str, "gold": (int, float)}
+    good = {"prompt": "p", "chosen": "c", "gold": 0.5, "note": None}
+    (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "gold": -1}) + "\n")
+    assert read_rows(tmp_path / "train.jsonl", fields) == [good, {**good, "gold": -1}]
+    for row, why in ((["p", "c", 0.5], "not a JSON object"), ({"prompt": "p", "gold": 1.0}, "'chosen' missing"),
+                     ({**good, "prompt": 3, "gold": "high"}, "'prompt', 'gold' missing"), ({**good, "gold": True}, "'gold'")):
         (tmp_path / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-        with pytest.raises(DataError, match=rf"train.jsonl:2: damaged \({why}\): remove the file's folder"):
-            read_rows(tmp_path / "train.jsonl", keys)
+        with pytest.raises(DataError, match=rf"train.jsonl:2: damaged \({why}.*\): remove the file's folder"):
+            read_rows(tmp_path / "train.jsonl", fields)
 
 
 def test_tiny_shakespeare_documents_and_windows(shared_data):

@@ -215,11 +215,12 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     docs.write_text("\n\n".join(f"Document number {i} says hello to the reader." for i in range(40)))
     run([*TINY, "--data", str(docs), "--max-steps", "4", "--stop-at", "2", "--out-dir", str(tmp_path / "sft")])
     run(["--resume", "--stop-at", "3", "--out-dir", str(tmp_path / "sft")])  # the same file goes on
-    docs.write_text(docs.read_text() + "\n\nOne more document.")
-    result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "docs.txt has changed since the run in" in result.stderr
+    for changed in (docs.read_text() + "\n\nOne more document.", "One document, too few to split."):
+        docs.write_text(changed)  # the change is named first, before what else is wrong with the file
+        result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "docs.txt has changed since the run in" in result.stderr
     docs.rename(tmp_path / "moved.txt")  # a file that moved is asked for where it is now
     result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -303,12 +304,11 @@ def test_dtype_auto_is_float32_on_the_cpu_and_bfloat16_autocasts():
         assert (a @ b).dtype == torch.bfloat16
 
 
-def test_held_out_documents_far_over_the_val_fraction_are_noted():
+def test_held_out_documents_far_over_their_share_are_noted():
     import train_sft
 
-    args = train_sft.Args(data="book.txt", val_fraction=0.05)
-    note = train_sft.held_out_note(args, n_train=60, n_val=40)
-    assert note.startswith("note: the held-out documents make 40% of the examples, --val-fraction 0.05 of the "
-                           "documents: documents are held out whole")
-    assert train_sft.held_out_note(args, n_train=90, n_val=10) is None  # within twice the fraction
-    assert train_sft.held_out_note(train_sft.Args(), n_train=60, n_val=40) is None  # the built-in split
+    note = train_sft.held_out_note(n_train=19, n_val=1, n_train_examples=60, n_val_examples=40)
+    assert note.startswith("note: the documents held out for validation (1 document, 5%) hold 40% of the "
+                           "examples: documents are held out whole")
+    assert train_sft.held_out_note(19, 1, 90, 10) is None  # within twice the documents' share
+    assert train_sft.held_out_note(7, 1, 7, 1) is None  # 8 examples, one held out: as many as documents

@@ -291,7 +291,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
     logger = MetricsLogger(args.out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None)
     progress = Progress(args.max_steps, enabled=dist.is_main, start_step=step)
 
-    def checkpoint(rng: list):
+    def checkpoint(step: int, rng: list):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "model_config": asdict(config), "step": step,
                                     "args": {**asdict(args), "data": args.data and str(Path(args.data).resolve())},
@@ -301,11 +301,11 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
 
     # ---- training loop ----
     tokens_seen, t0, first_step = 0, time.time(), step
-    last_step = min(args.max_steps, args.stop_at or args.max_steps)
-    while step < last_step:
-        lr = cosine_lr(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+    last_step = args.stop_at or args.max_steps
+    for step in range(first_step + 1, last_step + 1):  # the step this pass completes
+        lr = cosine_lr(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, lr)
-        batch = data.collate([train_examples[i] for i in batches.indices(step)], tokenizer.pad_id, dist.device)
+        batch = data.collate([train_examples[i] for i in batches.indices(step - 1)], tokenizer.pad_id, dist.device)
         # Mean over the global batch's tokens: DDP averages gradients over processes, so
         # scale by world_size / global token count to get exactly the single-process loss.
         n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
@@ -316,7 +316,6 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
         optimizer.step()
-        step += 1
         tokens_seen += int(global_tokens)
 
         if step % args.log_interval == 0 or step == last_step:
@@ -337,7 +336,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
             if dist.is_main:
                 logger.log(step, val_loss=val_loss)
                 print(f"step {step}: val loss {val_loss:.4f}")
-                checkpoint(rng)
+                checkpoint(step, rng)
                 print_samples(model, tokenizer, prompts, config.block_size, args.seed)
     if dist.is_main and not stopped_early("train_sft.py", args.out_dir, step, args.max_steps):
         here = f" ({step - first_step:,} in this invocation)" if first_step else ""

@@ -232,6 +232,12 @@ def held_out_eval(policy, reference, reward_model, tokenizer, args, logger, upda
     return result
 
 
+# The progress line: its name for a figure, the figure, and the digits it is rounded to.
+PROGRESS = {"score": ("objective/scores", 3), "gold": ("objective/gold_scores", 3), "kl": ("objective/kl", 2),
+            "clipfrac": ("policy/clipfrac_avg", 3), "explained_var": ("losses/explained_variance", 2),
+            "len": ("response_length", 1), "rollout tok/s": ("rollout_tokens_per_s", None)}
+
+
 # What a resumed run may set anew; every other setting continues as the checkpoint's run
 # (minalign/resume.py). --sft-dir and --rm-dir left out are the run's folders.
 RESUME_MAY_CHANGE = ("resume", "stop_at", "out_dir", "device", "sft_dir", "rm_dir", "save_interval", "eval_prompts",
@@ -415,11 +421,7 @@ def main(args: Args):
         check_finite(update, "update", **{k: stats[k] for k in ("loss/policy_avg", "loss/value_avg", "objective/kl")})
         check_weights_finite(update, policy, critic, counter="update")  # the next rollout samples from the policy
         if update % args.log_interval == 0 or update == last:
-            progress.print(update, score=round(stats["objective/scores"], 3),
-                           gold=round(stats["objective/gold_scores"], 3),
-                           kl=round(stats["objective/kl"], 2), clipfrac=round(stats["policy/clipfrac_avg"], 3),
-                           explained_var=round(stats["losses/explained_variance"], 2), len=round(stats["response_length"], 1),
-                           **{"rollout tok/s": round(stats["rollout_tokens_per_s"])})
+            progress.print(update, **{name: round(stats[key], digits) for name, (key, digits) in PROGRESS.items()})
         if args.eval_interval and update % args.eval_interval == 0 and update < args.updates:
             eval_seconds += distributed.on_main(dist, held_out_eval, policy, reference, reward_model, tokenizer, args,
                                                 logger, update)

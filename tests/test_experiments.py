@@ -4,9 +4,6 @@ subsets they train on, and a tiny run of each experiment end to end."""
 import csv
 import itertools
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,7 @@ import pytest
 
 from experiments.common import best_of_n, bon_kl, fit_gao, frontier_at, gao_curve, upper_frontier
 from minalign.preferences import select_pairs
-
-ROOT = Path(__file__).resolve().parents[1]
+from script_runs import run_script
 
 
 @pytest.mark.parametrize("form,a,b", [("bon", 0.9, 0.2), ("rl", 0.5, 0.3), ("rl", 0.2, -0.05)])
@@ -209,11 +205,9 @@ TINY = ["--n-train-prompts", "40", "--n-test-prompts", "8", "--max-length", "40"
 
 
 def run(module, work, args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", f"experiments.{module}", "--out-dir", str(work / "exp"), "--sft-dir",
-           str(work / "sft"), "--pairs-dir", str(work / "pairs"), *TINY, *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script(f"experiments/{module}.py", ["--out-dir", work / "exp", "--sft-dir", work / "sft",
+                                                     "--pairs-dir", work / "pairs", *TINY, *args])
+    assert result.returncode == 0, result.output()
     return result.stdout
 
 
@@ -234,12 +228,10 @@ def has_matplotlib():
 def work(tmp_path_factory):
     """A tiny SFT policy, trained once for the runs below."""
     work = tmp_path_factory.mktemp("experiments")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
-           "--batch-size", "16", "--max-steps", "60", "--eval-interval", "1000", "--num-samples", "1",
-           "--out-dir", str(work / "sft")]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("train_sft.py", ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
+                                         "--batch-size", "16", "--max-steps", "60", "--eval-interval", "1000",
+                                         "--num-samples", "1", "--out-dir", work / "sft"])
+    assert result.returncode == 0, result.output()
     return work
 
 

@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch
 from minalign import ops
 from minalign.ppo import (AdaptiveKLController, explained_variance, kl_estimate, masked_whiten, single_process,
                           token_rewards, token_share)
+from script_runs import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,13 +145,11 @@ def test_ppo_losses_give_no_gradient_to_old_logprobs_advantages_or_returns(impl)
 
 def run_ppo(workdir, out, *extra, nproc=1, returncode=0):
     """train_ppo.py's metrics rows (or, when it is to fail, its stderr)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launch, "train_ppo.py", "--sft-dir", str(workdir / "sft"), "--rm-dir", str(workdir / "rm"),
-           "--out-dir", str(out), "--rollout-batch-size", "16", "--minibatch-size", "8", "--epochs", "2",
-           "--max-new-tokens", "16", "--eval-prompts", "8", "--log-interval", "1", *extra]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("train_ppo.py", ["--sft-dir", workdir / "sft", "--rm-dir", workdir / "rm", "--out-dir", out,
+                                         "--rollout-batch-size", "16", "--minibatch-size", "8", "--epochs", "2",
+                                         "--max-new-tokens", "16", "--eval-prompts", "8", "--log-interval", "1", *extra],
+                        nproc)
+    assert result.returncode == returncode, result.output()
     if returncode:
         return result.stderr
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -162,15 +159,14 @@ def run_ppo(workdir, out, *extra, nproc=1, returncode=0):
 def workdir(tmp_path_factory):
     """A tiny SFT policy and reward model, trained once."""
     work = tmp_path_factory.mktemp("ppo")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in (["train_sft.py", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "40",
                  "--batch-size", "16", "--max-steps", "60", "--eval-interval", "1000", "--num-samples", "1",
                  "--out-dir", str(work / "sft")],
                 ["train_rm.py", "--sft-dir", str(work / "sft"), "--pairs-dir", str(work / "pairs"),
                  "--out-dir", str(work / "rm"), "--n-train-prompts", "40", "--n-test-prompts", "8",
                  "--max-length", "40", "--batch-size", "16", "--epochs", "3", "--lr", "1e-3"]):
-        result = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = run_script(cmd[0], cmd[1:])
+        assert result.returncode == 0, result.output()
     return work
 
 

@@ -1,10 +1,11 @@
 """DPO's log-prob plumbing, and tiny end-to-end runs of train_rm.py and train_dpo.py."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
-import os
-import subprocess
+import re
 import sys
 from pathlib import Path
 
@@ -17,17 +18,15 @@ from minalign.dpo import pair_logps, reference_logps
 from minalign.dpo import per_token as per_token_logps
 from minalign.model import GPT, GPTConfig
 from minalign.tokenizer import get_tokenizer
+from script_runs import as_in_a_new_process, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script, args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run([sys.executable, *launch, script, *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    done = run_script(script, args, nproc)
+    assert done.returncode == 0, done.output()
+    return done.stdout
 
 
 def metrics(path):
@@ -245,10 +244,8 @@ def test_two_processes_train_as_one(workdir, script, tmp_path):
 def test_under_torchrun_a_mistake_is_reported_once(tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\nnot json\n')
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dpo.py"]
     for args, says in ((["--data", str(bad)], f"{bad}:2: malformed JSON"), (["--beta", "-1"], "--beta -1")):
-        result = subprocess.run([*launch, *args, "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                                text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = run_script("train_dpo.py", [*args, "--out-dir", tmp_path / "out"], nproc=2, timeout=120)
         assert result.returncode != 0 and result.stderr.count(says) == 1, result.stderr[-3000:]
 
 
@@ -260,10 +257,9 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(workdir, script, t
     # an earlier run's results: replaced as training starts, so none is left beside this run's metrics
     save_checkpoint(tmp_path / "ckpt.pt", {"model": {}, "model_config": {}, "args": {}, "stage": script[6:-3]})
     (tmp_path / "eval.json").write_text("{}")
-    cmd = [sys.executable, script, *SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
-           "--epochs", "1", "--lr", "1e30", "--out-dir", str(tmp_path),
-           *(["--eval-max-new-tokens", "24"] if script == "train_dpo.py" else [])]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_script(script, [*SMALL, "--sft-dir", workdir / "sft", "--pairs-dir", workdir / "pairs", "--epochs", "1",
+                                 "--lr", "1e30", "--out-dir", tmp_path,
+                                 *(["--eval-max-new-tokens", "24"] if script == "train_dpo.py" else [])])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "training diverged" in result.stderr.strip().splitlines()[-1]
     assert "replacing the earlier run" in result.stdout
@@ -305,9 +301,8 @@ def test_a_read_only_folder_of_finished_upstream_results_is_only_read(tmp_path, 
 def test_a_batch_larger_than_the_data_files_pairs_is_refused_before_sft(tmp_path):
     pairs = [{"prompt": "The plot", "chosen": f" was good {i}.", "rejected": " was bad."} for i in range(20)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    result = subprocess.run([sys.executable, "train_dpo.py", "--data", str(tmp_path / "pairs.jsonl"),
-                             "--sft-dir", str(tmp_path / "sft"), "--out-dir", str(tmp_path / "dpo")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("train_dpo.py", ["--data", tmp_path / "pairs.jsonl", "--sft-dir", tmp_path / "sft",
+                                         "--out-dir", tmp_path / "dpo"])
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.endswith("--batch-size 32: " + str(tmp_path / "pairs.jsonl") + " leaves only 18 training "
                                   "pairs (2 held out by --test-fraction 0.1)\n")
@@ -448,8 +443,7 @@ def test_held_out_metrics_give_ipo_the_mean_log_probs_and_the_others_the_sums():
 def test_bad_data_ends_the_run_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a review"}\n{"text": 3}\n')
-    result = subprocess.run([sys.executable, "train_sft.py", "--data", str(bad), "--out-dir", str(tmp_path / "o")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("train_sft.py", ["--data", bad, "--out-dir", tmp_path / "o"], own_process=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"train_sft.py: error: {bad}:2: 'text' must be a string, got int"
 
@@ -684,18 +678,16 @@ def test_a_reward_model_cut_short_is_resumed_bit_for_bit_also_by_the_stage_that_
     out = run("train_rm.py", ["--resume", "--out-dir", str(tmp_path / "split")])
     assert "resumed from" in out and "step     7/" in out
     # train_ppo.py finds it in its --rm-dir: train_rm.ensure finishes it there, from train_ppo.py's --sft-dir
-    def ensure(sft_dir):
-        return subprocess.run([sys.executable, "-c", "import sys, train_rm; from minalign.distributed import DistInfo; "
-                               "print(train_rm.ensure(sys.argv[1], DistInfo(), sft_dir=sys.argv[2]))",
-                               str(tmp_path / "needed"), str(sft_dir)],
-                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=300)  # one thread, as run() gives the others: the same sums, bit for bit
-    out = ensure(tmp_path / "moved")
+    import train_rm
+    from minalign.distributed import DistInfo
+
     refusal = (f"--rm-dir {tmp_path / 'needed'} holds a reward model cut short, which this run would finish first: "
                f"--resume: --sft-dir {tmp_path / 'moved'} holds no checkpoint")
-    assert out.returncode == 1 and refusal in out.stderr, out.stderr[-2000:]
-    out = ensure(workdir / "sft")
-    assert out.returncode == 0 and "resuming the run cut short" in out.stdout, out.stderr[-2000:]
+    with as_in_a_new_process(), pytest.raises(ArgumentError, match=re.escape(refusal)):
+        train_rm.ensure(str(tmp_path / "needed"), DistInfo(), sft_dir=str(tmp_path / "moved"))
+    with as_in_a_new_process(), contextlib.redirect_stdout(io.StringIO()) as out:  # the same sums as run()'s
+        train_rm.ensure(str(tmp_path / "needed"), DistInfo(), sft_dir=str(workdir / "sft"))
+    assert "resuming the run cut short" in out.getvalue()
     finished = [load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split", "needed")]
     assert all("resume" not in c and c["results"]["test_accuracy"] == finished[0]["results"]["test_accuracy"]
                for c in finished)

@@ -1,9 +1,7 @@
-"""End-to-end runs of train_sft.py in subprocesses, with a tiny model."""
+"""End-to-end runs of train_sft.py, with a tiny model."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import torch
 
 from minalign import resume
 from minalign.checkpoint import load_checkpoint
+from script_runs import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--batch-size", "8",
@@ -19,16 +18,10 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48
         "--warmup-steps", "2"]
 
 
-def run(args, nproc=1):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "train_sft.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train_sft.py", *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+def run(args, nproc=1, own_process=False):
+    done = run_script("train_sft.py", args, nproc, own_process=own_process)
+    assert done.returncode == 0, done.output()
+    return done.stdout
 
 
 @pytest.mark.slow
@@ -60,9 +53,8 @@ def test_resume_is_bit_for_bit(tmp_path):
         f.write(json.dumps({"step": 6, "loss": 123.0}) + "\n")
     # the run goes on as it was started: a setting given anew is refused, one left out is the checkpoint's
     # (its default too: --max-steps 800)
-    refused = subprocess.run([sys.executable, "train_sft.py", *TINY, "--resume", "--n-layer", "2", "--lr", "0.1",
-                              "--max-steps", "800", "--out-dir", str(tmp_path / "split")],
-                             cwd=ROOT, capture_output=True, text=True)
+    refused = run_script("train_sft.py", [*TINY, "--resume", "--n-layer", "2", "--lr", "0.1", "--max-steps", "800",
+                                          "--out-dir", tmp_path / "split"])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert "--n-layer 2 (it has 1), --max-steps 800 (it has 8), --lr 0.1 (it has 0.002)" in refused.stderr
     out = run([*TINY, "--resume", "--out-dir", str(tmp_path / "split")])  # --max-steps 8 from the checkpoint
@@ -83,9 +75,8 @@ def test_resume_is_bit_for_bit(tmp_path):
 def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
     for interval, message in (("1000", "step 2: loss nan: training diverged"),  # caught at a progress line
                               ("1", "step 1: val_loss nan: training diverged")):  # or at a checkpoint
-        cmd = [sys.executable, "train_sft.py", *TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", interval,
-               "--out-dir", str(tmp_path)]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = run_script("train_sft.py", [*TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", interval,
+                                             "--out-dir", tmp_path])
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert message in result.stderr
         assert not (tmp_path / "ckpt.pt").exists()
@@ -95,7 +86,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing(tmp_path):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler")
 def test_compiled_training_equals_eager_and_saves_the_plain_model(tmp_path):
     run([*TINY, "--max-steps", "4", "--out-dir", str(tmp_path / "eager")])
-    run([*TINY, "--max-steps", "4", "--compile", "--out-dir", str(tmp_path / "compiled")])
+    run([*TINY, "--max-steps", "4", "--compile", "--out-dir", str(tmp_path / "compiled")], own_process=True)
     eager = load_checkpoint(tmp_path / "eager" / "ckpt.pt")["model"]
     compiled = load_checkpoint(tmp_path / "compiled" / "ckpt.pt")["model"]
     assert compiled.keys() == eager.keys()  # the model's own names, loadable without torch.compile
@@ -125,10 +116,8 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_run_diverging_under_two_processes_stops_on_both(tmp_path):
     # the main process evaluates; the other must stop too, not wait for it forever
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
-           *TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", "1", "--out-dir", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    result = run_script("train_sft.py", [*TINY, "--max-steps", "4", "--lr", "1e30", "--eval-interval", "1",
+                                         "--out-dir", tmp_path], nproc=2, timeout=240)
     assert result.returncode != 0
     # both stop; local rank 0 says why (the other would too, after a wait in which torchrun stops it)
     assert result.stderr.count("step 1: val_loss nan: training diverged") == 1, result.stderr[-3000:]
@@ -201,8 +190,7 @@ def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
 
 def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
     (tmp_path / "one.txt").write_text("A single document.\n")
-    result = subprocess.run([sys.executable, "train_sft.py", *TINY, "--data", str(tmp_path / "one.txt"),
-                             "--out-dir", str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True)
+    result = run_script("train_sft.py", [*TINY, "--data", tmp_path / "one.txt", "--out-dir", tmp_path / "sft"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert ("one.txt: 1 example (a .txt file's documents are separated by blank lines; .jsonl holds one per "
             "line), all held out by --val-fraction 0.05 (at least one is)") in result.stderr
@@ -217,13 +205,11 @@ def test_resume_refuses_a_data_file_that_changed(tmp_path):
     run(["--resume", "--stop-at", "3", "--out-dir", str(tmp_path / "sft")])  # the same file goes on
     for changed in (docs.read_text() + "\n\nOne more document.", "One document, too few to split."):
         docs.write_text(changed)  # the change is named first, before what else is wrong with the file
-        result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        result = run_script("train_sft.py", ["--resume", "--out-dir", tmp_path / "sft"])
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert "docs.txt has changed since the run in" in result.stderr
     docs.rename(tmp_path / "moved.txt")  # a file that moved is asked for where it is now
-    result = subprocess.run([sys.executable, "train_sft.py", "--resume", "--out-dir", str(tmp_path / "sft")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_script("train_sft.py", ["--resume", "--out-dir", tmp_path / "sft"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.endswith(f"--resume: the run's data file {docs} is not there any more: pass --data and "
                                   f"where it is now\n")

@@ -163,10 +163,11 @@ class Args:
 
 def rollout_prompts(train_prompts: list[str], update: int, batch_size: int, dist) -> list[str]:
     """This process's share of update `update`'s prompts: successive updates take
-    successive slices of `batch_size` prompts, starting over before one would run past
-    the end of the list, and each process takes its part of the slice, so any number of
-    processes sample the prompts one process would."""
-    start = (update - 1) * batch_size % (len(train_prompts) - batch_size)
+    successive slices of `batch_size` prompts, wrapping round when one would run past
+    the end of the list (the last slice may end at the last prompt), and each process
+    takes its part of the slice, so any number of processes sample the prompts one
+    process would."""
+    start = (update - 1) * batch_size % (len(train_prompts) - batch_size + 1)  # the starts a whole slice has
     per_rank = batch_size // dist.world_size
     return train_prompts[start + dist.rank * per_rank : start + (dist.rank + 1) * per_rank]
 

@@ -656,10 +656,13 @@ def test_the_processes_share_of_an_updates_prompts_is_one_processs_slice():
     from minalign.distributed import DistInfo
 
     prompts = [f"prompt {i}" for i in range(100)]
-    for update in (1, 2, 3, 7, 8, 50):  # (update - 1) * 16 passes 100 - 16 at update 7: it starts over
+    for update in (1, 2, 3, 7, 8, 50):  # (update - 1) * 16 passes 100 - 16 at update 7: it wraps round
         alone = train_ppo.rollout_prompts(prompts, update, 16, DistInfo())
-        assert len(alone) == 16 and alone[0] == prompts[(update - 1) * 16 % 84]
+        assert len(alone) == 16 and alone[0] == prompts[(update - 1) * 16 % 85]
         for world_size in (2, 4):
             parts = [train_ppo.rollout_prompts(prompts, update, 16, DistInfo(rank=r, world_size=world_size))
                      for r in range(world_size)]
             assert sum(parts, []) == alone, (update, world_size)
+    # over enough updates every prompt is sampled, the last one too
+    seen = {p for update in range(1, 200) for p in train_ppo.rollout_prompts(prompts, update, 16, DistInfo())}
+    assert seen == set(prompts)

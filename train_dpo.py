@@ -167,8 +167,9 @@ def main(args: Args):
     sft_policy = copy.deepcopy(policy).cpu() if args.data is None else None
     if ckpt is None:
         t_ref = time.time()
-        ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main)  # (n, 2)
-        ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token)  # (n_test, 2)
+        ref_train = reference_logps(policy, train_pairs, tokenizer.pad_id, per_token, verbose=dist.is_main,
+                                    dist=dist)  # (n, 2)
+        ref_test = reference_logps(policy, test_pairs, tokenizer.pad_id, per_token, dist=dist)  # (n_test, 2)
         if dist.is_main:
             print(f"reference log-probs of {len(train_pairs) + len(test_pairs):,} pairs in "
                   f"{time.time() - t_ref:.1f}s")

@@ -17,6 +17,7 @@ import torch
 
 from minalign import ops
 from minalign.data import IGNORE_INDEX, collate_pairs
+from minalign.distributed import DistInfo, all_reduce_sum
 from minalign.model import evaluating
 
 
@@ -44,18 +45,22 @@ def pair_logps(model, batch, per_token: bool = False) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def reference_logps(model, pairs, pad_id, per_token: bool = False, batch_size=32, verbose=False) -> torch.Tensor:
+def reference_logps(model, pairs, pad_id, per_token: bool = False, batch_size=32, verbose=False,
+                    dist: DistInfo = DistInfo()) -> torch.Tensor:
     """[n_pairs, 2] reference log-probs of every pair, chosen then rejected (`per_token`
     as in pair_logps). Computed once before training, so the reference model need not
-    stay in memory (it is the frozen SFT model). `verbose` prints progress."""
-    device = model.wte.weight.device
-    rows = []
-    starts = range(0, len(pairs), batch_size)
+    stay in memory (it is the frozen SFT model). `verbose` prints progress.
+
+    Under DDP (`dist`) each process computes every world_size-th batch and the sum over
+    processes fills in the rest: the batches one process would make, and so its numbers."""
+    out = torch.zeros(len(pairs), 2, device=model.wte.weight.device)
+    starts = range(0, len(pairs), batch_size)[dist.rank :: dist.world_size]  # this process's batches
     report_every = max(1, len(starts) // 10)  # batches between progress lines: about ten of them
     with evaluating(model):
         for i, start in enumerate(starts, 1):
-            batch = collate_pairs(pairs[start : start + batch_size], pad_id, device)
-            rows.append(torch.stack(pair_logps(model, batch, per_token), 1))  # (b, 2)
+            batch = collate_pairs(pairs[start : start + batch_size], pad_id, out.device)
+            out[start : start + batch_size] = torch.stack(pair_logps(model, batch, per_token), 1)  # (b, 2)
             if verbose and (i % report_every == 0 or i == len(starts)):
-                print(f"  reference log-probs: {min(start + batch_size, len(pairs))}/{len(pairs)} pairs", flush=True)
-    return torch.cat(rows).cpu()
+                done = min(start + dist.world_size * batch_size, len(pairs))  # by all processes, about
+                print(f"  reference log-probs: {done}/{len(pairs)} pairs", flush=True)
+    return all_reduce_sum(out, dist).cpu()  # each row from one process, zeros from the others

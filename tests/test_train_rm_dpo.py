@@ -56,6 +56,24 @@ def test_pair_logps_match_one_sequence_at_a_time():
         torch.testing.assert_close(ref, torch.stack(want, 1).detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_logps_under_ddp_are_one_processs_batch_for_batch(monkeypatch):
+    from minalign import dpo
+    from minalign.distributed import DistInfo
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48)).eval()
+    raw = [{"prompt": f"The plot was{' very' * i}", "chosen": " great." * (i % 3 + 1), "rejected": " dull."}
+           for i in range(7)]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    alone = reference_logps(model, pairs, tok.pad_id, batch_size=2)  # batches of pairs 0-1, 2-3, 4-5, 6
+    monkeypatch.setattr(dpo, "all_reduce_sum", lambda x, info: x)  # each process's own part
+    parts = [reference_logps(model, pairs, tok.pad_id, batch_size=2, dist=DistInfo(rank=r, world_size=3))
+             for r in range(3)]
+    assert [sorted({i for i, row in enumerate(p) if row.any()}) for p in parts] == [[0, 1, 6], [2, 3], [4, 5]]
+    assert torch.equal(sum(parts), alone)  # the same batches: the same numbers, bit for bit
+
+
 def test_dpo_metrics_by_hand():
     import train_dpo
     from minalign.reference import DPOLoss

@@ -300,7 +300,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         note_saved(args.out_dir, step, resumable=step < args.max_steps, world_size=dist.world_size)
 
     # ---- training loop ----
-    tokens_seen, t0, first_step = 0, time.time(), step
+    t0, first_step = time.time(), step
+    tokens_seen = torch.zeros((), dtype=torch.long, device=dist.device)  # read at the progress line only
     last_step = args.stop_at or args.max_steps
     for step in range(first_step + 1, last_step + 1):  # the step this pass completes
         lr = cosine_lr(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
@@ -309,18 +310,18 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         # Mean over the global batch's tokens: DDP averages gradients over processes, so
         # scale by world_size / global token count to get exactly the single-process loss.
         n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
-        global_tokens = distributed.all_reduce_sum(n_tokens, dist).clamp(min=1)
+        global_tokens = distributed.all_reduce_sum(n_tokens, dist)
         with ctx:
-            loss = sft_loss(train_model, batch, dist.world_size / global_tokens)
+            loss = sft_loss(train_model, batch, dist.world_size / global_tokens.clamp(min=1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
         optimizer.step()
-        tokens_seen += int(global_tokens)
+        tokens_seen += global_tokens  # no wait for the device here
 
         if step % args.log_interval == 0 or step == last_step:
             train_loss = distributed.all_reduce_sum(loss.detach(), dist).item() / dist.world_size
-            tok_per_s = tokens_seen / (time.time() - t0)
+            tok_per_s = int(tokens_seen) / (time.time() - t0)
             logger.log(step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tok_per_s)
             check_finite(step, loss=train_loss)
             progress.print(step, loss=train_loss, lr=lr, **{"tok/s": round(tok_per_s)})

@@ -167,17 +167,18 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         loss = bradley_terry_loss(chosen, rejected, margin, args.center_coef).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         optimizer.step()
         if step % args.log_interval == 0 or step == last:
             scores = torch.cat([chosen, rejected]).detach()
             metrics = {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
                        "margin": (chosen - rejected).mean().item(), "mean_reward": scores.mean().item(),
-                       "min_reward": scores.min().item(), "max_reward": scores.max().item(), "lr": lr}
+                       "min_reward": scores.min().item(), "max_reward": scores.max().item(),
+                       "grad_norm": grad_norm.item(), "lr": lr}
             metrics = distributed.reduce_metrics(metrics, dist, lowest=["min_reward"], highest=["max_reward"])
             logger.log(step, **metrics)
             check_finite(step, loss=metrics["loss"])
-            progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k != "lr"})
+            progress.print(step, **{k: round(v, 4) for k, v in metrics.items() if k not in ("lr", "grad_norm")})
         if save_due(step, last, args.save_interval):
             check_weights_finite(step, model)
             rng = distributed.gather_objects(rng_state(), dist)  # each process's: their batches differ

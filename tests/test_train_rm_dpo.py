@@ -130,7 +130,8 @@ def test_train_rm_learns_the_pairs(workdir):
     rows = [r for r in metrics(workdir / "rm" / "metrics.jsonl") if "loss" in r]
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first
-    assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= rows[-1].keys()
+    assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward", "grad_norm"} <= rows[-1].keys()
+    assert all(r["grad_norm"] > 0 for r in rows)  # before clipping, as SFT and DPO log it
     ckpt = torch.load(workdir / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "reward" and ckpt["model"]["gain"].item() > 0
     result = json.loads((workdir / "rm" / "eval.json").read_text())

@@ -145,8 +145,8 @@ class Args:
                                    "value_clip", "vf_coef", "eval_prompts", "log_interval"),
                    non_negative=("lr", "kl_coef", "grad_clip", "eval_interval"),
                    fractions=("gamma", "lam"), choices={"tokenizer": TOKENIZERS, "kl_estimator": ("k1", "k3")})
-        if self.rollout_batch_size >= task.SPLITS["train"]:  # a slice of the prompts must fit, with room to move
-            raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: must be below the "
+        if self.rollout_batch_size > task.SPLITS["train"]:  # a slice of the prompts must fit
+            raise ArgumentError(f"--rollout-batch-size {self.rollout_batch_size}: at most the "
                                 f"{task.SPLITS['train']:,} training prompts")
         task.check_counts(self, test=("eval_prompts",))
         if self.minibatch_size > self.rollout_batch_size:
@@ -167,7 +167,7 @@ def rollout_prompts(train_prompts: list[str], update: int, batch_size: int, dist
     the end of the list (the last slice may end at the last prompt), and each process
     takes its part of the slice, so any number of processes sample the prompts one
     process would."""
-    start = (update - 1) * batch_size % (len(train_prompts) - batch_size + 1)  # the starts a whole slice has
+    start = (update - 1) * batch_size % (len(train_prompts) - batch_size + 1)  # 0 ... len - batch_size
     per_rank = batch_size // dist.world_size
     return train_prompts[start + dist.rank * per_rank : start + (dist.rank + 1) * per_rank]
 

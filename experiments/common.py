@@ -179,6 +179,9 @@ def save_figure(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # written: its memory is freed
     print(f"wrote {path}")
     return path
 

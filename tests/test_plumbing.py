@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from minalign.data import DataError
 from minalign.cli import ArgumentError, build_parser, check_args, check_divisible, given, parse_args, refuse_given
 from minalign.logger import MetricsLogger
 from minalign.optim import cosine_lr
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -50,6 +53,32 @@ def test_cli_types_defaults_and_help():
 
     rm_help = " ".join(build_parser(train_rm.Args).format_help().split())
     assert "out/rm-<data file name>). --sft-dir" in rm_help and "(default: builtin)" in rm_help
+
+
+def test_each_scripts_main_block_runs_it():
+    # The tests run the scripts through cli.run in the test process (tests/script_runs.py);
+    # here, in one process of its own, each file's `__main__` block as `python train_x.py`
+    # and `python -m experiments.x` reach it.
+    scripts = ["train_sft.py", "train_rm.py", "train_dpo.py", "train_ppo.py"]
+    modules = ["experiments.frontier", "experiments.label_noise", "experiments.overoptimization"]
+    code = """if True:
+        import runpy, sys
+        for name in sys.argv[1:]:
+            sys.argv = [name, "--help"]
+            try:
+                if name.endswith(".py"):
+                    runpy.run_path(name, run_name="__main__")
+                else:
+                    runpy.run_module(name, run_name="__main__", alter_sys=True)
+            except SystemExit as stop:
+                print(f"{name} ended with {stop.code}", flush=True)
+    """
+    result = subprocess.run([sys.executable, "-c", code, *scripts, *modules], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in scripts + modules:
+        assert f"{name} ended with 0" in result.stdout, result.stdout[-3000:]
+    assert result.stdout.count("usage: ") == len(scripts + modules)
 
 
 def test_cli_rejects_bad_values(capsys):
@@ -232,7 +261,6 @@ def test_sigterm_ends_a_script_with_one_line_and_no_half_written_checkpoint(tmp_
 
 
 def test_a_closed_output_pipe_stops_a_script_with_one_line():
-    import subprocess
     import sys
 
     code = ("from dataclasses import dataclass\nfrom minalign.cli import run\n"

@@ -480,7 +480,7 @@ def test_what_the_builtin_task_cannot_feed_is_refused_before_any_work(tmp_path):
             (train_dpo.Args, {"n_train_prompts": 20_001}, "--n-train-prompts 20001: .* train split has 20,000"),
             (train_dpo.Args, {"max_length": 8}, "--max-length 8: .* up to 8 tokens"),
             (train_ppo.Args, {"eval_prompts": 1001}, "--eval-prompts 1001"),
-            (train_ppo.Args, {"rollout_batch_size": 20_000}, "--rollout-batch-size 20000: must be below"),
+            (train_ppo.Args, {"rollout_batch_size": 20_001}, "--rollout-batch-size 20001: at most the 20,000"),
             # 1,000 prompts give 6,000 pairs at most: 187 steps of 32 an epoch
             (train_dpo.Args, {"stop_at": 188}, r"--stop-at 188: the run ends by step 187 \(at most 6,000 pairs, "
                                                r"--batch-size 32, --epochs 1\)"),

@@ -152,3 +152,20 @@ def test_cpu_kernels_run_on_torchs_intra_op_threads():
         with open("/proc/self/maps") as f:
             runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
         assert len(runtimes) <= 1, runtimes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
+def test_the_baseline_cpu_kernels_pass_the_kernel_tests_too():
+    # The CPU kernels' vector loops are built once per ISA (csrc/cpu_blocks.h) and the
+    # widest build the CPU runs is used; here the baseline one (4 floats a vector, what
+    # aarch64 and older x86-64 CPUs get) runs the CPU kernel tests.
+    env = {**os.environ, "MINALIGN_CPU_BLOCKS": "baseline", "OMP_NUM_THREADS": "1"}
+    tests = ["tests/test_ops_logprobs.py", "tests/test_ops_logprobs_fused.py", "tests/test_ops_logprobs_inplace.py"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    code = "import torch; from minalign import ops; ops.token_logprobs(torch.zeros(1, 3), torch.tensor([0]))"
+    refused = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MINALIGN_CPU_BLOCKS": "sse"},
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "MINALIGN_CPU_BLOCKS=sse: must be avx512, avx2 or baseline" in refused.stderr

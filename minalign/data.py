@@ -257,7 +257,8 @@ def read_rows(path: str | Path, fields: dict[str, type | tuple[type, ...]] | Non
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: damaged (not a JSON object): {remedy}")
         wrong = [key for key, kind in (fields or {}).items()
-                 if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool)]  # JSON's true is no number
+                 if not isinstance(row.get(key), kind) or (isinstance(row.get(key), bool) and kind is not bool)]
+        # (JSON's true is no number)
         if wrong:
             raise DataError(f"{path}:{lineno}: damaged ({', '.join(map(repr, wrong))} missing or not of its type): "
                             f"{remedy}")
@@ -361,13 +362,16 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, stats: DataSta
     """(chosen, rejected) token examples sharing one prompt, truncated alike; `stats`
     (from load_pairs) goes on counting.
 
-    A pair whose chosen and rejected tokens are the same (after truncation) teaches
-    nothing and is skipped, and counted; each Example's `source` is its pair's index."""
+    Each response ends with EOS, unless the pair says it was cut short (`chosen_ended`
+    or `rejected_ended` false: a built-in sample that ran out of room). A pair whose
+    chosen and rejected tokens are the same (after truncation) teaches nothing and is
+    skipped, and counted; each Example's `source` is its pair's index."""
     stats = stats if stats is not None else DataStats()
     out = []
     for i, pair in enumerate(pairs):
-        chosen = tokenizer.encode(pair["chosen"]) + [tokenizer.eos_id]
-        rejected = tokenizer.encode(pair["rejected"]) + [tokenizer.eos_id]
+        eos = {key: [tokenizer.eos_id] if pair.get(f"{key}_ended", True) else [] for key in ("chosen", "rejected")}
+        chosen = tokenizer.encode(pair["chosen"]) + eos["chosen"]
+        rejected = tokenizer.encode(pair["rejected"]) + eos["rejected"]
         prompt = tokenizer.encode(pair["prompt"])
         prompt, [chosen, rejected] = _fit(prompt, [chosen, rejected], max_length, stats)
         if chosen == rejected:

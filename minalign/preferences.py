@@ -5,7 +5,8 @@ prompt, sample 4 completions from the SFT policy (full distribution, temperature
 score each with the gold judge, and form all 6 pairs, the higher score chosen. Pairs
 with equal scores carry no preference: they are dropped and counted. Two equal
 completions make the same pair twice, as sampling them twice says they are likely;
-a completion cut at max_new_tokens is judged, and trained, as the text it is.
+a completion cut at max_new_tokens is judged, and trained, as the text it is: with no
+EOS after it (each pair records whether its responses ended).
 
 With `label_temperature` t the labels are noisy instead, like human annotators: a
 pair (a, b) is labelled "a preferred" with the Bradley-Terry probability
@@ -27,16 +28,19 @@ from pathlib import Path
 
 from minalign import data, task
 from minalign.checkpoint import weights_fingerprint
-from minalign.rollout import sample_texts
+from minalign.rollout import sample_completions
 
 SAMPLES_PER_PROMPT = 4  # the DPO paper's IMDb setting: 4 completions, all 6 pairs
 PAIR_FIELDS = {"prompt": str, "chosen": str, "rejected": str,  # a labelled pair, as label_pairs makes it
-               "chosen_gold": (int, float), "rejected_gold": (int, float), "p_chosen": (int, float)}
+               "chosen_gold": (int, float), "rejected_gold": (int, float), "p_chosen": (int, float),
+               "chosen_ended": bool, "rejected_ended": bool}
 
 
 def label_pairs(prompt: str, completions: list[str], scores: list[float], rng: random.Random,
-                label_temperature: float | None = None) -> tuple[list[dict], int]:
-    """All pairs of one prompt's completions, labelled; returns (pairs, ties dropped)."""
+                label_temperature: float | None = None, ended: list[bool] | None = None) -> tuple[list[dict], int]:
+    """All pairs of one prompt's completions, labelled; returns (pairs, ties dropped).
+    `ended`: whether each completion ended with EOS (all of them, when None)."""
+    ended = ended if ended is not None else [True] * len(completions)
     pairs, ties = [], 0
     for i, j in itertools.combinations(range(len(completions)), 2):
         if scores[i] == scores[j] or completions[i] == completions[j]:
@@ -52,7 +56,7 @@ def label_pairs(prompt: str, completions: list[str], scores: list[float], rng: r
         c, r = (i, j) if i_chosen else (j, i)
         pairs.append({
             "prompt": prompt, "chosen": completions[c], "rejected": completions[r],
-            "chosen_gold": scores[c], "rejected_gold": scores[r],
+            "chosen_gold": scores[c], "rejected_gold": scores[r], "chosen_ended": ended[c], "rejected_ended": ended[r],
             "p_chosen": p_i if i_chosen else 1.0 - p_i,  # probability of this label
         })
     return pairs, ties
@@ -65,10 +69,12 @@ def make_pairs(policy, tokenizer, prompts: list[str], n_samples: int = SAMPLES_P
 
     Returns (pairs, stats) with stats counting prompts, pairs and dropped ties."""
     repeated = [p for p in prompts for _ in range(n_samples)]  # prompt-major: samples of one prompt together
-    completions = []
+    completions, ended = [], []
     for start in range(0, len(repeated), batch_size * 8):
         chunk = repeated[start : start + batch_size * 8]
-        completions += sample_texts(policy, tokenizer, chunk, max_new_tokens, batch_size, seed=seed + start)
+        texts, flags = sample_completions(policy, tokenizer, chunk, max_new_tokens, batch_size, seed=seed + start)
+        completions += texts
+        ended += flags
         if progress:
             progress(len(completions), len(repeated))
     scores = task.gold_reward([p + c for p, c in zip(repeated, completions)])
@@ -76,7 +82,7 @@ def make_pairs(policy, tokenizer, prompts: list[str], n_samples: int = SAMPLES_P
     pairs, ties = [], 0
     for k, prompt in enumerate(prompts):
         block = slice(k * n_samples, (k + 1) * n_samples)
-        new, dropped = label_pairs(prompt, completions[block], scores[block], rng, label_temperature)
+        new, dropped = label_pairs(prompt, completions[block], scores[block], rng, label_temperature, ended[block])
         pairs += new
         ties += dropped
     stats = {"prompts": len(prompts), "samples": len(repeated), "pairs": len(pairs), "ties_dropped": ties}
@@ -91,7 +97,7 @@ def bayes_optimal_accuracy(pairs: list[dict]) -> float:
 def select_pairs(pairs: list[dict], n: int | None = None, flip: float = 0.0, seed: int = 0) -> tuple[list[dict], int]:
     """A seeded random subset of `n` pairs (all of them when None), with round(flip * n)
     of them, chosen at random, given the wrong label: chosen and rejected swapped (with
-    their gold scores; p_chosen becomes 1 - p). Returns (pairs, how many were flipped).
+    their gold scores and ends; p_chosen becomes 1 - p). Returns (pairs, how many were flipped).
 
     Experiments use it to ask how much data a reward model needs, and what label noise
     does to every method downstream."""
@@ -104,9 +110,9 @@ def select_pairs(pairs: list[dict], n: int | None = None, flip: float = 0.0, see
     subset = [dict(pairs[i]) for i in chosen]
     n_flip = round(flip * len(subset))
     for pair in rng.sample(subset, n_flip):
-        pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
-        if "chosen_gold" in pair:
-            pair["chosen_gold"], pair["rejected_gold"] = pair["rejected_gold"], pair["chosen_gold"]
+        for key in ("", "_gold", "_ended"):  # the responses, with their gold scores and ends
+            if "chosen" + key in pair:
+                pair["chosen" + key], pair["rejected" + key] = pair["rejected" + key], pair["chosen" + key]
         if "p_chosen" in pair:
             pair["p_chosen"] = 1.0 - pair["p_chosen"]
         pair["flipped"] = True
@@ -137,7 +143,8 @@ def builtin_pairs(pairs_dir, policy, tokenizer, n_train_prompts: int, n_test_pro
     pairs_dir = Path(pairs_dir)
     settings = {"n_train_prompts": n_train_prompts, "n_test_prompts": n_test_prompts,
                 "label_temperature": label_temperature, "max_new_tokens": max_new_tokens, "seed": seed,
-                "tokenizer": tokenizer.name, "policy": weights_fingerprint(policy)}
+                "tokenizer": tokenizer.name, "policy": weights_fingerprint(policy),
+                "fields": sorted(PAIR_FIELDS)}  # files of an older format are made again
     meta_path = pairs_dir / "meta.json"
     try:
         cached = meta_path.exists() and data.read_record(meta_path).get("settings") == settings

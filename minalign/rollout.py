@@ -80,11 +80,20 @@ def sample_batches(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             for start in range(0, len(prompts), batch_size)]
 
 
+def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                       seed: int = 0, **sampling) -> tuple[list[str], list[bool]]:
+    """Response texts for many prompts, sampled in batches with a seeded generator, and
+    whether each ended (with EOS, rather than running out of max_new_tokens)."""
+    rollouts = sample_batches(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **sampling)
+    texts = [text for rollout in rollouts for text in rollout.response_texts(tokenizer)]
+    ended = [flag for rollout in rollouts for flag in rollout.ended(tokenizer.eos_id).tolist()]
+    return texts, ended
+
+
 def sample_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
                  seed: int = 0, **sampling) -> list[str]:
     """Response texts for many prompts, sampled in batches with a seeded generator."""
-    rollouts = sample_batches(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **sampling)
-    return [text for rollout in rollouts for text in rollout.response_texts(tokenizer)]
+    return sample_completions(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **sampling)[0]
 
 
 def response_logprobs(model, rollout: Rollout, return_entropy: bool = False, temperature: float = 1.0,

@@ -98,13 +98,15 @@ def test_each_proxy_gets_at_least_rm_min_steps_steps():
 
 def test_select_pairs_subsets_and_flips_exactly():
     pairs = [{"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}", "chosen_gold": 1.0,
-              "rejected_gold": -1.0, "p_chosen": 0.9} for i in range(40)]
+              "rejected_gold": -1.0, "p_chosen": 0.9, "chosen_ended": True, "rejected_ended": False}
+             for i in range(40)]
     subset, flipped = select_pairs(pairs, 20, 0.25, seed=3)
     assert len(subset) == 20 and flipped == 5 and len({p["prompt"] for p in subset}) == 20
     wrong = [p for p in subset if p.get("flipped")]
     assert len(wrong) == 5
     for p in wrong:
         assert p["chosen"].startswith("bad") and p["chosen_gold"] == -1.0 and p["p_chosen"] == pytest.approx(0.1)
+        assert not p["chosen_ended"] and p["rejected_ended"]
     assert all(p["chosen"].startswith("good") for p in subset if not p.get("flipped"))
     assert pairs[0]["chosen"] == "good0" and "flipped" not in pairs[0]  # the input is left alone
     assert select_pairs(pairs, 20, 0.25, seed=3) == (subset, flipped)  # seeded

@@ -96,9 +96,10 @@ def test_an_interrupted_regeneration_leaves_no_matching_cache(tmp_path, monkeypa
 def test_each_pair_is_made_of_its_own_prompts_completions(monkeypatch):
     from minalign import preferences
 
-    def fake_sample_texts(policy, tokenizer, prompts, max_new_tokens, batch_size, seed=0, **kw):
-        return [f" <{p}> #{seed + i}" for i, p in enumerate(prompts)]  # each completion names its prompt
-    monkeypatch.setattr(preferences, "sample_texts", fake_sample_texts)
+    def fake_sample_completions(policy, tokenizer, prompts, max_new_tokens, batch_size, seed=0, **kw):
+        texts = [f" <{p}> #{seed + i}" for i, p in enumerate(prompts)]  # each completion names its prompt
+        return texts, [True] * len(texts)
+    monkeypatch.setattr(preferences, "sample_completions", fake_sample_completions)
     monkeypatch.setattr(preferences.task, "gold_reward", lambda texts: [float(len(t) % 7) + 0.01 * i
                                                                           for i, t in enumerate(texts)])
     prompts = ["The acting was", "I saw it on a", "This film"]
@@ -107,3 +108,22 @@ def test_each_pair_is_made_of_its_own_prompts_completions(monkeypatch):
     for pair in pairs:
         assert f"<{pair['prompt']}>" in pair["chosen"] and f"<{pair['prompt']}>" in pair["rejected"]
         assert pair["chosen_gold"] > pair["rejected_gold"]
+
+
+def test_a_completion_cut_short_is_trained_without_an_eos():
+    from minalign import data
+
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=32))
+    prompts = ["The acting was", "I saw it on a", "This film"]
+    pairs, _ = make_pairs(policy, tok, prompts, max_new_tokens=3, seed=5)  # an untrained policy rarely ends
+    assert not any(pair["chosen_ended"] or pair["rejected_ended"] for pair in pairs)
+    pairs.append({"prompt": "It was", "chosen": " fine.", "rejected": " not", "chosen_ended": True,
+                  "rejected_ended": False})
+    examples, _ = data.tokenize_pairs(pairs, tok, max_length=32)
+    assert len(examples) == len(pairs)
+    for pair, (chosen, rejected) in zip(pairs, examples):
+        for key, example in (("chosen", chosen), ("rejected", rejected)):
+            response = example.input_ids[example.n_prompt :]
+            assert response == tok.encode(pair[key]) + ([tok.eos_id] if pair[f"{key}_ended"] else [])

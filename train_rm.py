@@ -291,13 +291,11 @@ def data_file_pairs(args: PairArgs, dist, tokenizer, sft_dir: str):
     them: the one --sft-dir names, or one trained on the chosen responses of the training
     pairs."""
     pairs, stats = data.load_pairs(args.data)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_test = max(1, int(len(pairs) * args.test_fraction))
-    test_pairs, train_pairs = [pairs[i] for i in order[:n_test]], [pairs[i] for i in order[n_test:]]
+    train_pairs, test_pairs = data.held_out_split(pairs, args.test_fraction, args.seed)
     if args.batch_size > len(train_pairs):  # now, not after the SFT policy is trained on them
         raise ArgumentError(f"--batch-size {args.batch_size}: {args.data} leaves only "
-                            f"{counted(len(train_pairs), 'training pair')} ({n_test:,} held out by --test-fraction "
-                            f"{args.test_fraction})")
+                            f"{counted(len(train_pairs), 'training pair')} ({len(test_pairs):,} held out by "
+                            f"--test-fraction {args.test_fraction})")
     check_stop_at(args, len(train_pairs), at_most=True)  # fewer if some are the same once tokenized
     if dist.is_main:
         print(f"data: {args.data}: {len(train_pairs):,} train / {len(test_pairs):,} test pairs; {stats}")

@@ -208,14 +208,12 @@ def read_examples(args: Args, tokenizer) -> tuple[list[dict], list[dict], list[s
         val_raw = [{"text": r} for r in task.reviews("val")]
         return train_raw, val_raw, task.prompts("val", tokenizer, n=args.num_samples, seed=args.seed)
     raw = data.load_sft(args.data)
-    n_val = max(1, int(len(raw) * args.val_fraction))
-    if n_val >= len(raw):
+    train_raw, val_raw = data.held_out_split(raw, args.val_fraction, args.seed)
+    if not train_raw:
         how = (" (a .txt file's documents are separated by blank lines; .jsonl holds one per line)"
                if len(raw) == 1 and data.is_text_file(args.data) else "")
         raise data.DataError(f"{args.data}: {counted(len(raw), 'example')}{how}, all held out by --val-fraction "
                              f"{args.val_fraction} (at least one is): give it more to train on")
-    order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    train_raw, val_raw = [raw[i] for i in order[n_val:]], [raw[i] for i in order[:n_val]]
     prompts = [ex.get("prompt") or tokenizer.decode(tokenizer.encode(ex["text"])[:4]) for ex in val_raw]
     return train_raw, val_raw, prompts[: args.num_samples]
 

@@ -318,6 +318,13 @@ def load_pairs(path: str | Path) -> tuple[list[dict], DataStats]:
     return pairs, stats
 
 
+def held_out_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): max(1, int(len(rows) * fraction)) rows held out, drawn by `seed`."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_held_out = max(1, int(len(rows) * fraction))
+    return [rows[i] for i in order[n_held_out:]], [rows[i] for i in order[:n_held_out]]
+
+
 # ---------------------------------------------------------------------------------
 # Tokenizing
 

@@ -97,11 +97,10 @@ def normalise(model, tokenizer, train_pairs, device) -> None:
 def held_out_accuracy(args, model, tokenizer, test_pairs, test_raw, device) -> dict:
     """Held-out accuracy (against the best possible, for noisy labels) and margin."""
     results = {}
-    results["test_accuracy"], results["test_margin"] = accuracy_and_margin(model, test_pairs, tokenizer.pad_id,
-                                                                           device)
+    results["accuracy"], results["margin"] = accuracy_and_margin(model, test_pairs, tokenizer.pad_id, device)
     if args.data is None and args.label_temperature is not None:
         results["bayes_optimal_accuracy"] = bayes_optimal_accuracy(test_raw)
-        results["accuracy_vs_bayes"] = results["test_accuracy"] / results["bayes_optimal_accuracy"]
+        results["accuracy_vs_bayes"] = results["accuracy"] / results["bayes_optimal_accuracy"]
     return results
 
 
@@ -197,7 +196,7 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         if args.data is None:  # does the reward model agree with the gold judge?
             results["gold_correlation"] = gold_correlation(args, model, tokenizer, dist.device)
         for k, v in results.items():
-            print(f"{k}: {v:.4f}")
+            print(f"eval/{k}: {v:.4f}")
         results["train_seconds"] = train_seconds
         eval_path = write_eval(args.out_dir, results)  # before the final checkpoint, which ends the run
         save_reward_model(args, model, tokenizer, total_steps, results=results)

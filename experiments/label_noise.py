@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import train_dpo
 import train_ppo
 import train_rm
@@ -64,11 +62,11 @@ def main(args: Args):
         ppo = run_stage(f"PPO, {flip:.0%} flipped", train_ppo.main,
                         train_ppo.Args(out_dir=str(root / f"ppo-{name}"), rm_dir=str(rm), kl_coef=args.ppo_kl_coef,
                                        updates=args.ppo_updates, **args.ppo_settings()))
-        rm_results = torch.load(rm / "ckpt.pt", weights_only=True)["results"]
+        rm_results = json.loads((rm / "eval.json").read_text())
         dpo_eval = json.loads((dpo / "eval.json").read_text())
         ppo_eval = json.loads((ppo / "eval.json").read_text())
         rows.append({
-            "flip": flip, "rm_accuracy": rm_results["test_accuracy"], "rm_gold_correlation": rm_results["gold_correlation"],
+            "flip": flip, "rm_accuracy": rm_results["accuracy"], "rm_gold_correlation": rm_results["gold_correlation"],
             "dpo_gold": dpo_eval["gold_reward"], "dpo_win_rate": dpo_eval["win_rate"], "dpo_kl": dpo_eval["kl"],
             "dpo_pair_accuracy": dpo_eval["rewards/accuracies"],
             "ppo_gold": ppo_eval["gold_reward"], "ppo_win_rate": ppo_eval["win_rate"], "ppo_kl": ppo_eval["kl"],

@@ -105,7 +105,7 @@ def test_held_out_margin_is_in_the_normalised_units_the_checkpoint_scores_in():
     scores = torch.cat([chosen, rejected])  # normalised over the training pairs' responses
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() == pytest.approx(1.0, abs=1e-4)
     want = accuracy_and_margin(rm, test_pairs, tok.pad_id, "cpu")  # measured now, after the normalisation
-    assert (results["test_accuracy"], results["test_margin"]) == pytest.approx(want)
+    assert (results["accuracy"], results["margin"]) == pytest.approx(want)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ SMALL = ["--n-train-prompts", "40", "--n-test-prompts", "16", "--max-length", "4
 def test_train_rm_learns_the_pairs(workdir):
     out = run("train_rm.py", [*SMALL, "--sft-dir", str(workdir / "sft"), "--pairs-dir", str(workdir / "pairs"),
                               "--out-dir", str(workdir / "rm"), "--epochs", "4", "--lr", "1e-3"])
-    assert "test_accuracy" in out and "gold_correlation" in out
+    assert "eval/accuracy" in out and "gold_correlation" in out
     rows = [r for r in metrics(workdir / "rm" / "metrics.jsonl") if "loss" in r]
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first
@@ -135,7 +135,7 @@ def test_train_rm_learns_the_pairs(workdir):
     ckpt = torch.load(workdir / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["kind"] == "reward" and ckpt["model"]["gain"].item() > 0
     result = json.loads((workdir / "rm" / "eval.json").read_text())
-    assert result["test_accuracy"] == ckpt["results"]["test_accuracy"]
+    assert result["accuracy"] == ckpt["results"]["accuracy"]
     logged = metrics(workdir / "rm" / "metrics.jsonl")[-1]  # the same evaluation, under eval/
     assert logged == {"step": logged["step"], "time": logged["time"], **{f"eval/{k}": v for k, v in result.items()}}
     assert {"eval/gold_correlation", "eval/train_seconds"} <= logged.keys()
@@ -236,7 +236,7 @@ def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monke
     assert all(torch.equal(final["model"][k], v) for k, v in ckpt["model"].items() if k not in ("gain", "offset"))
     result = json.loads((tmp_path / "eval.json").read_text())
     rows = metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows if "eval/loss" in r or "eval/test_accuracy" in r] == [ckpt["step"]]  # once
+    assert [r["step"] for r in rows if "eval/loss" in r or "eval/accuracy" in r] == [ckpt["step"]]  # once
     assert rows[-1] == {"step": ckpt["step"], "time": rows[-1]["time"],
                         **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
 
@@ -708,7 +708,7 @@ def test_a_reward_model_cut_short_is_resumed_bit_for_bit_also_by_the_stage_that_
         train_rm.ensure(str(tmp_path / "needed"), DistInfo(), sft_dir=str(workdir / "sft"))
     assert "resuming the run cut short" in out.getvalue()
     finished = [load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("full", "split", "needed")]
-    assert all("resume" not in c and c["results"]["test_accuracy"] == finished[0]["results"]["test_accuracy"]
+    assert all("resume" not in c and c["results"]["accuracy"] == finished[0]["results"]["accuracy"]
                for c in finished)
     for ckpt in finished[1:]:
         assert all(torch.equal(v, ckpt["model"][k]) for k, v in finished[0]["model"].items())

@@ -13,7 +13,9 @@ The measures of the DPO paper's IMDb experiment (Rafailov et al. 2023, fig. 2):
 
 Both policies sample from the full distribution at one temperature (1 unless a PPO
 run trained at another), and the KL is that of the distributions sampled, as its
-estimate assumes.
+estimate assumes. Each mean over prompts comes with its standard error (`_stderr`,
+std / sqrt(n)): two policies' figures that differ by less than about twice it are
+within the noise of the prompts drawn.
 """
 
 import json
@@ -24,6 +26,11 @@ import torch
 from minalign import task
 from minalign.model import evaluating
 from minalign.rollout import response_logprobs, sample
+
+
+def stderr(x: torch.Tensor) -> float:
+    """Standard error of the mean of x [n]: its sample standard deviation / sqrt(n)."""
+    return x.float().std().item() / len(x) ** 0.5 if len(x) > 1 else float("nan")
 
 
 def held_out_prompts(tokenizer, n: int, seed: int) -> list[str]:
@@ -62,33 +69,41 @@ def evaluate_policy(policy, reference, tokenizer, prompts, max_new_tokens, batch
             ref_texts += ref_rollout.response_texts(tokenizer)
     gold = torch.tensor(judge([p + r for p, r in zip(prompts, policy_texts)]))
     ref_gold = torch.tensor(judge([p + r for p, r in zip(prompts, ref_texts)]))
-    wins = (gold > ref_gold).float() + 0.5 * (gold == ref_gold).float()
+    wins = (gold > ref_gold).float() + 0.5 * (gold == ref_gold).float()  # (n,)
+    kls = torch.cat(kls).cpu()  # (n,)
     rm = torch.cat(rm_scores).cpu().tolist() if rm_scores else [None] * len(prompts)
     extra = {"rm_score": sum(rm) / len(rm)} if rm_scores else {}
     return {**extra,
         "gold_reward": gold.mean().item(),
+        "gold_reward_stderr": stderr(gold),
         "ref_gold_reward": ref_gold.mean().item(),
         "win_rate": wins.mean().item(),
-        "kl": torch.cat(kls).mean().item(),
+        "win_rate_stderr": stderr(wins),
+        "kl": kls.mean().item(),
+        "kl_stderr": stderr(kls),
         "response_length": torch.cat(lengths).mean().item(),
         "ref_response_length": torch.cat(ref_lengths).mean().item(),
         "n_prompts": len(prompts),
         "temperature": temperature,
         "samples": [
-            {"prompt": p, "response": r, "gold": g, "rm_score": s, "ref_response": rr, "ref_gold": rg}
-            for p, r, g, s, rr, rg in zip(prompts, policy_texts, gold.tolist(), rm, ref_texts, ref_gold.tolist())
+            {"prompt": p, "response": r, "gold": g, "rm_score": s, "kl": k, "ref_response": rr, "ref_gold": rg}
+            for p, r, g, s, k, rr, rg in zip(prompts, policy_texts, gold.tolist(), rm, kls.tolist(), ref_texts,
+                                             ref_gold.tolist())
         ],
     }
 
 
 def format_table(name: str, result: dict) -> str:
-    """The evaluation as a small table: the reference policy, then the trained one."""
+    """The evaluation as a small table: the reference policy, then the trained one and
+    its figures' standard errors."""
     header = f"{'policy':<10}{'gold reward':>13}{'win rate':>10}{'KL (nats)':>11}{'length':>8}"
     ref = f"{'SFT':<10}{result['ref_gold_reward']:>13.3f}{0.5:>10.3f}{0.0:>11.2f}{result['ref_response_length']:>8.1f}"
     ours = (f"{name:<10}{result['gold_reward']:>13.3f}{result['win_rate']:>10.3f}"
             f"{result['kl']:>11.2f}{result['response_length']:>8.1f}")
     sampled = "" if result.get("temperature", 1.0) == 1.0 else f", sampled at temperature {result['temperature']:g}"
-    return "\n".join([f"held-out prompts: {result['n_prompts']}{sampled}", header, ref, ours])
+    errors = (f"{'  +- s.e.':<10}{result['gold_reward_stderr']:>13.3f}{result['win_rate_stderr']:>10.3f}"
+              f"{result['kl_stderr']:>11.2f}")  # of the trained policy's means over the prompts
+    return "\n".join([f"held-out prompts: {result['n_prompts']}{sampled}", header, ref, ours, errors])
 
 
 def format_samples(name: str, result: dict, n: int = 3) -> str:

@@ -111,6 +111,13 @@ def test_evaluation_counts_ties_half_and_kl_from_the_policys_side():
     wins = [1.0 if s["gold"] > s["ref_gold"] else 0.5 if s["gold"] == s["ref_gold"] else 0.0
             for s in by_length["samples"]]
     assert by_length["win_rate"] == pytest.approx(sum(wins) / 3)
+    # each mean comes with its standard error over the prompts, from the per-sample figures
+    assert tie["win_rate_stderr"] == 0.0
+    for name, values in (("win_rate", wins), ("gold_reward", [s["gold"] for s in by_length["samples"]]),
+                         ("kl", [s["kl"] for s in by_length["samples"]])):
+        values = torch.tensor(values, dtype=torch.float64)
+        assert by_length[name] == pytest.approx(values.mean().item(), rel=1e-5)
+        assert by_length[f"{name}_stderr"] == pytest.approx(values.std().item() / 3 ** 0.5, rel=1e-5)
 
 
 def test_evaluation_samples_and_takes_the_kl_at_the_temperature_given():

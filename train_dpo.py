@@ -117,7 +117,7 @@ def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=6
     with evaluating(model):
         for start in range(0, len(pairs), batch_size):
             batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
-            chosen_logps, rejected_logps = pair_logps(model, batch, dpo.per_token(args.loss_type))  # (b,) each
+            chosen_logps, rejected_logps = pair_logps(model, batch, dpo.uses_mean_logps(args.loss_type))  # (b,) each
             ref_chosen, ref_rejected = ref_logps[start : start + batch_size].to(device).unbind(1)  # (b,) each
             out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
                                args.label_smoothing)
@@ -163,7 +163,7 @@ def main(args: Args):
     # from it, so compute them once (a resumed run has them in its checkpoint); only the
     # policy is on the device while training. A copy of the SFT policy waits on the CPU
     # for the gold evaluation, which samples from both.
-    per_token = dpo.per_token(args.loss_type)  # mean log-probs (IPO) or sums (the others)
+    per_token = dpo.uses_mean_logps(args.loss_type)  # mean log-probs (IPO) or sums (the others)
     sft_policy = copy.deepcopy(policy).cpu() if args.data is None else None
     if ckpt is None:
         t_ref = time.time()

@@ -95,7 +95,8 @@ class Args:
     temperature, so the PPO ratio and the KL penalty are those of the sampling policy;
     the held-out evaluation samples at it too."""
     lr: float = 3e-5
-    """Learning rate of policy and critic."""
+    """Learning rate of policy and critic (AdamW), constant over the run (TRL's PPO trainer
+    decays it linearly to 0 by default)."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty -beta * kl_t (initial value when --kl-target is set)."""
     kl_target: float | None = None
@@ -380,12 +381,12 @@ def main(args: Args):
             if epoch and minibatch_per_rank < B:  # new minibatches each epoch (one holding all needs none)
                 order = torch.randperm(B, generator=shuffle)
             for i in range(0, B, minibatch_per_rank):
-                idx = order[i : i + minibatch_per_rank].to(dist.device)
-                mb, mb_mask = rollout.rows(idx), mask[idx]
+                idx = order[i : i + minibatch_per_rank].to(dist.device)  # (b,) rows of this minibatch
+                mb, mb_mask = rollout.rows(idx), mask[idx]  # mb_mask (b, N)
                 mb_old_logps, mb_advantages, mb_old_values, mb_returns = (
-                    t[idx] for t in (old_logps, advantages, old_values, returns))
+                    t[idx] for t in (old_logps, advantages, old_values, returns))  # (b, N) each
                 new = response_logprobs(train_policy, mb, temperature=args.temperature, inplace_backward=True)
-                values = response_values(train_critic, mb)
+                values = response_values(train_critic, mb)  # (b, N), like new.token_logps
                 pg = ops.ppo_policy_loss(new.token_logps, mb_old_logps, mb_advantages, mb_mask, args.clip_eps)
                 vf = ops.ppo_value_loss(values, mb_old_values, mb_returns, mb_mask, args.value_clip)
                 # token means of this rank's share, weighed so that DDP's average of the ranks'

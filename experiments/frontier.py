@@ -10,7 +10,7 @@ samples. A method's frontier is the best gold reward it reaches at each KL budge
 
     python -m experiments.frontier          # about 16 minutes on 2 CPU cores
 
-Writes out/experiments/frontier/{frontier.csv, frontier.png}.
+Writes out/experiments/frontier/{frontier.csv, frontier.png, summary.txt}.
 """
 
 import time

@@ -14,8 +14,8 @@ judge's rises, flattens and (for a poor proxy) falls. Gao et al.'s forms
     R_bon(d) = d (a - b d),      R_rl(d) = d (a - b log d)
 
 are fitted to the gold curves (gold reward minus the SFT policy's), and the fit
-quality reported. The highest-scoring samples of the most over-optimised run show
-what the policy learned to exploit.
+quality reported. The highest-scoring samples of the PPO run against the smallest
+proxy show what the policy learned to exploit.
 
     python -m experiments.overoptimization      # about 14 minutes on 2 CPU cores
 
@@ -68,7 +68,7 @@ class Args(ExperimentArgs):
     bon_max_n: int = 256
     """Samples per prompt for best-of-n; n runs over the powers of 2 up to it."""
     n_show: int = 3
-    """Samples of the most over-optimised policy to show."""
+    """Samples of the PPO policy trained against the smallest proxy to show."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,8 +136,9 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
                 "seed": args.seed, "proxies": {str(n): str(p) for n, p in proxies.items()},
                 "models": model_fingerprints({"sft": Path(args.sft_dir) / "ckpt.pt",
                                               **{str(n): path for n, path in proxies.items()}})}
-    if cache.exists() and json.loads(cache.read_text())["settings"] == settings:
-        scores = json.loads(cache.read_text())
+    cached = json.loads(cache.read_text()) if cache.exists() else None
+    if cached is not None and cached["settings"] == settings:
+        scores = cached
     else:
         device = distributed.setup(args.device).device
         tokenizer = get_tokenizer("builtin")
@@ -174,12 +175,12 @@ def best_of_n_curves(args, proxies: dict, root: Path) -> list[dict]:
 def fit_all(args, bon_rows, rl_rows) -> list[dict]:
     """Gao et al.'s forms fitted to each gold curve."""
     fits = []
-    for method, rows, form in (("bon", bon_rows, "bon"), ("rl", rl_rows, "rl")):
+    for method, rows in (("bon", bon_rows), ("rl", rl_rows)):
         for n in args.pair_counts:
             mine = [r for r in rows if r["n_pairs"] == n]
             d, gain = [r["d"] for r in mine], [r["gold_gain"] for r in mine]
             if sum(x > 0 for x in d) >= 2:
-                fits.append({"method": method, "n_pairs": n, **fit_gao(d, gain, form), "d_max": max(d)})
+                fits.append({"method": method, "n_pairs": n, **fit_gao(d, gain, method), "d_max": max(d)})
     return fits
 
 

@@ -21,7 +21,7 @@ from minalign.distributed import DistInfo, all_reduce_sum
 from minalign.model import evaluating
 
 
-def per_token(loss_type: str) -> bool:
+def uses_mean_logps(loss_type: str) -> bool:
     """Whether a DPO-family loss compares mean log-probs per response token: IPO's target
     margin is per token (TRL's convention, see reference.dpo_loss); the other losses
     compare log-probs summed over the response."""

@@ -54,7 +54,7 @@ def token_rewards(scores, kl, mask, beta: float):
     Ziegler et al. (2019), spread over tokens as in Stiennon et al. (2020)."""
     mask = mask.float()
     rewards = -beta * kl * mask  # (B, N)
-    last = (mask.cumsum(1).argmax(1))  # index of the last real token (first max of the running count)
+    last = mask.cumsum(1).argmax(1)  # (B,) index of the last real token (first max of the running count)
     rewards[torch.arange(len(scores)), last] += scores
     return rewards
 

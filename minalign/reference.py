@@ -16,7 +16,7 @@ from torch import Tensor
 class SequenceLogprobs(NamedTuple):
     token_logps: Tensor  # [B, T] log p(labels[b, t]), 0 where mask is 0
     sum_logps: Tensor  # [B] log-probability of each sequence (sum over its masked tokens)
-    mean_logps: Tensor  # [B] sum_logps / number of tokens (length-normalised; train_dpo.py's IPO uses it)
+    mean_logps: Tensor  # [B] sum_logps / number of tokens (length-normalised; DPO's IPO loss uses it, minalign/dpo.py)
     entropy: Tensor | None  # [B, T] entropy of each predicted distribution, 0 where mask is 0
 
 

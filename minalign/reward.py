@@ -13,7 +13,8 @@ training pairs' responses (on the built-in task, samples of the SFT policy; Zieg
 al. 2019), so that the KL penalty's beta in PPO means the same thing whatever the
 reward model's scale.
 
-The same class serves as PPO's critic: `values` reads the head at every position.
+The same class serves as PPO's critic: `forward(..., per_token=True)` reads the head at
+every position (through forward, which DDP's gradient synchronisation needs).
 Below it: scoring pairs and sampled responses, and held-out accuracy.
 """
 

@@ -64,7 +64,7 @@ def test_attention_bias_is_causal_skips_padding_keys_and_leaves_no_query_without
     assert torch.equal(step[0], torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool))
 
 
-def test_causality():
+def test_logits_never_depend_on_later_tokens():
     model = tiny_model(scale=3.0)
     x = torch.randint(0, V, (2, 12))
     y = x.clone()

@@ -75,7 +75,7 @@ def test_a_zero_inside_the_mask_ends_the_episode_by_hand(device, gae):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gae_properties(device):
+def test_gae_is_the_reward_to_go_at_lambda_1_and_the_td_error_at_lambda_0(device):
     rewards, values, mask = rollout(8, 30, device=device)
     advantages, returns = ops.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     # gamma = lam = 1: the return is the sum of the rewards still to come

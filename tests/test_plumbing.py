@@ -363,7 +363,7 @@ def test_cosine_schedule():
     assert "outlasts the 1 step:" in warmup_note(20, 1)
 
 
-def test_metrics_jsonl(tmp_path):
+def test_metrics_jsonl_holds_one_row_a_step_and_writes_nan_as_text(tmp_path):
     logger = MetricsLogger(tmp_path)
     logger.log(1, loss=torch.tensor(2.5), lr=0.1)
     logger.log(2, loss=float("nan"))

@@ -109,7 +109,7 @@ def test_reward_layout_score_on_last_token_kl_everywhere_nothing_on_padding():
     torch.testing.assert_close(rewards, expected)
 
 
-def test_kl_estimators():
+def test_kl_estimators_k1_and_k3_by_hand_and_others_refused():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     torch.testing.assert_close(kl_estimate(logp, ref, "k1"), logp - ref)
     k3 = kl_estimate(logp, ref, "k3")

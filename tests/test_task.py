@@ -75,7 +75,7 @@ def test_corpus_has_room_to_improve():
 
 
 @pytest.mark.parametrize("name", ["builtin", "gpt2"])
-def test_prompts(name):
+def test_prompts_are_seeded_review_openings_of_2_to_8_tokens(name):
     tok = get_tokenizer(name)
     prompts = task.prompts("test", tok, n=200, seed=3)
     assert prompts == task.prompts("test", tok, n=200, seed=3)

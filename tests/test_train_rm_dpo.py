@@ -15,7 +15,7 @@ import torch
 from minalign import data
 from minalign.cli import ArgumentError
 from minalign.dpo import pair_logps, reference_logps
-from minalign.dpo import per_token as per_token_logps
+from minalign.dpo import uses_mean_logps
 from minalign.model import GPT, GPTConfig
 from minalign.tokenizer import get_tokenizer
 from script_runs import as_in_a_new_process, run_script
@@ -450,7 +450,7 @@ def test_held_out_metrics_give_ipo_the_mean_log_probs_and_the_others_the_sums():
     batch = data.collate_pairs(pairs, tok.pad_id)
     for loss_type, per_token, ref in (("ipo", True, torch.tensor([[-3.0, -4.0], [-2.5, -2.0]])),
                                       ("sigmoid", False, torch.tensor([[-30.0, -40.0], [-20.0, -10.0]]))):
-        assert per_token_logps(loss_type) == per_token
+        assert uses_mean_logps(loss_type) == per_token
         args = train_dpo.Args(loss_type=loss_type, beta=0.5)
         got = train_dpo.held_out_metrics(model, pairs, ref, args, tok.pad_id, "cpu", batch_size=1)  # one pair a batch
         chosen, rejected = pair_logps(model, batch, per_token)
@@ -576,11 +576,10 @@ def test_dpo_checks_room_for_its_evaluation_before_making_anything(tmp_path):
     assert not any(tmp_path.iterdir())  # no SFT policy, pairs or output folder made
 
 
-def test_per_token_only_for_ipo():
+def test_only_ipo_compares_mean_logps():
     from minalign import ops
-    from minalign.dpo import per_token
 
-    assert [per_token(t) for t in ops.DPO_LOSS_TYPES] == [t == "ipo" for t in ops.DPO_LOSS_TYPES]
+    assert [uses_mean_logps(t) for t in ops.DPO_LOSS_TYPES] == [t == "ipo" for t in ops.DPO_LOSS_TYPES]
 
 
 def _sft_from_a(tmp_path, monkeypatch):

@@ -130,6 +130,7 @@ def build_parser(cls, description=None, defaults=True) -> argparse.ArgumentParse
         description=description or inspect.getdoc(cls),
         epilog="A flag whose default is none also takes the value none (a list flag: no values).",
         formatter_class=_HelpFormatter,
+        allow_abbrev=False,  # a prefix (--epoch for --epochs) is a typo to name, not a guess to act on
     )
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)

@@ -91,6 +91,9 @@ def test_cli_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_args(Args, ["--unknown", "1"])
     with pytest.raises(SystemExit):
+        parse_args(Args, ["--step", "3"])  # a prefix of --steps: named, not taken for it
+    assert "unrecognized arguments: --step 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse_args(Args, ["--data", ""])
     assert "argument --data: empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):

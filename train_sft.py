@@ -242,6 +242,8 @@ def train(args: Args, dist: distributed.DistInfo) -> str:
         config = GPTConfig(**ckpt["model_config"])
 
     # ---- data: tokenised examples (input_ids + labels), truncation counted ----
+    if args.data is not None:
+        data.check_is_file(args.data)
     data_sha256 = None if args.data is None else file_fingerprint(args.data)  # a resumed run checks it is the same
     if ckpt is not None and ckpt.get("data_sha256", data_sha256) != data_sha256:
         raise data.DataError(f"{args.data} has changed since the run in {args.out_dir} began: it cannot "

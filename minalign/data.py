@@ -118,7 +118,7 @@ class Example:
 
 def _lines(path: Path):
     """Yield (line number, text) for each line of a plain or gzipped UTF-8 file."""
-    _check_is_file(path)
+    check_is_file(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         lineno = 0
@@ -132,7 +132,9 @@ def _lines(path: Path):
             raise DataError(f"{path}:{lineno + 1}: bad gzip data ({e})") from None
 
 
-def _check_is_file(path: Path) -> None:
+def check_is_file(path: str | Path) -> None:
+    """Refuses a data file that is missing or a folder, naming it."""
+    path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: a folder, not a data file")
     if not path.exists():
@@ -142,7 +144,7 @@ def _check_is_file(path: Path) -> None:
 def _format(path: Path) -> str:
     """"txt" or "jsonl", by the file's suffix in any case (a folder or a missing file is
     refused as such first)."""
-    _check_is_file(path)
+    check_is_file(path)
     if is_text_file(path):
         return "txt"
     if path.name.lower().removesuffix(".gz").endswith((".jsonl", ".json")):

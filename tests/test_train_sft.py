@@ -188,13 +188,17 @@ def test_a_policy_cut_short_is_finished_in_the_folder_it_is_in_now(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_data_with_nothing_left_to_train_on_is_named(tmp_path):
+def test_data_missing_or_with_nothing_left_to_train_on_is_named(tmp_path):
     (tmp_path / "one.txt").write_text("A single document.\n")
     result = run_script("train_sft.py", [*TINY, "--data", tmp_path / "one.txt", "--out-dir", tmp_path / "sft"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert ("one.txt: 1 example (a .txt file's documents are separated by blank lines; .jsonl holds one per "
             "line), all held out by --val-fraction 0.05 (at least one is)") in result.stderr
     assert not (tmp_path / "sft").exists()
+    for where, why in ((tmp_path / "nowhere.txt", "no such file"), (tmp_path, "a folder, not a data file")):
+        result = run_script("train_sft.py", [*TINY, "--data", where, "--out-dir", tmp_path / "sft"])
+        assert result.returncode == 2 and result.stderr.endswith(f"error: {where}: {why}\n"), result.stderr
+        assert not (tmp_path / "sft").exists()
 
 
 @pytest.mark.slow

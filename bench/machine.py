@@ -26,5 +26,6 @@ def describe(device) -> str:
         props = torch.cuda.get_device_properties(device)
         parts.insert(0, f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})")
     parts.append(f"torch {torch.__version__}")
-    parts.append(f"minalign extension {ops.HAS_EXTENSION} (CUDA kernels {ops.HAS_CUDA_KERNELS})")
+    parts.append(f"minalign extension {ops.HAS_EXTENSION} (CPU kernels {ops.cpu_kernels()}, "
+                 f"CUDA kernels {ops.HAS_CUDA_KERNELS})")
     return "machine: " + "; ".join(parts)

@@ -39,7 +39,7 @@ struct CpuBlocks {
   void (*widen)(const uint16_t* src, int64_t n, bool bfloat16, float* dst);
   // n floats rounded to bfloat16 (or float16), to nearest even, as c10 rounds.
   void (*round)(const float* src, int64_t n, bool bfloat16, uint16_t* dst);
-  int lanes;  // floats per vector
+  const char* name;  // the build: "avx512", "avx2" or "baseline"
 };
 
 // The build for the widest ISA this CPU supports.

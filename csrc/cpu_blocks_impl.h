@@ -82,7 +82,11 @@ void round(const float* src, int64_t n, bool bfloat16, uint16_t* dst) {
 
 }  // namespace
 
-extern const CpuBlocks blocks = {sweep, max, grad, widen, round, kLanes};
+#define MINALIGN_NAME_OF(build) #build
+#define MINALIGN_NAME(build) MINALIGN_NAME_OF(build)  // the macro's value, in quotes
+extern const CpuBlocks blocks = {sweep, max, grad, widen, round, MINALIGN_NAME(MINALIGN_BLOCKS)};
+#undef MINALIGN_NAME
+#undef MINALIGN_NAME_OF
 
 }  // namespace MINALIGN_BLOCKS
 }  // namespace minalign

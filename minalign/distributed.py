@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from minalign import ops
 from minalign.cli import ArgumentError
 from minalign.logger import counted
 
@@ -57,9 +58,14 @@ def _cuda_devices() -> str:
 def setup(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; pick the device.
 
-    `device` as check_device takes it. Backend: nccl on CUDA, gloo on CPU.
+    `device` as check_device takes it. Backend: nccl on CUDA, gloo on CPU. A
+    MINALIGN_CPU_BLOCKS the CPU kernels cannot honour is refused here, before any work.
     """
     device = check_device(device)
+    try:
+        ops.cpu_kernels()
+    except ValueError as error:
+        raise ArgumentError(str(error)) from None
     if "RANK" not in os.environ:
         return DistInfo(device=device)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

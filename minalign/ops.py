@@ -46,6 +46,13 @@ _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned = False
 
 
+def cpu_kernels() -> str:
+    """Which build of the CPU kernels' vector loops runs: "avx512", "avx2" or "baseline"
+    (the widest this CPU runs, or the one MINALIGN_CPU_BLOCKS asks for; ValueError for
+    one it cannot give), or "reference" without the extension."""
+    return _C.cpu_kernels() if HAS_EXTENSION else "reference"
+
+
 def _use_kernel(t: Tensor) -> bool:
     """True when a compiled kernel handles t's device; otherwise warn (once) and use the reference."""
     global _warned

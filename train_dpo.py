@@ -118,9 +118,10 @@ def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=6
         for start in range(0, len(pairs), batch_size):
             batch = data.collate_pairs(pairs[start : start + batch_size], pad_id, device)
             chosen_logps, rejected_logps = pair_logps(model, batch, dpo.uses_mean_logps(args.loss_type))  # (b,) each
-            ref_chosen, ref_rejected = ref_logps[start : start + batch_size].to(device).unbind(1)  # (b,) each
-            out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
-                               args.label_smoothing)
+            ref_batch = ref_logps[start : start + batch_size].to(device)  # (b, 2)
+            ref_chosen_logps, ref_rejected_logps = ref_batch.unbind(1)  # (b,) each
+            out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta,
+                               args.loss_type, args.label_smoothing)
             rows.append((len(chosen_logps), dpo_metrics(out, chosen_logps, rejected_logps)))
     n = sum(k for k, _ in rows)
     return {key: sum(k * m[key] for k, m in rows) / n for key in rows[0][1]}
@@ -207,9 +208,9 @@ def main(args: Args):
         idx = batches.indices(step - 1)
         batch = data.collate_pairs([train_pairs[i] for i in idx], tokenizer.pad_id, dist.device)
         chosen_logps, rejected_logps = pair_logps(train_model, batch, per_token)  # (B,) each
-        ref_chosen, ref_rejected = ref_train[idx].to(dist.device).unbind(1)  # (B,) each
-        out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, args.beta, args.loss_type,
-                           args.label_smoothing)
+        ref_chosen_logps, ref_rejected_logps = ref_train[idx].to(dist.device).unbind(1)  # (B,) each
+        out = ops.dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, args.beta,
+                           args.loss_type, args.label_smoothing)
         loss = out.losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

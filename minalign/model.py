@@ -1,7 +1,8 @@
 """A compact GPT (GPT-2 architecture) with padding-aware attention and KV-cache sampling.
 
-Reads bottom-up: attention, MLP, block, config, model, then sampling. Every script in
-minalign (SFT, reward model, PPO policy and critic, DPO) uses this one model.
+Reads bottom-up: attention, MLP, block, config, model, then sampling, then the
+dropout switches the trainers use. Every script in minalign (SFT, reward model, PPO
+policy and critic, DPO) uses this one model.
 
 Padding. Batches for generation are left-padded: `attention_mask` marks real tokens,
 position ids count real tokens only, and no real token attends to padding, so a padded
@@ -274,6 +275,26 @@ class GPT(nn.Module):
         return tokens, response_mask
 
 
+def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits [B, V]: temperature, then top-k, then nucleus (top-p)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:  # None or 0: no top-k
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V) each
+        sorted_probs = sorted_logits.softmax(-1)  # (B, V)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # (B, V): the mass of the tokens ranked above
+        # drop a token once the tokens before it already reach top_p (the first always stays)
+        drop_sorted = before >= top_p  # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V), back in vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Turn every dropout of a model (a GPT, or a RewardModel around one) off, in place.
 
@@ -303,23 +324,3 @@ def evaluating(*models: nn.Module):
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-
-
-def sample_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits [B, V]: temperature, then top-k, then nucleus (top-p)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:  # None or 0: no top-k
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V) each
-        sorted_probs = sorted_logits.softmax(-1)  # (B, V)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # (B, V): the mass of the tokens ranked above
-        # drop a token once the tokens before it already reach top_p (the first always stays)
-        drop_sorted = before >= top_p  # (B, V)
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V), back in vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -17,7 +17,8 @@ drawn at random. No model can then beat the Bayes-optimal accuracy, the mean ove
 pairs of max(p, 1 - p); reward-model accuracy is judged against it.
 
 Pairs are cached as JSONL in the standard {"prompt", "chosen", "rejected"} format
-(plus the gold scores and p), so the scripts and users read the same files.
+(plus the gold scores, p and whether each response ended), so the scripts and users read
+the same files.
 """
 
 import itertools

@@ -25,6 +25,7 @@ import train_dpo
 import train_ppo
 import train_rm
 from experiments.common import ExperimentArgs, pyplot, run_stage, save_figure, write_csv
+from minalign import distributed
 from minalign.cli import check_args, run
 
 
@@ -51,6 +52,7 @@ def main(args: Args):
     root = Path(args.out_dir) / "label_noise"
     print(f"label noise: reward model, DPO and PPO at {len(args.flips)} shares of flipped labels "
           f"(about 13 minutes on 2 CPU cores at the defaults) -> {root}")
+    distributed.setup(args.device)  # a --device or MINALIGN_CPU_BLOCKS no run could use stops here, before any
     rows = []
     for k, flip in enumerate(args.flips):
         name = f"flip{flip:g}"
@@ -63,10 +65,11 @@ def main(args: Args):
                         train_ppo.Args(out_dir=str(root / f"ppo-{name}"), rm_dir=str(rm), kl_coef=args.ppo_kl_coef,
                                        updates=args.ppo_updates, **args.ppo_settings()))
         rm_results = json.loads((rm / "eval.json").read_text())
+        rm_accuracy = rm_results.get("accuracy", rm_results.get("test_accuracy"))  # the older name, in older runs
         dpo_eval = json.loads((dpo / "eval.json").read_text())
         ppo_eval = json.loads((ppo / "eval.json").read_text())
         rows.append({
-            "flip": flip, "rm_accuracy": rm_results["accuracy"], "rm_gold_correlation": rm_results["gold_correlation"],
+            "flip": flip, "rm_accuracy": rm_accuracy, "rm_gold_correlation": rm_results["gold_correlation"],
             "dpo_gold": dpo_eval["gold_reward"], "dpo_win_rate": dpo_eval["win_rate"], "dpo_kl": dpo_eval["kl"],
             "dpo_pair_accuracy": dpo_eval["rewards/accuracies"],
             "ppo_gold": ppo_eval["gold_reward"], "ppo_win_rate": ppo_eval["win_rate"], "ppo_kl": ppo_eval["kl"],

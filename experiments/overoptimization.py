@@ -94,6 +94,7 @@ def main(args: Args):
     print(f"overoptimization: proxies from {', '.join(map(str, args.pair_counts))} pairs; best-of-n up to "
           f"{args.bon_max_n} and {args.ppo_updates} PPO updates against each (about 14 minutes on 2 CPU cores "
           f"at the defaults) -> {root}")
+    distributed.setup(args.device)  # a --device or MINALIGN_CPU_BLOCKS no run could use stops here, before any
     proxies = {}
     for n in args.pair_counts:
         stage = train_rm.Args(out_dir=str(root / f"rm-{n}"), n_train_pairs=n, epochs=proxy_epochs(args, n),

@@ -286,3 +286,23 @@ def test_label_noise_tiny_run(work):
     n, wrong = int(line.split()[2]), int(line.split()[4])
     assert wrong == round(n / 2)  # half the training labels flipped, exactly
     assert (work / "exp" / "label_noise" / "label_noise.png").exists() == has_matplotlib()
+
+
+@pytest.mark.parametrize("name", ["frontier", "overoptimization", "label_noise"])
+def test_an_experiment_refuses_cpu_kernels_it_cannot_have_before_any_stage(name, tmp_path, monkeypatch):
+    # A stage cut short is resumed; one refused on resume is made again from scratch, so a
+    # refusal that is not about the stage must come before any of them.
+    import importlib
+
+    from minalign import ops
+    from minalign.cli import ArgumentError
+
+    module = importlib.import_module(f"experiments.{name}")
+
+    def unavailable():
+        raise ValueError("MINALIGN_CPU_BLOCKS=sse: must be avx512, avx2 or baseline")
+    monkeypatch.setattr(ops, "cpu_kernels", unavailable)
+    monkeypatch.setattr(module, "run_stage", lambda *args, **kwargs: pytest.fail("a stage ran"), raising=False)
+    with pytest.raises(ArgumentError, match="^MINALIGN_CPU_BLOCKS=sse"):
+        module.main(module.Args(out_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())

@@ -20,6 +20,9 @@ static PyObject* cpu_kernels(PyObject*, PyObject*) {
   } catch (const c10::Error& error) {
     PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
     return nullptr;
+  } catch (const std::exception& error) {  // nothing may leave a function Python calls
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
   }
 }
 

@@ -50,7 +50,12 @@ def cpu_kernels() -> str:
     """Which build of the CPU kernels' vector loops runs: "avx512", "avx2" or "baseline"
     (the widest this CPU runs, or the one MINALIGN_CPU_BLOCKS asks for; ValueError for
     one it cannot give), or "reference" without the extension."""
-    return _C.cpu_kernels() if HAS_EXTENSION else "reference"
+    if not HAS_EXTENSION:
+        return "reference"
+    if not hasattr(_C, "cpu_kernels"):
+        raise ValueError(f"{_C.__file__} was built from older sources: rebuild it "
+                         f"(pip install --no-build-isolation -e . , see the README's Building)")
+    return _C.cpu_kernels()
 
 
 def _use_kernel(t: Tensor) -> bool:

@@ -169,6 +169,18 @@ def test_the_cpu_kernels_say_which_build_runs_and_a_script_refuses_one_there_is_
     assert not (tmp_path / "sft").exists()  # before any work
 
 
+def test_an_extension_built_from_older_sources_is_named_not_a_traceback(monkeypatch):
+    import types
+
+    from minalign import distributed
+    from minalign.cli import ArgumentError
+
+    monkeypatch.setattr(ops, "HAS_EXTENSION", True)
+    monkeypatch.setattr(ops, "_C", types.SimpleNamespace(__file__="/site/minalign/_C.so", WITH_CUDA=0))
+    with pytest.raises(ArgumentError, match=r"^/site/minalign/_C.so was built from older sources: rebuild it"):
+        distributed.setup("cpu")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
 def test_the_baseline_cpu_kernels_pass_the_kernel_tests_too():

@@ -19,6 +19,7 @@ within the noise of the prompts drawn.
 """
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -118,7 +119,10 @@ def eval_metrics(result: dict) -> dict:
 
 
 def write_eval(out_dir, result: dict) -> Path:
+    """`result` to out_dir/eval.json; a figure that is not finite (the standard error of
+    one prompt's figures) written as a string, as metrics.jsonl writes it: JSON has no NaN."""
     path = Path(out_dir) / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    plain = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+    path.write_text(json.dumps(plain, indent=1))
     return path

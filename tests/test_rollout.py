@@ -218,3 +218,32 @@ def test_rows_of_a_rollout_are_its_minibatch():
     mb = rollout.rows(idx)
     for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
         assert torch.equal(getattr(mb, name), getattr(rollout, name)[idx]), name
+
+
+def test_sampled_completions_say_which_ended(monkeypatch):
+    from minalign import rollout
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    a, b = tok.encode(" It was"), tok.encode(" fine")
+    ids = torch.tensor([[*a, tok.eos_id, tok.pad_id], [*b, *b, *b][: len(a) + 2]])  # (2, N): row 0 ends, row 1 runs out
+    mask = torch.tensor([[True] * (len(a) + 1) + [False], [True] * (len(a) + 2)])
+    prompts = torch.tensor([[5], [6]])
+    fake = Rollout(prompts, torch.ones_like(prompts, dtype=torch.bool), ids, mask)
+    monkeypatch.setattr(rollout, "sample_batches", lambda *args, **kwargs: [fake])
+    texts, ended = rollout.sample_completions(None, tok, ["p", "q"], max_new_tokens=len(a) + 2)
+    assert ended == [True, False]
+    assert texts[0] == " It was" and texts == rollout.sample_texts(None, tok, ["p", "q"], len(a) + 2)
+
+
+def test_eval_json_holds_no_nan(tmp_path):
+    import json
+    import math
+
+    from minalign.evaluate import stderr, write_eval
+
+    one_prompt = stderr(torch.tensor([0.5]))  # no spread to estimate from one figure
+    assert math.isnan(one_prompt)
+    path = write_eval(tmp_path, {"gold_reward": 0.5, "gold_reward_stderr": one_prompt})
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in eval.json"))
+    assert strict == {"gold_reward": 0.5, "gold_reward_stderr": "nan"}

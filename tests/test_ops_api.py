@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not ops.HAS_EXTENSION, reason="minalign._C is not built")
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.HAS_CUDA_KERNELS), reason="no CUDA device or no CUDA kernels"))])
+def test_torch_compile_fullgraph(device):
     def step(logits, labels, mask, rewards, values):
         out = ops.sequence_logprobs(logits, labels, mask, return_entropy=True)
         advantages, returns = ops.gae(rewards, values, mask)
@@ -23,11 +25,11 @@ def test_torch_compile_fullgraph():
         return pg.loss + 0.01 * out.entropy.sum(), returns
 
     B, T, V = 2, 6, 50
-    logits = torch.randn(B, T, V)
-    labels = torch.randint(0, V, (B, T))
-    mask = torch.ones(B, T)
+    logits = torch.randn(B, T, V).to(device)
+    labels = torch.randint(0, V, (B, T)).to(device)
+    mask = torch.ones(B, T, device=device)
     mask[1, 4:] = 0
-    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    rewards, values = torch.randn(B, T).to(device), torch.randn(B, T).to(device)
     x_eager, x_compiled = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     loss, returns = step(x_eager, labels, mask, rewards, values)
     loss.backward()

@@ -257,26 +257,32 @@ def test_large_vocabularies(device):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("N, V", [(2, 2**30 + 3), (32_771, 65_537)], ids=["long rows", "many rows"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_offsets_beyond_2_to_the_31(device):
-    # N * V > 2^31 logits (4 GiB of bf16): row offsets must be 64-bit. All zeros but the
-    # last logit of row 1 (5), so the answers are known in closed form.
-    V = 2**30 + 3
+def test_offsets_beyond_2_to_the_31(device, N, V):
+    # N * V > 2^31 logits (4 GiB of bf16): offsets must be 64-bit, within a row (the
+    # long rows) and to its start (row * V, past 2^31 from row 32,768 of the many). All
+    # zeros but the last logit of the last row (5), so the answers are known in closed form.
     base = torch.zeros(1, device=device, requires_grad=True)
-    x = base.to(torch.bfloat16).expand(2, V).contiguous()  # not a leaf: the fused op may overwrite it
+    x = base.to(torch.bfloat16).expand(N, V).contiguous()  # not a leaf: the fused op may overwrite it
     with torch.no_grad():
-        x[1, -1] = 5.0
-    labels = torch.tensor([0, V - 1], device=device)
-    z1 = V - 1 + math.exp(5.0)  # row 1's sum of exponentials
+        x[-1, -1] = 5.0
+    labels = torch.zeros(N, dtype=torch.long, device=device)
+    labels[-1] = V - 1
+    z = V - 1 + math.exp(5.0)  # the last row's sum of exponentials
+    expected = torch.full((N,), -math.log(V))
+    expected[-1] = 5.0 - math.log(z)
     with torch.no_grad():
         logprobs = ops.token_logprobs(x, labels)
-    torch.testing.assert_close(logprobs.cpu(), torch.tensor([-math.log(V), 5.0 - math.log(z1)]), atol=2e-4, rtol=0)
-    loss = ops.weighted_logprob_sum(x, labels, torch.tensor([0.0, 1.0], device=device))
-    assert abs(loss.item() - (5.0 - math.log(z1))) < 2e-4
+    torch.testing.assert_close(logprobs.cpu(), expected, atol=2e-4, rtol=0)
+    weights = torch.zeros(N, device=device)
+    weights[-1] = 1.0
+    loss = ops.weighted_logprob_sum(x, labels, weights)
+    assert abs(loss.item() - (5.0 - math.log(z))) < 2e-4
     grad = x.detach()
-    assert grad[0, 12345].item() == 0 and grad[0, -1].item() == 0  # weight 0
-    assert grad[1, -1].item() == pytest.approx(1 - math.exp(5.0) / z1, abs=1e-3)
-    assert grad[1, 2**30].item() == pytest.approx(-1 / z1, rel=1e-2)  # past 2^31 from the start
+    assert grad[:-1].amin().item() == 0 == grad[:-1].amax().item()  # weight 0
+    assert grad[-1, -1].item() == pytest.approx(1 - math.exp(5.0) / z, abs=2e-3)  # bf16: steps of 2^-8 below 1
+    assert grad[-1, V // 2].item() == pytest.approx(-1 / z, rel=1e-2)  # past 2^31 from the start
 
 
 @pytest.mark.parametrize("device", DEVICES)

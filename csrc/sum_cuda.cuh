@@ -21,7 +21,12 @@
 namespace minalign {
 
 constexpr int kSumThreads = 256;
-constexpr int64_t kMaxPartials = 1024;  // blocks of stage 1
+// Blocks of stage 1, at most. The CPU build of these kernels in tests/cuda_on_cpu takes
+// fewer, so that its test of a sum over more than one pass of the grid runs quickly.
+#ifndef MINALIGN_SUM_MAX_PARTIALS
+#define MINALIGN_SUM_MAX_PARTIALS 1024
+#endif
+constexpr int64_t kMaxPartials = MINALIGN_SUM_MAX_PARTIALS;
 
 // Stage 1: block b sums its grid-stride share of each summand into
 // partials[k * gridDim.x + b].

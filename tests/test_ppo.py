@@ -246,14 +246,24 @@ def test_an_evaluation_that_fails_is_finished_by_resume(workdir, tmp_path, monke
     assert rows[-1] == {"step": 1, "time": rows[-1]["time"], **{f"eval/{k}": v for k, v in result.items() if k != "samples"}}
 
 
+# 16 rollouts a process; minibatches of 16 in all, 8 of each process's: two steps an
+# epoch, the second after the first has moved the policy
+TWO_PROCESSES = ("--updates", "2", "--eval-interval", "2", "--rollout-batch-size", "32", "--minibatch-size", "16",
+                 "--epochs", "1", "--kl-target", "1", "--kl-horizon", "320", "--save-interval", "1")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(workdir, tmp_path_factory):
+    """A run of TWO_PROCESSES under torchrun: its folder and metrics rows."""
+    out = tmp_path_factory.mktemp("ppo-two-processes")
+    return out, run_ppo(workdir, out, *TWO_PROCESSES, nproc=2)
+
+
 @pytest.mark.slow
-def test_ppo_runs_under_two_processes(workdir, tmp_path):
+def test_ppo_runs_under_two_processes(two_process_run):
     # (how the processes' figures combine is test_plumbing's test_reduce_metrics_over_two_processes)
-    # 16 rollouts a process; minibatches of 16 in all, 8 of each process's: two steps an
-    # epoch, the second after the first has moved the policy
     # the KL controller moves beta by the global batch's KL and count: 32 rollouts, not 16
-    rows = run_ppo(workdir, tmp_path, "--updates", "2", "--eval-interval", "2", "--rollout-batch-size", "32",
-                   "--minibatch-size", "16", "--epochs", "1", "--kl-target", "1", "--kl-horizon", "320", nproc=2)
+    out, rows = two_process_run
     updates = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in updates] == [1, 2]
     error = min(max(updates[0]["objective/kl"] / 1 - 1, -0.2), 0.2)
@@ -261,7 +271,7 @@ def test_ppo_runs_under_two_processes(workdir, tmp_path):
     assert all(0 <= r["val/num_eos_tokens"] <= 32 and math.isfinite(r["loss/policy_avg"]) for r in updates)
     assert all(r["val/ratio"] != 1.0 for r in updates)  # one minibatch (16 a process) would leave it at 1
     assert [r["step"] for r in rows if "eval/gold_reward" in r] == [0, 2]
-    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "eval.json").exists()
+    assert (out / "ckpt.pt").exists() and (out / "eval.json").exists()
 
 
 @pytest.mark.slow
@@ -599,15 +609,14 @@ def test_ppo_resume_is_bit_for_bit_and_only_from_the_same_models(workdir, tmp_pa
 
 
 @pytest.mark.slow
-def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, tmp_path):
-    settings = ("--updates", "2", "--save-interval", "1", "--rollout-batch-size", "32", "--minibatch-size", "16")
-    full = run_ppo(workdir, tmp_path / "full", *settings, nproc=2)
-    run_ppo(workdir, tmp_path / "split", *settings, "--stop-at", "1", nproc=2)
-    refused = run_ppo(workdir, tmp_path / "split", "--resume", *settings, returncode=2)  # one process
+def test_ppo_resume_under_two_processes_continues_each_ones_sampling(workdir, two_process_run, tmp_path):
+    full_out, full = two_process_run
+    run_ppo(workdir, tmp_path, *TWO_PROCESSES, "--stop-at", "1", nproc=2)
+    refused = run_ppo(workdir, tmp_path, "--resume", *TWO_PROCESSES, returncode=2)  # one process
     assert "sampled in 2 processes" in refused and "--nproc_per_node=2" in refused
-    split = run_ppo(workdir, tmp_path / "split", "--resume", *settings, nproc=2)
+    split = run_ppo(workdir, tmp_path, "--resume", *TWO_PROCESSES, nproc=2)
     assert _without_timing(split) == _without_timing(full)
-    assert _same_weights(tmp_path / "split", tmp_path / "full")
+    assert _same_weights(tmp_path, full_out)
 
 
 def test_resume_on_another_kind_of_device_is_refused_before_any_work(tmp_path):

@@ -112,7 +112,8 @@ def dpo_metrics(out, chosen_logps, rejected_logps) -> dict:
 @torch.no_grad()
 def held_out_metrics(model, pairs, ref_logps, args, pad_id, device, batch_size=64) -> dict:
     """The DPO metrics over held-out pairs (`ref_logps` [n, 2] their reference log-probs),
-    each a mean over all the pairs, under TRL's names (logged with its eval/ prefix)."""
+    each a mean over all the pairs, under TRL's names (logged with the eval/ prefix that
+    TRL's logs get in W&B and TensorBoard)."""
     rows = []
     with evaluating(model):
         for start in range(0, len(pairs), batch_size):

@@ -124,7 +124,7 @@ class Args:
     """Coefficient of the value loss in the summed loss. Policy and critic are separate
     models under Adam, which is blind to a gradient's scale, so this only sets where the
     critic's clipping engages (at a value-loss gradient norm of grad_clip / vf_coef); with
-    CleanRL's shared trunk it weighs the two losses against each other. Above 0 (at 0 the
+    a shared trunk (CleanRL's Atari PPO) it weighs the two losses against each other. Above 0 (at 0 the
     critic could not learn)."""
     grad_clip: float = 1.0
     """Clip each model's gradient norm to this (0: no clipping)."""
@@ -197,7 +197,8 @@ def prepare_update(policy, reference, reward_model, critic, rollout, args, beta,
     stats = {
         "objective/kl": seq_kl.mean().item(),
         # the exact entropy of each next-token distribution, summed over the response (TRL
-        # logs -log p of the sampled tokens: the same in expectation, noisier)
+        # logs -log p of the sampled tokens, the same in expectation but noisier, and counts
+        # -1 for each padding token after an early EOS)
         "objective/entropy": (old.entropy * mask).sum(1).mean().item(),
         "objective/non_score_reward": non_score_reward.mean().item(),
         "objective/rlhf_reward": (scores + non_score_reward).mean().item(),

@@ -10,7 +10,8 @@
 // The gradient w.r.t. pi_chosen is dL/dh and w.r.t. pi_rejected -dL/dh; the reference
 // log-probs are constants. Rewards: beta (pi - ref), detached.
 //
-// PPO (masked means over [B, T], n = max(sum(mask), 1); Schulman et al. 2017):
+// PPO (masked means over [B, T], n = max(sum(mask), 1); the clipped surrogate of
+// Schulman et al. 2017, the value clipping of OpenAI's implementations):
 //   r = e^{logp - old}, pg1 = -A r, pg2 = -A clip(r, 1-eps, 1+eps)
 //   loss = sum m max(pg1, pg2) / n,  clipfrac = sum m [pg2 > pg1] / n,
 //   approx_kl = sum m (logp - old)^2 / (2 n)

@@ -1,5 +1,6 @@
-// PPO's clipped policy and value losses on the GPU (Schulman et al. 2017), as
-// masked means over the [B, T] response tokens.
+// PPO's clipped surrogate (Schulman et al. 2017) and clipped value loss (OpenAI's
+// implementations; minalign/reference.py) on the GPU, as masked means over the [B, T]
+// response tokens.
 //
 // Policy, with r = exp(logp - old_logp), advantages A and clip eps:
 //

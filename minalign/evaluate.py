@@ -1,6 +1,8 @@
 """Evaluate a policy on held-out prompts against the reference (SFT) policy.
 
-The measures of the DPO paper's IMDb experiment (Rafailov et al. 2023, fig. 2):
+Gold reward and KL are the axes of the DPO paper's IMDb experiment (Rafailov et al.
+2023, fig. 2 left); win rate is its measure for summaries (fig. 2 right, judged there by
+GPT-4), here under the gold judge:
 
 - gold reward: the gold judge's mean score of the policy's samples;
 - win rate: how often the policy's sample beats the reference's sample for the same

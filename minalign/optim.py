@@ -20,8 +20,8 @@ def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device="cpu")
 
 def cosine_lr(step, max_lr, total_steps, warmup_steps, min_lr_ratio=0.1):
     """Linear warmup to max_lr over `warmup_steps`, then cosine decay to min_lr_ratio * max_lr,
-    reached at step `total_steps` (as in nanoGPT: the last step trained, total_steps - 1,
-    runs just above it)."""
+    reached at step `total_steps` (nanoGPT's lr_decay_iters). nanoGPT also trains that
+    step; here the last step trained, total_steps - 1, runs just above min_lr."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

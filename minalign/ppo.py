@@ -51,7 +51,8 @@ def kl_estimate(logprobs, ref_logprobs, kind: str = "k1"):
 def token_rewards(scores, kl, mask, beta: float):
     """Rewards [B, N]: -beta * kl on every response token, plus the reward-model score
     [B] on each row's last response token (its EOS, if it ended); 0 on padding. The KL-penalised reward of
-    Ziegler et al. (2019), spread over tokens as in Stiennon et al. (2020)."""
+    Ziegler et al. (2019), per token and with the score at the end as in their code
+    (lm-human-preferences) and Stiennon et al. (2020)."""
     mask = mask.float()
     rewards = -beta * kl * mask  # (B, N)
     last = mask.cumsum(1).argmax(1)  # (B,) index of the last real token (first max of the running count)
@@ -84,8 +85,10 @@ def masked_mean(x, mask, all_sum=single_process):
 
 def masked_whiten(x, mask, eps: float = 1e-8, all_sum=single_process):
     """(x - mean) / std over the positions where mask is true (of every process, with
-    `all_sum`); 0 on the others. PPO normalises advantages this way per batch (the
-    "advantage normalisation" of Andrychowicz et al. 2021, on by default in CleanRL and TRL)."""
+    `all_sum`); 0 on the others. PPO implementations normalise advantages this way
+    (OpenAI's baselines; studied by Andrychowicz et al. 2021; on by default in CleanRL, per
+    minibatch, and TRL, per rollout batch of each process); minalign does it per rollout
+    batch, over every process."""
     mean = masked_mean(x, mask, all_sum)
     var = masked_mean((x - mean) ** 2, mask, all_sum)
     return (x - mean) * torch.rsqrt(var + eps) * mask.float()

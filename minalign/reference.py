@@ -175,7 +175,9 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2) -> ValueLoss:
-    """PPO's clipped value loss, over [B, T].
+    """PPO's clipped value loss, over [B, T]: not in the PPO paper, whose value loss is the
+    plain squared error, but in OpenAI's implementations (baselines' ppo2,
+    lm-human-preferences), and TRL's and CleanRL's after them.
 
         v_clipped = old + clip(v - old, -c, c)
         loss = masked_mean(max((v - R)^2, (v_clipped - R)^2)) / 2

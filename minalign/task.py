@@ -68,7 +68,8 @@ CRAFTED = ["shot", "acted", "written", "edited", "directed", "paced", "cast", "s
 POSITIVE_VERBS = ["loved", "enjoyed", "liked", "adored", "admired"]
 NEGATIVE_VERBS = ["hated", "disliked", "regret watching", "despised"]
 OBJECTS = ["it", "this one", "every minute of it", "the whole thing", "this {film}"]
-# VADER boosts the next word by these ("very", "really" ...) or damps it ("somewhat").
+# VADER boosts the next word by some of these ("very", "really" ...), damps it after
+# "somewhat", and ignores "rather" and "fairly" (in neither its boosters nor its lexicon).
 DEGREES = ["", "", "", "very ", "really ", "quite ", "extremely ", "incredibly ",
            "somewhat ", "rather ", "fairly "]
 RECOMMEND_DEGREES = ["", "", "highly ", "really "]

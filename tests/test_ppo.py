@@ -183,6 +183,7 @@ def test_ppo_raises_the_reward_model_score_and_repeats_exactly(workdir, tmp_path
     assert [r["step"] for r in evals] == [0, 6, 12]
     assert all({"eval/rm_score", "eval/kl", "eval/win_rate"} <= r.keys() for r in evals)
     assert evals[0]["eval/kl"] == 0.0  # before training the policy is the reference
+    assert evals[-1]["eval/kl"] > 0  # ... and not after it
     b = run_ppo(workdir, tmp_path / "b", "--updates", "12", "--lr", "1e-3", "--kl-coef", "0.01", "--eval-interval", "6")
     timing = {"time", "rollout_tokens_per_s", "eps", "eval/train_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
@@ -675,3 +676,53 @@ def test_the_processes_share_of_an_updates_prompts_is_one_processs_slice():
     # over enough updates every prompt is sampled, the last one too
     seen = {p for update in range(1, 200) for p in train_ppo.rollout_prompts(prompts, update, 16, DistInfo())}
     assert seen == set(prompts)
+
+
+def test_the_reference_is_a_frozen_copy_of_the_policy_and_the_critic_a_copy_of_the_reward_model(tmp_path,
+                                                                                               monkeypatch):
+    import dataclasses
+
+    import train_ppo
+    import train_rm
+    import train_sft
+
+    from minalign.checkpoint import save_checkpoint
+    from minalign.distributed import DistInfo
+    from minalign.model import GPT, GPTConfig
+    from minalign.reward import RewardModel
+    from minalign.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("builtin")
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=40)
+    common = {"model_config": dataclasses.asdict(config), "args": {}, "tokenizer": "builtin"}
+    save_checkpoint(tmp_path / "sft.pt", {"model": GPT(config).state_dict(), "stage": "sft", **common})
+    save_checkpoint(tmp_path / "rm.pt", {"model": RewardModel(config).state_dict(), "stage": "rm", "kind": "reward",
+                                         **common})
+    monkeypatch.setattr(train_sft, "ensure", lambda *args, **kwargs: str(tmp_path / "sft.pt"))
+    monkeypatch.setattr(train_rm, "ensure", lambda *args, **kwargs: str(tmp_path / "rm.pt"))
+    policy, reference, reward_model, critic = train_ppo.load_models(train_ppo.Args(), DistInfo(), tok)
+    assert reference is not policy and critic is not reward_model
+    assert not any(p.requires_grad for model in (reference, reward_model) for p in model.parameters())
+    assert all(p.requires_grad for model in (policy, critic) for p in model.parameters())
+    before = {name: value.clone() for name, value in reference.state_dict().items()}
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)  # as a training step moves the policy ...
+    assert all(torch.equal(value, before[name]) for name, value in reference.state_dict().items())  # ... not its reference
+
+
+def test_each_epoch_draws_new_minibatches_that_cover_the_rollout(workdir, tmp_path, monkeypatch):
+    from minalign.rollout import Rollout
+
+    drawn, rows = [], Rollout.rows
+
+    def record(self, idx):
+        drawn.append(idx.tolist())
+        return rows(self, idx)
+
+    monkeypatch.setattr(Rollout, "rows", record)
+    run_ppo(workdir, tmp_path, "--updates", "2", "--stop-at", "1")  # rollouts of 16, minibatches of 8, 2 epochs
+    assert len(drawn) == 4
+    for epoch in (drawn[:2], drawn[2:]):
+        assert sorted(epoch[0] + epoch[1]) == list(range(16))  # every rollout once an epoch
+    assert drawn[:2] != drawn[2:]  # and other minibatches in the second

@@ -56,6 +56,19 @@ def test_pair_logps_match_one_sequence_at_a_time():
         torch.testing.assert_close(ref, torch.stack(want, 1).detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_logps_take_no_dropout_and_give_the_mode_back():
+    tok = get_tokenizer("builtin")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=48, dropout=0.5))
+    raw = [{"prompt": "The plot was", "chosen": " great.", "rejected": " dull and far too long."}]
+    pairs, _ = data.tokenize_pairs(raw, tok, 48)
+    ref = reference_logps(model.train(), pairs, tok.pad_id)  # (1, 2)
+    assert model.training
+    with torch.no_grad():
+        want = torch.stack(pair_logps(model.eval(), data.collate_pairs(pairs, tok.pad_id)), 1)
+    torch.testing.assert_close(ref, want)
+
+
 def test_reference_logps_under_ddp_are_one_processs_batch_for_batch(monkeypatch):
     from minalign import dpo
     from minalign.distributed import DistInfo

@@ -302,3 +302,22 @@ def test_held_out_documents_far_over_their_share_are_noted():
                            "examples: documents are held out whole")
     assert train_sft.held_out_note(19, 1, 90, 10) is None  # within twice the documents' share
     assert train_sft.held_out_note(7, 1, 7, 1) is None  # 8 examples, one held out: as many as documents
+
+
+def test_the_loss_is_a_mean_over_the_global_batchs_trained_tokens(tmp_path, monkeypatch):
+    # sft_loss weighs each trained token by `scale`: 1 / (the batch's trained tokens), so
+    # that the loss is their mean (not a mean over rows, nor a sum)
+    import train_sft
+    from minalign.data import IGNORE_INDEX
+
+    seen, sft_loss = [], train_sft.sft_loss
+
+    def spy(model, batch, scale):
+        if model.training:  # the training steps, not the validation loss
+            seen.append(float(scale) * (batch["labels"] != IGNORE_INDEX).sum().item())
+        return sft_loss(model, batch, scale)
+
+    monkeypatch.setattr(train_sft, "sft_loss", spy)
+    result = run_script("train_sft.py", [*TINY, "--max-steps", "2", "--out-dir", tmp_path])
+    assert result.returncode == 0, result.output()
+    assert seen == pytest.approx([1.0, 1.0])

@@ -13,7 +13,7 @@ torch.cuda.max_memory_allocated.
 
 minalign runs three times: as is; with inplace_backward=True, which writes the gradient
 over the logits; and as weighted_logprob_sum with the upstream gradient as its weights,
-which computes the same gradient during the forward pass (possible when, as for SFT's
+which computes the same gradient (up to rounding) during the forward pass (possible when, as for SFT's
 cross-entropy, the weights are known before the forward). The last two refuse a leaf,
 so they get, untimed before each run, a fresh copy of the logits that is not a leaf
 (as a model's last layer would give it). Their forward alone is token_logprobs's.

@@ -29,12 +29,15 @@ struct BlockSums {
 struct CpuBlocks {
   // One sweep over n logits: their max and their sums relative to m (xsum only
   // `with_entropy`). `ahead` turns on the prefetch (off when x is a widened copy).
-  BlockSums (*sweep)(const float* x, int64_t n, float m, bool with_entropy, bool ahead);
+  // Unless `keep` is null, each term e^{x - m} is also written there.
+  BlockSums (*sweep)(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep);
   // The max of n logits.
   float (*max)(const float* x, int64_t n);
   // The gradient of n logits (without the [j = y] term) for a row of log-sum-exp lse,
   // upstream gradients g (of log p_y) and gh (of the entropy H): out may be x itself.
   void (*grad)(const float* x, int64_t n, float lse, float g, float gh, float entropy, bool ahead, float* out);
+  // out = c e for n floats: kept terms scaled into a gradient (out may be e).
+  void (*scale)(const float* e, int64_t n, float c, float* out);
   // n bfloat16 (or float16) bit patterns widened to floats, exactly.
   void (*widen)(const uint16_t* src, int64_t n, bool bfloat16, float* dst);
   // n floats rounded to bfloat16 (or float16), to nearest even, as c10 rounds.

@@ -18,7 +18,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // the end of the logits).
 MINALIGN_INLINE void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
-BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahead) {
+template <bool kKeep>
+BlockSums sweep_as(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
   floatv block_max = splat(kNegInf), s = splat(0.f), t = splat(0.f);
   for (int64_t i = 0; i < n; i += kLanes) {
     if (ahead) prefetch(x + i + kPrefetchAhead);
@@ -28,8 +29,22 @@ BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahea
     floatv e = expv(d);
     s += e;
     if (with_entropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
+    if constexpr (kKeep) {
+      if (i + kLanes <= n) storev(keep + i, e);
+      else storev_partial(keep + i, n - i, e);
+    }
   }
   return {hmax(block_max), hsum(s), hsum(t)};
+}
+
+BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
+  return keep ? sweep_as<true>(x, n, m, with_entropy, ahead, keep) : sweep_as<false>(x, n, m, with_entropy, ahead, keep);
+}
+
+void scale(const float* e, int64_t n, float c, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) storev(out + i, loadv(e + i) * c);
+  if (i < n) storev_partial(out + i, n - i, loadv_partial(e + i, n - i, 0.f) * c);
 }
 
 float max(const float* x, int64_t n) {
@@ -84,7 +99,7 @@ void round(const float* src, int64_t n, bool bfloat16, uint16_t* dst) {
 
 #define MINALIGN_NAME_OF(build) #build
 #define MINALIGN_NAME(build) MINALIGN_NAME_OF(build)  // the macro's value, in quotes
-extern const CpuBlocks blocks = {sweep, max, grad, widen, round, MINALIGN_NAME(MINALIGN_BLOCKS)};
+extern const CpuBlocks blocks = {sweep, max, grad, scale, widen, round, MINALIGN_NAME(MINALIGN_BLOCKS)};
 #undef MINALIGN_NAME
 #undef MINALIGN_NAME_OF
 

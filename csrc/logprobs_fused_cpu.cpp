@@ -1,14 +1,25 @@
 // token_logprobs_fused_: log p(label) of each row and, in the same visit to the row, the
 // gradient of sum_r w_r logp_r written over the logits: w_r ([j = y_r] - p_rj). The row
-// (V = 50,257 float32 is 200 KB) is read from memory once, for its log-sum-exp, then
-// read again from the core's 2 MB L2 and overwritten, so the memory traffic is one read
-// and one write of the logits where a forward and a separate backward need two reads.
-// The second pass computes p = e^{x - lse} again, as the backward does, so the gradient
-// is bit for bit that of token_logprobs and token_logprobs_backward with g = w.
+// (V = 50,257 float32 is 200 KB) is read from memory once and written once.
 //
-// Forward and gradient are those of logprobs_cpu.cpp, from softmax_cpu.h.
+// The first pass is the forward's online log-sum-exp (softmax_cpu.h), so log p(label) is
+// bit for bit token_logprobs's. It also keeps each term e^{x_j - M_b}, M_b being the
+// reference of the block b holding j, in a buffer of one row per thread (in L2 with the
+// row). The second pass turns the kept terms into probabilities with one factor per block,
+//   p_j = e^{x_j - lse} = e^{x_j - M_b} e^{M_b - lse},
+// rather than computing e^x again, which costs more than everything else the pass does
+// (about 20 vector instructions per vector of floats). So the gradient is that of
+// token_logprobs_backward with g = w up to rounding, not bit for bit: e^{x - lse} there
+// carries the rounding of lse (about 1e-6 relative with lse near 20); the product here
+// carries that of e^{M_b - lse} instead. M_b <= max_j x_j <= lse, so the factor is at
+// most 1. A block whose factor would be below e^-87 (near float's smallest normal), or
+// had no finite logit (then M_b is -inf), or any row whose lse is not finite, takes
+// the backward's path instead, from the logits, which are untouched until the second
+// pass writes them.
 
 #include <torch/library.h>
+
+#include <vector>
 
 #include "softmax_cpu.h"
 
@@ -21,8 +32,11 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
   const int64_t N = logits.size(0), V = logits.size(1);
   T* x = logits.mutable_data_ptr<T>();
   constexpr bool kFloat = std::is_same_v<T, float>;
+  const CpuBlocks& blocks = cpu_blocks();
   at::parallel_for(0, N, rows_per_task(V), [&](int64_t begin, int64_t end) {
     float buf[kBlock];
+    std::vector<float> kept(V);                           // e^{x_j - M_b} of the row
+    std::vector<float> refs((V + kBlock - 1) / kBlock);  // M_b of each block
     for (int64_t r = begin; r < end; ++r) {
       T* row = x + r * V;
       const int64_t y = labels[r];
@@ -34,7 +48,8 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
       RowState st;
       for (int64_t j = 0; j < V; j += kBlock) {
         const int64_t n = std::min(kBlock, V - j);
-        fold_block(as_float(row + j, n, buf), n, false, kFloat, st);
+        fold_block(as_float(row + j, n, buf), n, false, kFloat, st, kept.data() + j);
+        refs[j / kBlock] = st.ref;
       }
       const float lse = st.ref + std::log(st.sum);
       logprobs[r] = static_cast<float>(row[y]) - lse;
@@ -42,7 +57,11 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
       for (int64_t j = 0; j < V; j += kBlock) {  // from L2 now: no prefetch
         const int64_t n = std::min(kBlock, V - j);
         float* o = kFloat ? reinterpret_cast<float*>(row + j) : buf;
-        grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
+        const float log_factor = refs[j / kBlock] - lse;  // -inf or NaN when either is not finite
+        if (log_factor >= -87.f)
+          blocks.scale(kept.data() + j, n, -w * std::exp(log_factor), o);
+        else
+          grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
         if (j <= y && y < j + n) o[y - j] += w;
         if constexpr (!kFloat)
           round_block(buf, n, row + j);

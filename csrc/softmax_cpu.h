@@ -48,12 +48,14 @@ struct RowState {
   float xsum = 0.f;
 };
 
-// Folds n logits (one block of a row) into the row's state.
-void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st) {
+// Folds n logits (one block of a row) into the row's state. Unless `keep` is null, the
+// block's terms e^{x - M} are written there, M being st.ref after the call (0 while that
+// is -inf).
+void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowState& st, float* keep = nullptr) {
   const CpuBlocks& blocks = cpu_blocks();
   float block_max;
   if (st.ref != kNegInf) {  // the common case: one sweep
-    const BlockSums b = blocks.sweep(x, n, st.ref, with_entropy, ahead);
+    const BlockSums b = blocks.sweep(x, n, st.ref, with_entropy, ahead, keep);
     if (!(b.max > st.ref + kSlack)) {
       st.sum += b.sum;
       st.xsum += b.xsum;
@@ -74,7 +76,7 @@ void fold_block(const float* x, int64_t n, bool with_entropy, bool ahead, RowSta
     st.ref = block_max;
   }
   const float m = st.ref == kNegInf ? 0.f : st.ref;  // only -inf so far: e^{-inf - 0} = 0
-  const BlockSums b = blocks.sweep(x, n, m, with_entropy, false);
+  const BlockSums b = blocks.sweep(x, n, m, with_entropy, false, keep);
   st.sum += b.sum;
   st.xsum += b.xsum;
 }

@@ -36,8 +36,10 @@ struct CpuBlocks {
   // The gradient of n logits (without the [j = y] term) for a row of log-sum-exp lse,
   // upstream gradients g (of log p_y) and gh (of the entropy H): out may be x itself.
   void (*grad)(const float* x, int64_t n, float lse, float g, float gh, float entropy, bool ahead, float* out);
-  // out = c e for n floats: kept terms scaled into a gradient (out may be e).
-  void (*scale)(const float* e, int64_t n, float c, float* out);
+  // The gradient of n logits (without the [j = y] term) from their kept terms
+  // e = e^{x - M} and c = e^{M - lse}: p = c e, 0 below float's smallest normal (as e^x
+  // gives 0 from e^-87.3), then -g p as grad writes it. out may be e.
+  void (*grad_kept)(const float* e, int64_t n, float c, float g, float* out);
   // n bfloat16 (or float16) bit patterns widened to floats, exactly.
   void (*widen)(const uint16_t* src, int64_t n, bool bfloat16, float* dst);
   // n floats rounded to bfloat16 (or float16), to nearest even, as c10 rounds.

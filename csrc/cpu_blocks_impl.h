@@ -41,10 +41,14 @@ BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahea
   return keep ? sweep_as<true>(x, n, m, with_entropy, ahead, keep) : sweep_as<false>(x, n, m, with_entropy, ahead, keep);
 }
 
-void scale(const float* e, int64_t n, float c, float* out) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) storev(out + i, loadv(e + i) * c);
-  if (i < n) storev_partial(out + i, n - i, loadv_partial(e + i, n - i, 0.f) * c);
+void grad_kept(const float* e, int64_t n, float c, float g, float* out) {
+  const floatv smallest_normal = splat(std::numeric_limits<float>::min());
+  for (int64_t i = 0; i < n; i += kLanes) {
+    floatv p = (i + kLanes <= n ? loadv(e + i) : loadv_partial(e + i, n - i, 0.f)) * c;
+    floatv grad = -g * select(p < smallest_normal, splat(0.f), p);
+    if (i + kLanes <= n) storev(out + i, grad);
+    else storev_partial(out + i, n - i, grad);
+  }
 }
 
 float max(const float* x, int64_t n) {
@@ -99,7 +103,7 @@ void round(const float* src, int64_t n, bool bfloat16, uint16_t* dst) {
 
 #define MINALIGN_NAME_OF(build) #build
 #define MINALIGN_NAME(build) MINALIGN_NAME_OF(build)  // the macro's value, in quotes
-extern const CpuBlocks blocks = {sweep, max, grad, scale, widen, round, MINALIGN_NAME(MINALIGN_BLOCKS)};
+extern const CpuBlocks blocks = {sweep, max, grad, grad_kept, widen, round, MINALIGN_NAME(MINALIGN_BLOCKS)};
 #undef MINALIGN_NAME
 #undef MINALIGN_NAME_OF
 

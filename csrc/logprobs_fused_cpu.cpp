@@ -8,14 +8,15 @@
 // row). The second pass turns the kept terms into probabilities with one factor per block,
 //   p_j = e^{x_j - lse} = e^{x_j - M_b} e^{M_b - lse},
 // rather than computing e^x again, which costs more than everything else the pass does
-// (about 20 vector instructions per vector of floats). So the gradient is that of
-// token_logprobs_backward with g = w up to rounding, not bit for bit: e^{x - lse} there
-// carries the rounding of lse (about 1e-6 relative with lse near 20); the product here
-// carries that of e^{M_b - lse} instead. M_b <= max_j x_j <= lse, so the factor is at
-// most 1. A block whose factor would be below e^-87 (near float's smallest normal), or
-// had no finite logit (then M_b is -inf), or any row whose lse is not finite, takes
-// the backward's path instead, from the logits, which are untouched until the second
-// pass writes them.
+// (about 20 vector instructions per vector of floats), and writes -w p_j as the backward
+// does. So the gradient is token_logprobs_backward's with g = w up to rounding, not bit
+// for bit: the backward rounds x - lse and then e^x; here x - M_b, e^x, the factor and the
+// product each round. M_b <= M <= lse, M being the row's final reference, whose own block
+// adds e^0 = 1 to the sum: the factor is at most 1. It is used while it is a normal float
+// (at least e^-87): below that it would keep few bits. Such a block, a block before the
+// row's first finite logit (its M_b is -inf), and every block of a row whose lse is not
+// finite take the backward's path instead, from the logits, which are untouched until the
+// second pass writes them.
 
 #include <torch/library.h>
 
@@ -58,8 +59,8 @@ void fused_rows(at::Tensor& logits, const int64_t* labels, int64_t ignore_index,
         const int64_t n = std::min(kBlock, V - j);
         float* o = kFloat ? reinterpret_cast<float*>(row + j) : buf;
         const float log_factor = refs[j / kBlock] - lse;  // -inf or NaN when either is not finite
-        if (log_factor >= -87.f)
-          blocks.scale(kept.data() + j, n, -w * std::exp(log_factor), o);
+        if (log_factor >= -87.f)  // e^{M_b - lse} is a normal float
+          blocks.grad_kept(kept.data() + j, n, std::exp(log_factor), w, o);
         else
           grad_block(as_float(row + j, n, buf), n, lse, w, 0.f, 0.f, false, o);
         if (j <= y && y < j + n) o[y - j] += w;

@@ -10,8 +10,10 @@
 // always_inline, so it is compiled with the ISA of the function that calls it.
 //
 // expv computes e^d as 2^k e^r with k = round(d / ln 2) and |r| <= ln(2)/2:
-// e^r by its Taylor polynomial of degree 7 (truncation error below 6e-9, under
-// float rounding), 2^k written straight into the float's exponent bits.
+// e^r by the polynomial of degree 6 with the least relative error on that interval
+// (Remez: 1.9e-9, under float rounding; Taylor's of degree 6 errs by 1.5e-7, of
+// degree 7 by 6e-9 with one more multiply-add), 2^k written straight into the
+// float's exponent bits.
 //
 // bfloat16 and float16 are widened to float and rounded back a vector at a time:
 // one value at a time, the conversions cost more than the kernels' arithmetic.
@@ -141,26 +143,26 @@ MINALIGN_INLINE float hsum(floatv v) {
   return s;
 }
 
-// e^d lane by lane, for d <= 88 (larger d is clamped); d < -87.3 gives 0, as does
-// d = -inf; NaN propagates. Relative error about 2 ulp.
+// e^d lane by lane, for d <= 88: callers guarantee it (larger d gives a meaningless
+// value; +inf gives NaN). d < -87.3 gives 0, as does d = -inf; NaN propagates.
+// Relative error at most 1.01 ulp with FMA, 1.31 ulp without (x86-64's baseline),
+// checked against double's exp on 4.8e7 points.
 MINALIGN_INLINE floatv expv(floatv d) {
   const float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 bits,
   const float kLn2Lo = -2.12194440e-4f;  // so k * kLn2Hi is exact for |k| < 2^15
-  d = select(d > 88.0f, splat(88.0f), d);
   floatv shifted = d * 1.44269504f + kShift;        // k + 1.5 * 2^23, k = round(d / ln 2)
   intv k = (intv)shifted - (intv)splat(kShift);  // k, read from the mantissa bits
   floatv kf = shifted - kShift;
   floatv r = d - kf * kLn2Hi - kf * kLn2Lo;         // |r| <= ln(2) / 2
-  floatv p = splat(1.f / 5040);                     // e^r = sum_{i<=7} r^i / i!, Horner
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
+  floatv p = splat(0x1.6ab97ep-10f);                // e^r, Horner; the coefficients
+  p = p * r + 0x1.126d0cp-7f;                       // (1, 1, 0.4999999, 0.1666642,
+  p = p * r + 0x1.55589ap-5f;                       // 0.04166823, 0.008374816,
+  p = p * r + 0x1.55540ap-3f;                       // 0.001383685) are the Remez
+  p = p * r + 0x1.fffffap-2f;                       // solution's, rounded to float
   p = p * r + 1.f;
   p = p * r + 1.f;
-  floatv two_k = (floatv)((k + 127) << 23);         // 2^k: a normal float for k >= -126
+  floatv two_k = (floatv)(((uintv)k + 127u) << 23);  // 2^k: a normal float for k >= -126
   return select(d < -87.3f, splat(0.f), p * two_k);
 }
 

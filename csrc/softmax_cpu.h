@@ -14,7 +14,7 @@
 // first block, or one whose max jumps, is swept twice (the second time from L1).
 //
 // Speed: rows are shared among torch's intra-op threads (at::parallel_for). Two cores
-// read memory at about 21 GB/s (one alone at 12), and e^x costs about 20 vector
+// read memory at about 21 GB/s (one alone at 12), and e^x costs about 16 vector
 // instructions per vector of floats, so a sweep is close to memory-bound only if the
 // loads never wait. The hardware prefetcher alone runs too few cache lines ahead, so
 // the loops prefetch 8 KiB ahead; with that the forward reads the logits at nearly the

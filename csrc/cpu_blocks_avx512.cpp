@@ -3,6 +3,7 @@
 #include <cstdint>  // every header before the target changes: only the kernels take it
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_blocks.h"
 

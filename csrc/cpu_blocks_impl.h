@@ -3,6 +3,7 @@
 // of its build, before including it.
 
 #include <limits>
+#include <type_traits>
 
 #include "cpu_blocks.h"
 #include "cpu_simd.h"
@@ -18,27 +19,43 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // the end of the logits).
 MINALIGN_INLINE void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
-template <bool kKeep>
-BlockSums sweep_as(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
+// Calls f(std::true_type{}) or f(std::false_type{}): a run-time flag made a template
+// argument, so that a loop does not test it on every vector.
+template <typename F>
+MINALIGN_INLINE auto with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
+template <bool kKeep, bool kEntropy, bool kAhead>
+BlockSums sweep_as(const float* x, int64_t n, float m, float* keep) {
   floatv block_max = splat(kNegInf), s = splat(0.f), t = splat(0.f);
-  for (int64_t i = 0; i < n; i += kLanes) {
-    if (ahead) prefetch(x + i + kPrefetchAhead);
-    floatv v = i + kLanes <= n ? loadv(x + i) : loadv_partial(x + i, n - i, kNegInf);
+  auto fold = [&](floatv v) {
     block_max = vmax(block_max, v);  // ignores NaN, which surfaces in the sums
     floatv d = v - m;                // <= kSlack, or the block is swept again
     floatv e = expv(d);
     s += e;
-    if (with_entropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
-    if constexpr (kKeep) {
-      if (i + kLanes <= n) storev(keep + i, e);
-      else storev_partial(keep + i, n - i, e);
-    }
+    if constexpr (kEntropy) t += select(e == 0.f, splat(0.f), e * d);  // 0 * -inf counts as 0
+    return e;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    if constexpr (kAhead) prefetch(x + i + kPrefetchAhead);
+    floatv e = fold(loadv(x + i));
+    if constexpr (kKeep) storev(keep + i, e);
+  }
+  if (i < n) {
+    floatv e = fold(loadv_partial(x + i, n - i, kNegInf));
+    if constexpr (kKeep) storev_partial(keep + i, n - i, e);
   }
   return {hmax(block_max), hsum(s), hsum(t)};
 }
 
 BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
-  return keep ? sweep_as<true>(x, n, m, with_entropy, ahead, keep) : sweep_as<false>(x, n, m, with_entropy, ahead, keep);
+  return with_flag(keep != nullptr, [&](auto kKeep) {
+    return with_flag(with_entropy, [&](auto kEntropy) {
+      return with_flag(ahead, [&](auto kAhead) { return sweep_as<kKeep, kEntropy, kAhead>(x, n, m, keep); });
+    });
+  });
 }
 
 void grad_kept(const float* e, int64_t n, float c, float g, float* out) {
@@ -59,16 +76,26 @@ float max(const float* x, int64_t n) {
 }
 
 // Each vector is read before it is overwritten, so out may be x.
-void grad(const float* x, int64_t n, float lse, float g, float gh, float entropy, bool ahead, float* out) {
-  for (int64_t i = 0; i < n; i += kLanes) {
-    if (ahead) prefetch(x + i + kPrefetchAhead);
-    floatv v = i + kLanes <= n ? loadv(x + i) : loadv_partial(x + i, n - i, kNegInf);
-    floatv d = v - lse;  // log p
+template <bool kEntropy, bool kAhead>
+void grad_as(const float* x, int64_t n, float lse, float g, float gh, float entropy, float* out) {
+  auto grad_of = [&](floatv v) {
+    floatv d = v - lse;  // log p: <= 0 up to rounding
     floatv p = expv(d);
-    floatv grad = gh == 0.f ? -g * p : select(p == 0.f, splat(0.f), -p * (g + gh * (d + entropy)));
-    if (i + kLanes <= n) storev(out + i, grad);
-    else storev_partial(out + i, n - i, grad);
+    if constexpr (kEntropy) return select(p == 0.f, splat(0.f), -p * (g + gh * (d + entropy)));
+    return -g * p;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    if constexpr (kAhead) prefetch(x + i + kPrefetchAhead);
+    storev(out + i, grad_of(loadv(x + i)));
   }
+  if (i < n) storev_partial(out + i, n - i, grad_of(loadv_partial(x + i, n - i, kNegInf)));
+}
+
+void grad(const float* x, int64_t n, float lse, float g, float gh, float entropy, bool ahead, float* out) {
+  with_flag(gh != 0.f, [&](auto kEntropy) {
+    with_flag(ahead, [&](auto kAhead) { grad_as<kEntropy, kAhead>(x, n, lse, g, gh, entropy, out); });
+  });
 }
 
 MINALIGN_INLINE floatv widenv(bitsv h, bool bfloat16) { return bfloat16 ? bf16_to_f32(h) : f16_to_f32(h); }

@@ -20,7 +20,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 MINALIGN_INLINE void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a run-time flag made a template
-// argument, so that a loop does not test it on every vector.
+// argument (decltype(flag)::value inside f), so that a loop does not test it on every
+// vector.
 template <typename F>
 MINALIGN_INLINE auto with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
@@ -53,7 +54,9 @@ BlockSums sweep_as(const float* x, int64_t n, float m, float* keep) {
 BlockSums sweep(const float* x, int64_t n, float m, bool with_entropy, bool ahead, float* keep) {
   return with_flag(keep != nullptr, [&](auto kKeep) {
     return with_flag(with_entropy, [&](auto kEntropy) {
-      return with_flag(ahead, [&](auto kAhead) { return sweep_as<kKeep, kEntropy, kAhead>(x, n, m, keep); });
+      return with_flag(ahead, [&](auto kAhead) {
+        return sweep_as<decltype(kKeep)::value, decltype(kEntropy)::value, decltype(kAhead)::value>(x, n, m, keep);
+      });
     });
   });
 }
@@ -94,7 +97,9 @@ void grad_as(const float* x, int64_t n, float lse, float g, float gh, float entr
 
 void grad(const float* x, int64_t n, float lse, float g, float gh, float entropy, bool ahead, float* out) {
   with_flag(gh != 0.f, [&](auto kEntropy) {
-    with_flag(ahead, [&](auto kAhead) { grad_as<kEntropy, kAhead>(x, n, lse, g, gh, entropy, out); });
+    with_flag(ahead, [&](auto kAhead) {
+      grad_as<decltype(kEntropy)::value, decltype(kAhead)::value>(x, n, lse, g, gh, entropy, out);
+    });
   });
 }
 

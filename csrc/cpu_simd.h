@@ -10,10 +10,11 @@
 // always_inline, so it is compiled with the ISA of the function that calls it.
 //
 // expv computes e^d as 2^k e^r with k = round(d / ln 2) and |r| <= ln(2)/2:
-// e^r by the polynomial of degree 6 with the least relative error on that interval
-// (Remez: 1.9e-9, under float rounding; Taylor's of degree 6 errs by 1.5e-7, of
-// degree 7 by 6e-9 with one more multiply-add), 2^k written straight into the
-// float's exponent bits.
+// e^r = 1 + r + r^2 q(r), q of degree 4 fitted for the least relative error on that
+// interval (minimax by Lawson's iteration; each coefficient rounded to float in turn
+// and the later ones fitted again): 3.1e-9 before float rounding, where Taylor's
+// polynomial of degree 6 errs by 1.6e-7 and of degree 7, one multiply-add more, by
+// 7.0e-9. 2^k is written straight into the float's exponent bits.
 //
 // bfloat16 and float16 are widened to float and rounded back a vector at a time:
 // one value at a time, the conversions cost more than the kernels' arithmetic.
@@ -144,25 +145,27 @@ MINALIGN_INLINE float hsum(floatv v) {
 }
 
 // e^d lane by lane, for d <= 88: callers guarantee it (larger d gives a meaningless
-// value; +inf gives NaN). d < -87.3 gives 0, as does d = -inf; NaN propagates.
-// Relative error at most 1.01 ulp with FMA, 1.31 ulp without (x86-64's baseline),
-// checked against double's exp on 4.8e7 points.
+// value; +inf gives NaN): a sweep's d is at most kSlack above its reference or the
+// sweep is discarded, a gradient's d = x - lse is at most 0 up to rounding. d < -87.3
+// gives 0, as does d = -inf; NaN propagates.
+// Relative error at most 0.88 ulp with FMA, 1.16 ulp without (x86-64's baseline),
+// measured against double's exp on 4.8e7 points.
 MINALIGN_INLINE floatv expv(floatv d) {
   const float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi + kLn2Lo; kLn2Hi has 9 bits,
   const float kLn2Lo = -2.12194440e-4f;  // so k * kLn2Hi is exact for |k| < 2^15
   floatv shifted = d * 1.44269504f + kShift;        // k + 1.5 * 2^23, k = round(d / ln 2)
-  intv k = (intv)shifted - (intv)splat(kShift);  // k, read from the mantissa bits
+  uintv k = (uintv)shifted - (uintv)splat(kShift);  // k (mod 2^32), from the mantissa bits
   floatv kf = shifted - kShift;
   floatv r = d - kf * kLn2Hi - kf * kLn2Lo;         // |r| <= ln(2) / 2
-  floatv p = splat(0x1.6ab97ep-10f);                // e^r, Horner; the coefficients
-  p = p * r + 0x1.126d0cp-7f;                       // (1, 1, 0.4999999, 0.1666642,
-  p = p * r + 0x1.55589ap-5f;                       // 0.04166823, 0.008374816,
-  p = p * r + 0x1.55540ap-3f;                       // 0.001383685) are the Remez
-  p = p * r + 0x1.fffffap-2f;                       // solution's, rounded to float
+  floatv p = splat(0x1.6a5118p-10f);                // e^r, Horner; the coefficients
+  p = p * r + 0x1.12397cp-7f;                       // (0.001382129, 0.008368669,
+  p = p * r + 0x1.5558acp-5f;                       // 0.04166826, 0.1666652,
+  p = p * r + 0x1.555492p-3f;                       // 0.49999994, then 1 and 1)
+  p = p * r + 0x1.fffffcp-2f;                       // are near Taylor's 1/i!
   p = p * r + 1.f;
   p = p * r + 1.f;
-  floatv two_k = (floatv)(((uintv)k + 127u) << 23);  // 2^k: a normal float for k >= -126
+  floatv two_k = (floatv)((k + 127u) << 23);        // 2^k: a normal float for k >= -126
   return select(d < -87.3f, splat(0.f), p * two_k);
 }
 

@@ -8,7 +8,7 @@
 // row). The second pass turns the kept terms into probabilities with one factor per block,
 //   p_j = e^{x_j - lse} = e^{x_j - M_b} e^{M_b - lse},
 // rather than computing e^x again, which costs more than everything else the pass does
-// (about 20 vector instructions per vector of floats), and writes -w p_j as the backward
+// (about 16 vector instructions per vector of floats), and writes -w p_j as the backward
 // does. So the gradient is token_logprobs_backward's with g = w up to rounding, not bit
 // for bit: the backward rounds x - lse and then e^x; here x - M_b, e^x, the factor and the
 // product each round. M_b <= M <= lse, M being the row's final reference, whose own block

@@ -120,7 +120,7 @@ def test_max_jumps_between_blocks():
     assert torch.isfinite(ours[1][5]) and torch.isfinite(ours[2][5]).all()  # entropy and gradient
 
 
-def test_cpu_exp_is_within_one_ulp_over_its_whole_range():
+def test_cpu_exp_is_within_an_ulp_over_its_whole_range():
     # In a row [0, d] with d <= -17, lse = log(1 + e^d) rounds to 0, so the backward's
     # gradient of log p(0) at column 1 is exactly -e^d as the kernel's e^x computes it:
     # compare that with double's exp for d all the way down to float's normal range.
@@ -130,7 +130,7 @@ def test_cpu_exp_is_within_one_ulp_over_its_whole_range():
     got = -logits.grad[:, 1].double()
     want = d.double().exp()
     ulp = torch.ldexp(torch.ones_like(want), torch.frexp(want).exponent - 24)
-    bound = 1.31 if ops.cpu_kernels() == "baseline" else 1.01  # x86-64's baseline has no FMA
+    bound = 1.2 if ops.cpu_kernels() == "baseline" else 0.95  # x86-64's baseline has no FMA
     assert ((got - want).abs() / ulp).max() <= bound
     # below e^-87.3 (float's smallest normal is e^-87.34) it gives 0, as at -inf
     logits = torch.tensor([[0.0, -87.4], [0.0, -200.0], [0.0, float("-inf")]], requires_grad=True)
